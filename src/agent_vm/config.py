@@ -1,0 +1,69 @@
+"""Settings: environment (``AGENT_VM_*``) over an optional TOML file over defaults.
+
+The file is ``/etc/agent-vm/config.toml`` unless ``AGENT_VM_CONFIG`` names another one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("/etc/agent-vm/config.toml")
+
+
+class Settings(BaseSettings):
+    """Everything a user may want to change without touching code."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENT_VM_", extra="ignore")
+
+    state_dir: Path = Field(
+        default=Path("/var/lib/agent-vm"),
+        description="Image cache, per-VM overlays and logs live here.",
+    )
+    libvirt_uri: str = "qemu:///system"
+    accel: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto", description="Force the accelerator instead of detecting it."
+    )
+    image: str = Field(default="default", description="Name of the guest image to use.")
+    mirror: str | None = Field(
+        default=None, description="Debian/Ubuntu mirror for image builds; default: the host's."
+    )
+    suite: str | None = Field(default=None, description="Distribution suite; default: host's.")
+    boot_timeout: float = Field(default=60.0, description="Seconds to wait for agent READY.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = Path(os.environ.get("AGENT_VM_CONFIG", DEFAULT_CONFIG_FILE))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def build_cache_dir(self) -> Path:
+        return self.state_dir / "cache"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,49 @@
+"""structlog set-up: key/value events with ET timestamps from :mod:`agent_vm.timeutil`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from agent_vm import timeutil
+
+_configured = False
+
+
+def _add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["timestamp"] = timeutil.isoformat()
+    return event
+
+
+def configure(level: str = "WARNING", *, json: bool = False) -> None:
+    """Route structlog events to stderr; idempotent so libraries and CLI can both call it."""
+    global _configured
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _add_timestamp,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def get_logger(name: str) -> Any:
+    """A bound logger; configures a quiet default if nobody configured logging yet."""
+    if not _configured:
+        configure()
+    return structlog.get_logger(name)
