@@ -1,0 +1,1 @@
+"""Host preparation: packages, daemons, and accelerator detection (KVM vs TCG)."""
