@@ -1,0 +1,1 @@
+"""Framed wire format shared by the host and the guest agent (standard library only)."""

@@ -1,0 +1,289 @@
+"""Message types and their payloads: JSON objects for control, raw bytes for streams.
+
+Both ends validate what they receive with these ``from_payload`` constructors, which
+accept exactly the documented fields and types; anything else raises ``ProtocolError``.
+Standard library only (the guest imports this module).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+
+from agent_vm.errors import ProtocolError
+from agent_vm.protocol.record import Record
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs guest boot time
+if TYPE_CHECKING:
+    from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_ARGV_BYTES = 96 * 1024
+MAX_ENV_ENTRIES = 1024
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 0x01  # host -> guest: start a session (discard everything from before)
+    READY = 0x02  # guest -> host: agent is serving; answers HELLO, or announces itself
+    EXECUTE = 0x10  # host -> guest: run a command (request id = the execution)
+    STDIN = 0x11  # host -> guest: bytes for the command's stdin; FLAG_EOF closes it
+    STDOUT = 0x12  # guest -> host: bytes the command wrote
+    STDERR = 0x13  # guest -> host
+    RESULT = 0x14  # guest -> host: the command ended (last frame of a request)
+    SIGNAL = 0x15  # host -> guest: deliver a signal to the command's process group
+    PING = 0x20  # host -> guest
+    STATUS = 0x21  # guest -> host: answer to PING
+    SHUTDOWN = 0x30  # host -> guest: power the VM off cleanly
+    ERROR = 0x7F  # either way: a request or frame was refused
+
+
+def _loads(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"payload is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError("payload must be a JSON object")
+    return data
+
+
+def _dumps(data: dict[str, object]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _field(data: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = ...) -> Any:
+    if name not in data:
+        if default is ...:
+            raise ProtocolError(f"missing field {name!r}")
+        return default
+    value = data[name]
+    # bool is an int subclass: never let True pass as a number.
+    if isinstance(value, bool) and bool not in kinds:
+        raise ProtocolError(f"field {name!r} has type bool")
+    if not isinstance(value, kinds):
+        raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _check_only(data: dict[str, Any], allowed: set[str]) -> None:
+    extra = set(data) - allowed
+    if extra:
+        raise ProtocolError(f"unknown fields {sorted(extra)}")
+
+
+class Hello(Record):
+    __slots__ = ("protocol", "session")
+
+    def __init__(self, session: str, protocol: int = PROTOCOL_VERSION) -> None:
+        self.session = session
+        self.protocol = protocol
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Hello:
+        data = _loads(payload)
+        _check_only(data, {"session", "protocol"})
+        session = _field(data, "session", (str,))
+        if not 8 <= len(session) <= 64:
+            raise ProtocolError("session id must be 8..64 characters")
+        return cls(session, _field(data, "protocol", (int,)))
+
+
+class Ready(Record):
+    __slots__ = ("agent_version", "boot_id", "protocol", "session", "uptime")
+
+    def __init__(
+        self, session: str | None, agent_version: str, protocol: int, boot_id: str, uptime: float
+    ) -> None:
+        self.session = session
+        self.agent_version = agent_version
+        self.protocol = protocol
+        self.boot_id = boot_id
+        self.uptime = uptime
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Ready:
+        data = _loads(payload)
+        _check_only(data, {"session", "agent_version", "protocol", "boot_id", "uptime"})
+        return cls(
+            session=_field(data, "session", (str, type(None))),
+            agent_version=_field(data, "agent_version", (str,))[:64],
+            protocol=_field(data, "protocol", (int,)),
+            boot_id=_field(data, "boot_id", (str,))[:64],
+            uptime=float(_field(data, "uptime", (int, float))),
+        )
+
+
+class Execute(Record):
+    """Run ``argv`` directly, or ``shell`` through bash (sh if absent); exactly one is set."""
+
+    __slots__ = ("argv", "cwd", "env", "shell", "stdin", "timeout", "user")
+
+    def __init__(
+        self,
+        argv: list[str] | None = None,
+        shell: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str = "root",
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> None:
+        self.argv = argv
+        self.shell = shell
+        self.env = env if env is not None else {}
+        self.cwd = cwd
+        self.user = user
+        self.timeout = timeout
+        self.stdin = stdin
+        self._validate()
+
+    def _validate(self) -> None:
+        if (self.argv is None) == (self.shell is None):
+            raise ProtocolError("exactly one of argv and shell must be given")
+        if self.argv is not None and not self.argv:
+            raise ProtocolError("argv must not be empty")
+        size = sum(len(a.encode()) + 1 for a in (self.argv or [self.shell or ""]))
+        if size > MAX_ARGV_BYTES:
+            raise ProtocolError(
+                f"command is {size} bytes; the maximum is {MAX_ARGV_BYTES}"
+                " (send large programs as a file or on stdin)"
+            )
+        if len(self.env) > MAX_ENV_ENTRIES:
+            raise ProtocolError(f"more than {MAX_ENV_ENTRIES} environment variables")
+        for key, value in self.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise ProtocolError(f"invalid environment variable {key!r}")
+        if self.timeout is not None and not 0 < self.timeout <= 7 * 86400:
+            raise ProtocolError("timeout must be between 0 and 7 days")
+        if self.user not in ("root", "agent"):
+            raise ProtocolError("user must be 'root' or 'agent'")
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Execute:
+        data = _loads(payload)
+        _check_only(data, {"argv", "shell", "env", "cwd", "user", "timeout", "stdin"})
+        argv = _field(data, "argv", (list, type(None)), None)
+        if argv is not None and not all(isinstance(a, str) for a in argv):
+            raise ProtocolError("argv must be a list of strings")
+        env = _field(data, "env", (dict,), {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ProtocolError("env must map strings to strings")
+        timeout = _field(data, "timeout", (int, float, type(None)), None)
+        return cls(
+            argv=argv,
+            shell=_field(data, "shell", (str, type(None)), None),
+            env=env,
+            cwd=_field(data, "cwd", (str, type(None)), None),
+            user=_field(data, "user", (str,), "root"),
+            timeout=float(timeout) if timeout is not None else None,
+            stdin=_field(data, "stdin", (bool,), False),
+        )
+
+
+class Result(Record):
+    __slots__ = ("duration", "error", "exit_code", "signal", "timed_out")
+
+    def __init__(
+        self,
+        exit_code: int | None,
+        signal: int | None,
+        timed_out: bool,
+        duration: float,
+        error: str | None = None,
+    ) -> None:
+        self.exit_code = exit_code
+        self.signal = signal
+        self.timed_out = timed_out
+        self.duration = duration
+        self.error = error
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Result:
+        data = _loads(payload)
+        _check_only(data, {"exit_code", "signal", "timed_out", "duration", "error"})
+        exit_code = _field(data, "exit_code", (int, type(None)))
+        signal = _field(data, "signal", (int, type(None)))
+        if exit_code is not None and not -255 <= exit_code <= 255:
+            raise ProtocolError("exit code out of range")
+        if signal is not None and not 0 < signal < 128:
+            raise ProtocolError("signal out of range")
+        error = _field(data, "error", (str, type(None)), None)
+        return cls(
+            exit_code=exit_code,
+            signal=signal,
+            timed_out=_field(data, "timed_out", (bool,)),
+            duration=float(_field(data, "duration", (int, float))),
+            error=error[:4096] if error else None,
+        )
+
+
+class Signal(Record):
+    __slots__ = ("signal",)
+
+    def __init__(self, signal: int) -> None:
+        self.signal = signal
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Signal:
+        data = _loads(payload)
+        _check_only(data, {"signal"})
+        sig = _field(data, "signal", (int,))
+        if not 0 < sig < 65:
+            raise ProtocolError("signal out of range")
+        return cls(sig)
+
+
+class Status(Record):
+    __slots__ = ("load1", "mem_available_kib", "running", "uptime")
+
+    def __init__(self, uptime: float, running: int, load1: float, mem_available_kib: int) -> None:
+        self.uptime = uptime
+        self.running = running
+        self.load1 = load1
+        self.mem_available_kib = mem_available_kib
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Status:
+        data = _loads(payload)
+        _check_only(data, {"uptime", "running", "load1", "mem_available_kib"})
+        return cls(
+            uptime=float(_field(data, "uptime", (int, float))),
+            running=_field(data, "running", (int,)),
+            load1=float(_field(data, "load1", (int, float))),
+            mem_available_kib=_field(data, "mem_available_kib", (int,)),
+        )
+
+
+class ErrorMessage(Record):
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> ErrorMessage:
+        data = _loads(payload)
+        _check_only(data, {"code", "message"})
+        return cls(_field(data, "code", (str,))[:64], _field(data, "message", (str,))[:4096])
