@@ -1,0 +1,569 @@
+"""Guest agent: serves the control channel inside the VM. Standard library only.
+
+One reader thread decodes frames from the host; each execution runs in its own thread
+with one pump thread per output pipe. Design choices that the host relies on:
+
+* Sessions. Every HELLO starts a new session and is answered with READY carrying the
+  same session id. Executions of older sessions are killed, and a frame of an older
+  session is never written after the new READY (the check happens under the writer
+  lock), so the host can drop everything it receives before its READY.
+* Backpressure, not buffering. Output is read in 64 KiB chunks and written to the port
+  with blocking writes; if the host reads slowly, the pump blocks and the command blocks
+  on its pipe. Stdin goes through a bounded per-execution queue so that the reader thread
+  never waits on one command's pipe.
+* Cleanup. Each execution gets its own cgroup (when cgroup2 is mounted) and process
+  group; a timeout or SIGKILL kills the cgroup, which also catches processes that
+  called setsid() to escape their group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import agent_vm
+from agent_vm.errors import ProtocolError
+from agent_vm.protocol.frame import (
+    FLAG_EOF,
+    MAX_PAYLOAD,
+    BadFrame,
+    Frame,
+    FrameDecoder,
+    encode,
+)
+from agent_vm.protocol.messages import (
+    PROTOCOL_VERSION,
+    ErrorMessage,
+    Execute,
+    Hello,
+    MessageType,
+    Ready,
+    Result,
+    Signal,
+    Status,
+)
+
+TYPE_CHECKING = False  # typing/pathlib are avoided here: imports cost boot time under TCG
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+PORT_NAME = "org.agentvm.control"
+VSOCK_PORT = 9999
+CHUNK = 64 * 1024
+DRAIN_GRACE = 1.0
+MAX_EXECUTIONS = 64
+MAX_STDIN_QUEUED = 16 * 1024 * 1024
+CGROUP_ROOT = "/sys/fs/cgroup"
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def log(message: str) -> None:
+    """Diagnostics go to stderr, which init connects to the VM console log."""
+    print(f"agent-vm agent: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- links
+
+
+class Link:
+    """Byte stream to the host: ``read`` blocks until bytes arrive, ``write_all`` may block."""
+
+    def read(self) -> bytes:
+        raise NotImplementedError
+
+    def write_all(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+class SerialLink(Link):
+    """A virtio-serial port. While no host is connected the port polls HUP and reads EOF,
+    so we wait instead of treating it as the end."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def read(self) -> bytes:
+        while True:
+            events = self._poll.poll()
+            if any(mask & select.POLLIN for _, mask in events):
+                data = os.read(self.fd, CHUNK)
+                if data:
+                    return data
+            time.sleep(0.05)  # host not connected
+
+    def write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+
+
+class VsockLink(Link):
+    """AF_VSOCK listener; a new host connection replaces the previous one."""
+
+    def __init__(self, port: int = VSOCK_PORT) -> None:
+        import socket  # only needed on vsock hosts
+
+        self.server = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        self.server.bind((socket.VMADDR_CID_ANY, port))
+        self.server.listen(4)
+        self.conn: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def read(self) -> bytes:
+        while True:
+            conn = self.conn
+            if conn is None:
+                new, _ = self.server.accept()
+                with self._lock:
+                    self.conn = new
+                continue
+            try:
+                data = conn.recv(CHUNK)
+            except OSError:
+                data = b""
+            if data:
+                return data
+            with self._lock:
+                if self.conn is conn:
+                    self.conn = None
+            conn.close()
+
+    def write_all(self, data: bytes) -> None:
+        with self._lock:
+            conn = self.conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.sendall(data)
+
+
+def find_serial_port(name: str = PORT_NAME) -> str | None:
+    """Without udev there is no /dev/virtio-ports/<name>; the name is in sysfs."""
+    base = "/sys/class/virtio-ports"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        if _read(f"{base}/{entry}/name").strip() == name:
+            return f"/dev/{entry}"
+    return None
+
+
+def open_link(wait: float = 30.0) -> Link:
+    deadline = time.monotonic() + wait
+    while True:
+        path = find_serial_port()
+        if path is not None and os.path.exists(path):
+            return SerialLink(path)
+        if os.path.exists("/dev/vsock") and "agentvm.transport=vsock" in _cmdline():
+            return VsockLink()
+        if time.monotonic() > deadline:
+            raise RuntimeError("no control channel: neither virtio-serial port nor vsock")
+        time.sleep(0.02)
+
+
+def _cmdline() -> str:
+    return _read("/proc/cmdline")
+
+
+# --------------------------------------------------------------------------- executions
+
+
+class Execution:
+    """One EXECUTE request: a process tree, its pumps, its timeout."""
+
+    def __init__(self, agent: Agent, request_id: int, session: str, req: Execute) -> None:
+        self.agent = agent
+        self.request_id = request_id
+        self.session = session
+        self.req = req
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cgroup: str | None = None
+        self.timed_out = False
+        self.killed = threading.Event()
+        self._stdin: queue.Queue[bytes | None] = queue.Queue()
+        self._stdin_queued = 0
+        self._stdin_lock = threading.Lock()
+
+    # -- host-facing operations (called from the reader thread) --
+
+    def feed_stdin(self, data: bytes, eof: bool) -> None:
+        if not self.req.stdin:
+            raise ProtocolError("this execution was started without stdin")
+        with self._stdin_lock:
+            self._stdin_queued += len(data)
+            over = self._stdin_queued > MAX_STDIN_QUEUED
+        if over:
+            self.agent.send_error(
+                self.request_id, "stdin_overflow", "command is not reading its stdin"
+            )
+            self.kill()
+            return
+        if data:
+            self._stdin.put(data)
+        if eof:
+            self._stdin.put(None)
+
+    def signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            self.kill()
+        elif self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        """Kill the whole tree: cgroup first (catches setsid escapees), then the group."""
+        self.killed.set()
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                _write(f"{self.cgroup}/cgroup.kill", "1")
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    # -- the execution thread --
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"exec-{self.request_id}", daemon=True).start()
+
+    def _argv(self) -> list[str]:
+        if self.req.argv is not None:
+            return list(self.req.argv)
+        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+        return [shell, "-c", self.req.shell or ""]
+
+    def _env_and_ids(self) -> tuple[dict[str, str], int | None, int | None, str]:
+        entry = pwd.getpwnam(self.req.user)
+        env = {
+            "PATH": BASE_PATH,
+            "HOME": entry.pw_dir,
+            "USER": entry.pw_name,
+            "LOGNAME": entry.pw_name,
+            "SHELL": entry.pw_shell,
+            "LANG": "C.UTF-8",
+        }
+        env.update(self.req.env)
+        if entry.pw_uid == os.getuid():
+            return env, None, None, entry.pw_dir
+        return env, entry.pw_uid, entry.pw_gid, entry.pw_dir
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._spawn()
+        except (OSError, KeyError, ValueError) as exc:
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            self._finish(Result(code, None, False, time.monotonic() - started, str(exc)))
+            return
+        assert self.proc is not None
+        proc = self.proc
+        pumps = [
+            threading.Thread(target=self._pump, args=(proc.stdout, MessageType.STDOUT)),
+            threading.Thread(target=self._pump, args=(proc.stderr, MessageType.STDERR)),
+        ]
+        if self.req.stdin:
+            pumps.append(threading.Thread(target=self._feed, args=(proc.stdin,)))
+        for thread in pumps:
+            thread.daemon = True
+            thread.start()
+        timer = None
+        if self.req.timeout is not None:
+            timer = threading.Timer(self.req.timeout, self._on_timeout)
+            timer.daemon = True
+            timer.start()
+        returncode = proc.wait()
+        if timer is not None:
+            timer.cancel()
+        duration = time.monotonic() - started
+        # Descendants may still hold the pipes open: give them a moment, then end them.
+        for thread in pumps[:2]:
+            thread.join(DRAIN_GRACE)
+        if any(t.is_alive() for t in pumps[:2]):
+            self.kill()
+            for thread in pumps[:2]:
+                thread.join(5)
+        if self.req.stdin:
+            self._stdin.put(None)
+        signum = -returncode if returncode < 0 else None
+        exit_code = None if signum is not None else returncode
+        self._finish(Result(exit_code, signum, self.timed_out, duration))
+
+    def _spawn(self) -> None:
+        env, uid, gid, home = self._env_and_ids()
+        cwd = self.req.cwd or home
+        self.cgroup = self.agent.make_cgroup(self.request_id)
+        with self.agent.spawn_lock, self.agent.inside_cgroup(self.cgroup):
+            # Children inherit the cgroup of their parent at fork: briefly moving the agent
+            # into the execution's cgroup places the child there with no race and keeps
+            # subprocess's fast vfork path (a preexec_fn would disable it).
+            self.proc = subprocess.Popen(
+                self._argv(),
+                stdin=subprocess.PIPE if self.req.stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                user=uid,
+                group=gid,
+                extra_groups=[] if uid is not None else None,
+                start_new_session=True,
+            )
+
+    def _pump(self, pipe: object, mtype: MessageType) -> None:
+        fd = pipe.fileno()  # type: ignore[attr-defined]
+        try:
+            while True:
+                data = os.read(fd, CHUNK)
+                if not data:
+                    return
+                self.agent.send(mtype, self.request_id, data, session=self.session)
+        except OSError:
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                pipe.close()  # type: ignore[attr-defined]
+
+    def _feed(self, pipe: object) -> None:
+        fd = pipe.fileno()  # type: ignore[attr-defined]
+        try:
+            while True:
+                data = self._stdin.get()
+                if data is None:
+                    return
+                with self._stdin_lock:
+                    self._stdin_queued -= len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+        except OSError:
+            return  # the command closed its stdin or died
+        finally:
+            with contextlib.suppress(OSError):
+                pipe.close()  # type: ignore[attr-defined]
+
+    def _on_timeout(self) -> None:
+        self.timed_out = True
+        self.kill()
+
+    def _finish(self, result: Result) -> None:
+        self.agent.send(MessageType.RESULT, self.request_id, result.to_payload(), self.session)
+        self.agent.forget(self.request_id, self)
+        self.agent.remove_cgroup(self.cgroup)
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.write_lock = threading.Lock()
+        self.spawn_lock = threading.Lock()
+        self.session: str | None = None
+        self.executions: dict[int, Execution] = {}
+        self.exec_lock = threading.Lock()
+        self.cgroups = os.path.exists(f"{CGROUP_ROOT}/cgroup.procs") and os.getuid() == 0
+        self.boot_id = _read("/proc/sys/kernel/random/boot_id").strip()
+        self.on_shutdown: Callable[[], None] = _ask_init_to_power_off
+
+    # -- writing --
+
+    def send(
+        self,
+        mtype: MessageType,
+        request_id: int,
+        payload: bytes = b"",
+        session: str | None = None,
+        flags: int = 0,
+    ) -> bool:
+        """Write one frame (split if large). Frames of a superseded session are dropped."""
+        with self.write_lock:
+            if session is not None and session != self.session:
+                return False
+            for start in range(0, max(len(payload), 1), MAX_PAYLOAD):
+                chunk = payload[start : start + MAX_PAYLOAD]
+                self.link.write_all(encode(Frame(mtype, request_id, chunk, flags)))
+        return True
+
+    def send_error(self, request_id: int, code: str, message: str) -> None:
+        self.send(MessageType.ERROR, request_id, ErrorMessage(code, message).to_payload())
+
+    def _ready(self, session: str | None) -> Ready:
+        return Ready(
+            session=session,
+            agent_version=getattr(agent_vm, "__version__", "unknown"),
+            protocol=PROTOCOL_VERSION,
+            boot_id=self.boot_id,
+            uptime=_uptime(),
+        )
+
+    # -- cgroups --
+
+    def make_cgroup(self, request_id: int) -> str | None:
+        if not self.cgroups:
+            return None
+        path = f"{CGROUP_ROOT}/exec-{os.getpid()}-{request_id}-{time.monotonic_ns()}"
+        try:
+            os.mkdir(path)
+        except OSError:
+            return None
+        return path
+
+    @contextlib.contextmanager
+    def inside_cgroup(self, cgroup: str | None) -> Iterator[None]:
+        if cgroup is None:
+            yield None
+            return
+        _write(f"{cgroup}/cgroup.procs", "0")
+        try:
+            yield None
+        finally:
+            _write(f"{CGROUP_ROOT}/cgroup.procs", "0")
+
+    def remove_cgroup(self, cgroup: str | None) -> None:
+        if cgroup is None:
+            return
+        for _ in range(50):
+            try:
+                os.rmdir(cgroup)
+                return
+            except OSError:
+                if "populated 1" in _read(f"{cgroup}/cgroup.events"):
+                    return  # daemons the command left running keep their cgroup
+                time.sleep(0.02)
+
+    # -- bookkeeping --
+
+    def forget(self, request_id: int, execution: Execution) -> None:
+        with self.exec_lock:
+            if self.executions.get(request_id) is execution:
+                del self.executions[request_id]
+
+    # -- reading --
+
+    def serve_forever(self) -> None:
+        self.send(MessageType.READY, 0, self._ready(None).to_payload())  # announce
+        decoder = FrameDecoder()
+        while True:
+            decoder.feed(self.link.read())
+            for event in decoder.events():
+                if isinstance(event, BadFrame):
+                    self.send_error(event.request_id or 0, "bad_frame", event.reason)
+                    continue
+                try:
+                    self.dispatch(event)
+                except ProtocolError as exc:
+                    self.send_error(event.request_id, "bad_request", str(exc))
+                except Exception as exc:  # keep serving whatever one request does
+                    log(f"internal error on {event.type:#x}: {exc!r}")
+                    self.send_error(event.request_id, "internal", repr(exc))
+
+    def dispatch(self, frame: Frame) -> None:
+        try:
+            mtype = MessageType(frame.type)
+        except ValueError:
+            raise ProtocolError(f"unknown message type {frame.type:#x}") from None
+        if mtype is MessageType.HELLO:
+            self._hello(Hello.from_payload(frame.payload))
+            return
+        if self.session is None:
+            raise ProtocolError("no session yet: send HELLO first")
+        rid = frame.request_id
+        if mtype is MessageType.EXECUTE:
+            self._execute(rid, Execute.from_payload(frame.payload))
+        elif mtype is MessageType.STDIN:
+            self._execution(rid).feed_stdin(frame.payload, bool(frame.flags & FLAG_EOF))
+        elif mtype is MessageType.SIGNAL:
+            self._execution(rid).signal(Signal.from_payload(frame.payload).signal)
+        elif mtype is MessageType.PING:
+            self.send(MessageType.STATUS, rid, self._status().to_payload(), self.session)
+        elif mtype is MessageType.SHUTDOWN:
+            self.on_shutdown()
+        else:
+            raise ProtocolError(f"{mtype.name} is not a host-to-guest message")
+
+    def _hello(self, hello: Hello) -> None:
+        with self.write_lock:
+            self.session = hello.session
+            self.link.write_all(
+                encode(Frame(MessageType.READY, 0, self._ready(hello.session).to_payload()))
+            )
+        with self.exec_lock:
+            stale = [e for e in self.executions.values() if e.session != hello.session]
+        for execution in stale:
+            execution.kill()
+
+    def _execute(self, rid: int, req: Execute) -> None:
+        assert self.session is not None
+        with self.exec_lock:
+            if rid in self.executions:
+                raise ProtocolError(f"request id {rid} is already running")
+            if len(self.executions) >= MAX_EXECUTIONS:
+                raise ProtocolError(f"too many concurrent executions (max {MAX_EXECUTIONS})")
+            execution = Execution(self, rid, self.session, req)
+            self.executions[rid] = execution
+        execution.start()
+
+    def _execution(self, rid: int) -> Execution:
+        with self.exec_lock:
+            execution = self.executions.get(rid)
+        if execution is None:
+            raise ProtocolError(f"no running execution with request id {rid}")
+        return execution
+
+    def _status(self) -> Status:
+        meminfo = _read("/proc/meminfo")
+        available = 0
+        for line in meminfo.splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1])
+        with self.exec_lock:
+            running = len(self.executions)
+        return Status(_uptime(), running, os.getloadavg()[0], available)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def _uptime() -> float:
+    text = _read("/proc/uptime")
+    return float(text.split()[0]) if text else 0.0
+
+
+def _ask_init_to_power_off() -> None:
+    if os.getppid() == 1:
+        os.kill(1, signal.SIGUSR2)
+    else:
+        raise ProtocolError("SHUTDOWN needs the agent to run under agent-vm's init")
+
+
+def main() -> None:
+    link = open_link()
+    if "agentvm.debug=1" in _cmdline():
+        log(f"control channel open at uptime {_uptime():.3f}")
+    Agent(link).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
