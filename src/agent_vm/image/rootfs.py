@@ -1,0 +1,166 @@
+"""The guest's root filesystem tree: debootstrap, trimmed, with agent-vm's guest code.
+
+Nothing in this tree starts a service: the guest runs agent-vm's own init, not systemd,
+so no NTP client, apt timer or telemetry can reach the network on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import agent_vm
+from agent_vm.errors import ImageError
+
+GUEST_PACKAGES = [
+    "python3",
+    "bash",
+    "coreutils",
+    "git",
+    "curl",
+    "ca-certificates",
+    "iproute2",
+    "procps",
+    "netbase",
+]
+AGENT_UID = 1000
+GUEST_LIB = Path("opt/agent-vm")
+
+# Files of the host package that the guest runs (all standard library only).
+GUEST_SOURCES = [
+    "errors.py",
+    "protocol/__init__.py",
+    "protocol/record.py",
+    "protocol/frame.py",
+    "protocol/messages.py",
+    "guest/__init__.py",
+    "guest/agent.py",
+    "guest/init.py",
+]
+TRIM = [
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "var/log",
+]
+
+Progress = Callable[[str], None]
+
+
+def guest_code_hash() -> str:
+    """Changes whenever any file that ends up in the guest changes."""
+    digest = hashlib.sha256()
+    package = resources.files("agent_vm")
+    for rel in [*GUEST_SOURCES, "guest/initramfs-init.sh"]:
+        digest.update(rel.encode() + b"\0" + package.joinpath(rel).read_bytes())
+    digest.update(agent_vm.__version__.encode())
+    return digest.hexdigest()
+
+
+def debootstrap(suite: str, mirror: str, target: Path, progress: Progress) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(GUEST_PACKAGES)}",
+        suite,
+        str(target),
+        mirror,
+    ]
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError as exc:
+        raise ImageError(
+            "debootstrap is not installed", hint="apt-get install debootstrap"
+        ) from exc
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = [*tail[-19:], line]
+        if line.startswith("I: "):
+            progress(f"debootstrap: {line[3:]}")
+    if proc.wait() != 0:
+        raise ImageError(
+            f"debootstrap {suite} from {mirror} failed:\n" + "\n".join(tail),
+            hint="check that the mirror is reachable (it is the one in /etc/apt/sources.list)",
+        )
+
+
+def trim(tree: Path) -> None:
+    for rel in TRIM:
+        path = tree / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+            path.mkdir(mode=0o755)
+
+
+def configure(tree: Path) -> None:
+    """Settings that belong to the tree itself rather than to one boot."""
+    passwd = (tree / "etc/passwd").read_text()
+    if "\nagent:" not in passwd:
+        subprocess.run(
+            [
+                "chroot",
+                str(tree),
+                "useradd",
+                "-m",
+                "-u",
+                str(AGENT_UID),
+                "-s",
+                "/bin/bash",
+                "agent",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    (tree / "etc/resolv.conf").write_text("")  # set per network mode at boot
+    (tree / "etc/fstab").write_text("# root is mounted by agent-vm's initramfs\n")
+    (tree / "etc/hostname").write_text("agent-vm\n")
+
+
+def installed_packages(tree: Path) -> list[str]:
+    out = subprocess.run(
+        ["chroot", str(tree), "dpkg-query", "-W", "-f=${Package}=${Version}\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sorted(out.split())
+
+
+def install_guest_code(tree: Path, late_modules: list[tuple[str, bytes]]) -> None:
+    """Copy the guest code and late-loaded modules into the tree, then byte-compile."""
+    lib = tree / GUEST_LIB
+    if lib.exists():
+        shutil.rmtree(lib)
+    package = resources.files("agent_vm")
+    for rel in GUEST_SOURCES:
+        dest = lib / "agent_vm" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(package.joinpath(rel).read_bytes())
+    (lib / "agent_vm/__init__.py").write_text(
+        f'"""agent-vm guest copy."""\n\n__version__ = "{agent_vm.__version__}"\n'
+    )
+    modules = lib / "modules"
+    modules.mkdir()
+    for name, data in late_modules:
+        (modules / f"{name}.ko").write_bytes(data)
+    (modules / "order").write_text("\n".join(name for name, _ in late_modules) + "\n")
+    # Compile with the guest's own interpreter; every VM boots from a fresh overlay, so
+    # bytecode compiled at boot would be paid again by every VM.
+    subprocess.run(
+        ["chroot", str(tree), "python3", "-m", "compileall", "-q", f"/{GUEST_LIB}"],
+        check=True,
+        capture_output=True,
+    )

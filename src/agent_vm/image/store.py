@@ -1,0 +1,125 @@
+"""The image cache on disk: ``<state>/images/<name>/<key>/`` plus a ``current`` link."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent_vm.errors import ImageError
+from agent_vm.image.manifest import ImageManifest
+
+DISK_FILE = "rootfs.qcow2"
+INITRD_FILE = "initramfs.cpio"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image ready to boot."""
+
+    name: str
+    path: Path
+    manifest: ImageManifest
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+    @property
+    def disk(self) -> Path:
+        return self.path / DISK_FILE
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / self.manifest.kernel_file
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / INITRD_FILE
+
+    @property
+    def cmdline(self) -> str:
+        return self.manifest.cmdline
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _load(self, name: str, path: Path) -> Image | None:
+        manifest = path / MANIFEST_FILE
+        if not manifest.is_file():
+            return None
+        return Image(name, path, ImageManifest.load(manifest))
+
+    def get(self, name: str, key: str | None = None) -> Image | None:
+        base = self.root / name
+        path = base / key if key else base / "current"
+        if not path.exists():
+            return None
+        return self._load(name, path.resolve())
+
+    def require(self, name: str) -> Image:
+        image = self.get(name)
+        if image is None:
+            raise ImageError(
+                f"image {name!r} is not built",
+                hint=f"run `agent-vm image build --name {name}` (agent-vm run builds it too)",
+            )
+        return image
+
+    def all(self) -> list[tuple[Image, bool]]:
+        """All images with whether each is its name's current one."""
+        out: list[tuple[Image, bool]] = []
+        if not self.root.is_dir():
+            return out
+        for base in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            current = (base / "current").resolve() if (base / "current").exists() else None
+            for path in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
+                image = self._load(base.name, path)
+                if image is not None:
+                    out.append((image, path == current))
+        return out
+
+    def publish(self, name: str, staged: Path, key: str, keep: int = 2) -> Image:
+        """Move a fully built image into place, point ``current`` at it, prune old ones."""
+        base = self.root / name
+        final = base / key
+        if final.exists():
+            shutil.rmtree(final)
+        staged.rename(final)
+        link = base / "current"
+        tmp_link = base / ".current.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(key)
+        tmp_link.replace(link)
+        versions = sorted(
+            (
+                p
+                for p in base.iterdir()
+                if p.is_dir() and not p.is_symlink() and p != final and not p.name.startswith(".")
+            ),
+            key=lambda p: p.stat().st_mtime,
+        )
+        for old in versions[: max(0, len(versions) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+        image = self._load(name, final)
+        assert image is not None
+        return image
+
+    def remove(self, name: str, key: str | None = None) -> list[Path]:
+        base = self.root / name
+        if not base.is_dir():
+            raise ImageError(f"no image named {name!r}", hint="see `agent-vm image list`")
+        if key is None:
+            shutil.rmtree(base)
+            return [base]
+        target = base / key
+        if not target.is_dir():
+            raise ImageError(f"image {name!r} has no version {key!r}")
+        shutil.rmtree(target)
+        link = base / "current"
+        if link.is_symlink() and not link.exists():
+            link.unlink()
+        return [target]
