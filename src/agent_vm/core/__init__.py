@@ -1,0 +1,1 @@
+"""libvirt layer: connection, VM lifecycle, domain XML templates, snapshots."""
