@@ -1,0 +1,1 @@
+"""Host side of the control channel (and, later, workspace sharing)."""

@@ -1,0 +1,106 @@
+"""Run a command, or a piece of Python, in a running VM."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from agent_vm.communication.channel import RESULT_GRACE, OutputCallback
+from agent_vm.errors import ChannelClosedError, ConfigError, ProtocolError
+from agent_vm.execution.machine import RunningVM
+from agent_vm.execution.result import ExecutionResult
+from agent_vm.protocol.messages import Execute
+
+DEFAULT_TIMEOUT = 600.0
+
+
+class AgentExecutor:
+    """Executes commands through a VM's agent channel.
+
+    >>> result = await AgentExecutor().execute(vm, "echo hi", timeout=10)
+    >>> result.stdout
+    'hi\\n'
+    """
+
+    def __init__(self, *, default_timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.default_timeout = default_timeout
+
+    async def execute(
+        self,
+        vm: RunningVM,
+        command: str | Sequence[str] | None = None,
+        *,
+        code: str | None = None,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | str | None = None,
+        user: str = "root",
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecutionResult:
+        """Run ``command`` (a string goes through bash, a sequence is exec'd as argv) or
+        ``code`` (Python source, run with the guest's python3).
+
+        The guest enforces ``timeout`` and kills the whole process tree; the result then
+        has ``timed_out=True``. A VM that dies meanwhile raises ``VMDiedError``.
+        """
+        request = self._request(command, code, timeout, env, cwd, user, stdin is not None)
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        effective = request.timeout
+        wait = effective + RESULT_GRACE if effective is not None else None
+        channel = await vm.channel()
+        started = time.monotonic()
+        try:
+            raw = await channel.execute(
+                request, stdin=data, on_stdout=on_stdout, on_stderr=on_stderr, wait_timeout=wait
+            )
+        except ChannelClosedError as exc:
+            raise await vm.explain_failure(exc) from exc
+        result = raw.result
+        exit_code = result.exit_code
+        if exit_code is None:
+            exit_code = 128 + (result.signal or 0)
+        return ExecutionResult(
+            exit_code=exit_code,
+            stdout_bytes=raw.stdout,
+            stderr_bytes=raw.stderr,
+            duration=time.monotonic() - started,
+            timed_out=result.timed_out,
+            signal=result.signal,
+            error=result.error,
+            truncated=raw.truncated,
+        )
+
+    def _request(
+        self,
+        command: str | Sequence[str] | None,
+        code: str | None,
+        timeout: float | None,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        user: str,
+        stdin: bool,
+    ) -> Execute:
+        if (command is None) == (code is None):
+            raise ConfigError("give either a command or code, not both or neither")
+        effective = timeout if timeout is not None else self.default_timeout
+        try:
+            if code is not None:
+                argv: list[str] | None = ["python3", "-c", code]
+                shell = None
+            elif isinstance(command, str):
+                argv, shell = None, command
+            else:
+                argv, shell = list(command or []), None
+            return Execute(
+                argv=argv,
+                shell=shell,
+                env=dict(env or {}),
+                cwd=cwd,
+                user=user,
+                timeout=effective,
+                stdin=stdin,
+            )
+        except ProtocolError as exc:
+            raise ConfigError(f"invalid execution request: {exc.message}") from exc

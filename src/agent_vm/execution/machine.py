@@ -1,0 +1,255 @@
+"""A booted VM with a connected agent, and how to get one from an image.
+
+Each VM gets a work directory (``<state>/vms/<name>/``) holding its qcow2 overlay, its
+console log and snapshot tags; closing the VM removes the domain and the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from pathlib import Path
+
+from agent_vm import timeutil
+from agent_vm.communication.channel import AgentChannel
+from agent_vm.communication.transport import Transport, UnixTransport, VsockTransport
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import (
+    BootSpec,
+    NetworkAttachment,
+    NetworkMode,
+    ResourceProfile,
+    VMTemplate,
+    channel_socket_path,
+    vsock_cid,
+)
+from agent_vm.core.vm import VM, VMState
+from agent_vm.errors import AgentVMError, ChannelError, VMDiedError, VMError
+from agent_vm.host.accel import Accel
+from agent_vm.image.disk import create_overlay
+from agent_vm.image.store import Image
+from agent_vm.logs import get_logger
+
+log = get_logger(__name__)
+
+OWNER = "agent-vm"
+
+
+def process_start_time(pid: int) -> str:
+    """Start time of a process in clock ticks since boot: tells a pid from its reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+class RunningVM:
+    """A VM that booted and whose guest agent answered the handshake."""
+
+    def __init__(
+        self, vm: VM, workdir: Path, image: Image, channel: AgentChannel, boot_seconds: float
+    ) -> None:
+        self.vm = vm
+        self.workdir = workdir
+        self.image = image
+        self.boot_seconds = boot_seconds
+        self._channel = channel
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def channel(self, timeout: float = 30.0) -> AgentChannel:
+        """The agent channel, reconnected first if it closed (e.g. after a snapshot restore)."""
+        if self._closed:
+            raise VMError(f"{self.name} was closed")
+        if self._channel.closed:
+            await self.reconnect(timeout)
+        return self._channel
+
+    async def reconnect(self, timeout: float = 30.0) -> None:
+        await self._channel.close()
+        transport = await asyncio.to_thread(transport_for, self.vm)
+        channel = AgentChannel(transport, name=self.name)
+        await channel.connect(timeout)
+        self._channel = channel
+
+    async def explain_failure(self, exc: BaseException, wait: float = 1.5) -> BaseException:
+        """Turn a channel failure into VMDiedError when the VM itself is gone.
+
+        The channel notices QEMU's death first (the socket closes at once); libvirt's
+        state follows within a moment, so it is polled briefly.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            state = await asyncio.to_thread(self.vm.get_state)
+            if state not in (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED):
+                tail = self.console_tail(10)
+                return VMDiedError(
+                    f"VM {self.name} stopped while in use (libvirt state: {state.value})"
+                    + (f"; console:\n{tail}" if tail else ""),
+                    hint="QEMU was killed or the guest crashed",
+                )
+            if time.monotonic() >= deadline:
+                return exc
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Destroy the domain and remove everything it left on disk. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._channel.close()
+        await asyncio.to_thread(destroy_and_remove, self.vm, self.workdir)
+
+
+def transport_for(vm: VM) -> Transport:
+    xml = vm.xml()
+    path = channel_socket_path(xml)
+    if path is not None:
+        return UnixTransport(path)
+    cid = vsock_cid(xml)
+    if cid is not None:
+        return VsockTransport(cid)
+    raise VMError(f"{vm.name} has no agent channel in its domain XML")
+
+
+def destroy_and_remove(vm: VM, workdir: Path | None) -> None:
+    try:
+        vm.destroy()
+        vm.undefine()
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def new_vm_name(prefix: str = "agentvm") -> str:
+    return f"{prefix}-{os.urandom(4).hex()}"
+
+
+def build_template(
+    *,
+    name: str,
+    image: Image,
+    workdir: Path,
+    profile: ResourceProfile,
+    accel: Accel,
+    network_mode: NetworkMode = NetworkMode.ISOLATED,
+    network: NetworkAttachment | None = None,
+    channel: str = "virtio-serial",
+) -> VMTemplate:
+    return VMTemplate(
+        name=name,
+        boot=BootSpec(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=f"{image.cmdline} agentvm.hostname={name}",
+        ),
+        disk_path=workdir / "disk.qcow2",
+        resources=profile,
+        accel=accel,
+        network_mode=network_mode,
+        network=network or NetworkAttachment(),
+        channel="vsock" if channel == "vsock" else "virtio-serial",
+        console_log=workdir / "console.log",
+        metadata={
+            "owner": OWNER,
+            "pid": str(os.getpid()),
+            "pid_start": process_start_time(os.getpid()),
+            "workdir": str(workdir),
+            "image": f"{image.name}/{image.key}",
+            "created": timeutil.isoformat(),
+        },
+    )
+
+
+async def launch_vm(
+    connection: LibvirtConnection,
+    image: Image,
+    *,
+    vms_dir: Path,
+    profile: ResourceProfile | None = None,
+    accel: Accel = Accel.TCG,
+    name: str | None = None,
+    network_mode: NetworkMode = NetworkMode.ISOLATED,
+    network: NetworkAttachment | None = None,
+    channel: str = "virtio-serial",
+    boot_timeout: float = 60.0,
+) -> RunningVM:
+    """Overlay, define, start, handshake. On any failure nothing is left behind."""
+    started = time.monotonic()
+    name = name or new_vm_name()
+    workdir = vms_dir / name
+    await asyncio.to_thread(_make_workdir, vms_dir, workdir)
+    vm: VM | None = None
+    agent: AgentChannel | None = None
+    try:
+        template = build_template(
+            name=name,
+            image=image,
+            workdir=workdir,
+            profile=profile or ResourceProfile(),
+            accel=accel,
+            network_mode=network_mode,
+            network=network,
+            channel=channel,
+        )
+        await asyncio.to_thread(create_overlay, image.disk, template.disk_path)
+        vm = await asyncio.to_thread(VM.define, connection, template.generate_xml())
+        await asyncio.to_thread(vm.start)
+        agent = AgentChannel(await asyncio.to_thread(transport_for, vm), name=name)
+        try:
+            await agent.connect(boot_timeout)
+        except ChannelError as exc:
+            console = _tail(workdir / "console.log")
+            raise ChannelError(
+                f"{name} did not become ready: {exc.message}"
+                + (f"\nconsole log (last lines):\n{console}" if console else ""),
+                hint=exc.hint,
+            ) from exc
+        running = RunningVM(vm, workdir, image, agent, time.monotonic() - started)
+        log.info("vm_ready", vm=name, seconds=round(running.boot_seconds, 3))
+        return running
+    except BaseException:
+        if agent is not None:
+            await agent.close()
+        await asyncio.shield(asyncio.to_thread(_cleanup_failed, vm, workdir))
+        raise
+
+
+def _make_workdir(vms_dir: Path, workdir: Path) -> None:
+    vms_dir.mkdir(parents=True, exist_ok=True)
+    vms_dir.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the overlay
+    workdir.mkdir(mode=0o755)
+
+
+def _cleanup_failed(vm: VM | None, workdir: Path) -> None:
+    try:
+        if vm is not None:
+            destroy_and_remove(vm, workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    except AgentVMError as exc:
+        log.error("cleanup_failed", workdir=str(workdir), error=str(exc))
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,86 @@
+"""Find and remove what agent-vm processes left behind when they crashed.
+
+A domain is ours when its metadata says so; it is a leftover when the process that made
+it (pid plus start time, so a reused pid does not count) no longer exists. Work
+directories without a domain are leftovers too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import parse_metadata
+from agent_vm.core.vm import VM
+from agent_vm.errors import VMError
+from agent_vm.execution.machine import OWNER, destroy_and_remove, process_start_time
+from agent_vm.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class OwnedDomain:
+    vm: VM
+    metadata: dict[str, str]
+
+    @property
+    def owner_alive(self) -> bool:
+        pid = self.metadata.get("pid", "")
+        if not pid.isdigit():
+            return False
+        start = process_start_time(int(pid))
+        return bool(start) and start == self.metadata.get("pid_start", start)
+
+
+def owned_domains(connection: LibvirtConnection) -> list[OwnedDomain]:
+    out = []
+    for domain in connection.connection.listAllDomains(0):
+        try:
+            metadata = parse_metadata(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        except libvirt.libvirtError:
+            continue  # vanished meanwhile
+        if metadata.get("owner") == OWNER:
+            out.append(OwnedDomain(VM(domain, connection), metadata))
+    return out
+
+
+def reap(
+    connection: LibvirtConnection,
+    vms_dir: Path,
+    *,
+    include_live_owners: bool = False,
+    orphan_min_age: float = 60.0,
+) -> list[str]:
+    """Destroy and remove leftovers; returns the names removed.
+
+    Work directories without a domain are removed only once ``orphan_min_age`` seconds
+    old, so a VM another process is launching right now is not pulled from under it.
+    """
+    removed = []
+    known_workdirs = set()
+    for owned in owned_domains(connection):
+        workdir = owned.metadata.get("workdir")
+        if workdir:
+            known_workdirs.add(Path(workdir))
+        if owned.owner_alive and not include_live_owners:
+            continue
+        try:
+            destroy_and_remove(owned.vm, Path(workdir) if workdir else None)
+        except VMError as exc:
+            log.warning("reap_failed", vm=owned.vm.name, error=str(exc))
+            continue
+        removed.append(owned.vm.name)
+        log.info("reaped", vm=owned.vm.name)
+    if vms_dir.is_dir():
+        for leftover in vms_dir.iterdir():
+            age = time.time() - leftover.stat().st_mtime
+            if leftover.is_dir() and leftover not in known_workdirs and age >= orphan_min_age:
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover.name)
+    return removed
