@@ -1,0 +1,287 @@
+"""The ``agent-vm`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent_vm import __version__, logs
+from agent_vm.config import Settings, load_settings
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import ResourceProfile
+from agent_vm.errors import AgentVMError, ConfigError
+from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.machine import RunningVM, launch_vm
+from agent_vm.execution.reaper import reap
+from agent_vm.host.accel import detect_accel
+from agent_vm.host.daemons import ensure_daemons
+from agent_vm.image.builder import ImageBuilder
+from agent_vm.image.store import Image, ImageStore
+
+EXIT_TIMEOUT = 124
+EXIT_AGENT_VM_ERROR = 125
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    help="Run untrusted commands and coding agents inside real QEMU/KVM virtual machines.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+err = Console(stderr=True)
+
+
+@app.callback()
+def _global(
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    json_logs: Annotated[bool, typer.Option(help="JSON log lines on stderr")] = False,
+) -> None:
+    logs.configure(log_level, json=json_logs)
+
+
+def _fail(exc: AgentVMError) -> typer.Exit:
+    err.print(f"[bold red]agent-vm:[/] {exc.message}")
+    if exc.hint:
+        err.print(f"[yellow]hint:[/] {exc.hint}")
+    return typer.Exit(EXIT_AGENT_VM_ERROR)
+
+
+def _image(
+    settings: Settings, name: str | None, *, force: bool = False, resolve: bool = True
+) -> Image:
+    """Build (or find) the image with a live status line on stderr."""
+    builder = ImageBuilder(settings)
+    with err.status("image: checking") as status:
+
+        def progress(message: str) -> None:
+            status.update(f"image: {message}")
+
+        if not resolve:
+            return builder.ensure(name, progress=progress)
+        return builder.build(name, force=force, progress=progress)
+
+
+@app.command()
+def version() -> None:
+    """Print the agent-vm version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the host: packages, daemons, accelerator (KVM or TCG), libvirt, disk, image."""
+    from agent_vm.doctor import run_checks
+
+    settings = load_settings()
+    checks = run_checks(settings)
+    table = Table(show_header=True, header_style="bold")
+    for column in ("check", "status", "detail"):
+        table.add_column(column)
+    failed = False
+    for check in checks:
+        if check.ok:
+            status = "[green]ok[/]"
+        elif check.required:
+            status, failed = "[red]FAIL[/]", True
+        else:
+            status = "[yellow]warn[/]"
+        detail = (
+            check.detail if check.ok or not check.remedy else f"{check.detail}\n→ {check.remedy}"
+        )
+        table.add_row(check.name, status, detail)
+    Console().print(table)
+    raise typer.Exit(1 if failed else 0)
+
+
+@image_app.command("build")
+def image_build(
+    name: Annotated[str | None, typer.Option(help="image name (default: settings)")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+) -> None:
+    """Build the guest image (reused when its inputs did not change)."""
+    settings = load_settings()
+    try:
+        image = _image(settings, name, force=force)
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    m = image.manifest
+    typer.echo(f"{image.name} {image.key} ({m.build_seconds:.1f} s to build) at {image.path}")
+
+
+@image_app.command("list")
+def image_list() -> None:
+    """List built images."""
+    store = ImageStore(load_settings().images_dir)
+    table = Table("name", "key", "current", "created", "kernel", "disk MiB", "packages")
+    for image, current in store.all():
+        m = image.manifest
+        table.add_row(
+            image.name,
+            image.key,
+            "*" if current else "",
+            m.created_at.isoformat(timespec="seconds"),
+            m.kernel_release,
+            f"{m.sizes.get('rootfs.qcow2', 0) / 2**20:.0f}",
+            str(len(m.installed_packages)),
+        )
+    Console().print(table)
+
+
+@image_app.command("rm")
+def image_rm(
+    name: str,
+    key: Annotated[str | None, typer.Option(help="remove only this version")] = None,
+) -> None:
+    """Remove an image (all versions, or one with --key)."""
+    try:
+        for path in ImageStore(load_settings().images_dir).remove(name, key):
+            typer.echo(f"removed {path}")
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def gc(
+    all_owners: Annotated[
+        bool, typer.Option("--all", help="also VMs of agent-vm processes still running")
+    ] = False,
+) -> None:
+    """Remove VMs and overlays left behind by agent-vm processes that died."""
+    settings = load_settings()
+    try:
+        ensure_daemons()
+        with LibvirtConnection(settings.libvirt_uri) as conn:
+            removed = reap(conn, settings.vms_dir, include_live_owners=all_owners)
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    typer.echo("\n".join(removed) if removed else "nothing to remove")
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env expects KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str] | None, typer.Argument(help="command and arguments")] = None,
+    code: Annotated[
+        Path | None, typer.Option("--code", help="run this Python file instead of a command")
+    ] = None,
+    image: Annotated[str | None, typer.Option(help="image name")] = None,
+    profile: Annotated[str, typer.Option(help="light, standard or intensive")] = "light",
+    cpus: Annotated[int | None, typer.Option(help="vCPUs (overrides the profile)")] = None,
+    memory: Annotated[int | None, typer.Option(help="MiB of RAM (overrides the profile)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds before the command is killed")] = 600,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    cwd: Annotated[str | None, typer.Option(help="working directory in the VM")] = None,
+    user: Annotated[str, typer.Option(help="root or agent (unprivileged)")] = "root",
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="send this process's stdin")
+    ] = False,
+) -> None:
+    """Boot a fresh VM, run a command in it with live output, remove the VM.
+
+    Exits with the command's exit code (124 on timeout, 125 on an agent-vm error).
+    """
+    settings = load_settings()
+    try:
+        if (not command) == (code is None):
+            raise ConfigError("give a command after -- or --code FILE.py (not both)")
+        source = code.read_text() if code is not None else None
+        base = ResourceProfile.preset(profile)
+        resources = ResourceProfile(vcpu=cpus or base.vcpu, memory_mib=memory or base.memory_mib)
+        variables = _parse_env(env or [])
+        stdin = sys.stdin.buffer.read() if interactive else None
+        ensure_daemons()
+        built = _image(settings, image, resolve=False)
+        exit_code = asyncio.run(
+            _run(settings, built, resources, command, source, timeout, variables, cwd, user, stdin)
+        )
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    except (OSError, ValueError) as exc:
+        raise _fail(ConfigError(str(exc))) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(exit_code)
+
+
+async def _run(
+    settings: Settings,
+    image: Image,
+    resources: ResourceProfile,
+    command: list[str] | None,
+    code: str | None,
+    timeout: float,
+    env: dict[str, str],
+    cwd: str | None,
+    user: str,
+    stdin: bytes | None,
+) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    accel = detect_accel(settings.accel).accel
+    vm: RunningVM | None = None
+    conn = LibvirtConnection(settings.libvirt_uri)
+    try:
+        conn.open()
+        vm = await launch_vm(
+            conn,
+            image,
+            vms_dir=settings.vms_dir,
+            profile=resources,
+            accel=accel,
+            boot_timeout=settings.boot_timeout,
+        )
+        result = await AgentExecutor().execute(
+            vm,
+            command,
+            code=code,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=stdin,
+            on_stdout=_writer(sys.stdout.buffer),
+            on_stderr=_writer(sys.stderr.buffer),
+        )
+        if result.error:
+            err.print(f"[bold red]agent-vm:[/] {result.error}")
+        if result.timed_out:
+            err.print(f"[bold red]agent-vm:[/] command timed out after {timeout:g} s")
+            return EXIT_TIMEOUT
+        return result.exit_code
+    except asyncio.CancelledError:
+        return EXIT_INTERRUPTED
+    finally:
+        if vm is not None:
+            await asyncio.shield(vm.close())
+        conn.close()
+
+
+def _writer(stream: BinaryIO) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    return write
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,121 @@
+"""`agent-vm doctor`: what this host offers, what is missing, and the exact remedy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from agent_vm.config import Settings
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.errors import AgentVMError
+from agent_vm.host import daemons
+from agent_vm.host.accel import detect_accel, vsock_available
+from agent_vm.host.packages import missing_packages
+from agent_vm.image.store import ImageStore
+
+MIN_FREE_GIB = 3.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    remedy: str = ""
+    required: bool = True
+
+
+def run_checks(settings: Settings, *, start_daemons: bool = True) -> list[Check]:
+    checks: list[Check] = []
+    root = os.geteuid() == 0
+    checks.append(
+        Check("root", root, "running as root" if root else "not root", "run as root (sudo)")
+    )
+    missing = missing_packages("core")
+    checks.append(
+        Check(
+            "packages",
+            not missing,
+            "all installed" if not missing else "missing: " + " ".join(missing),
+            "run ./agent-vm once (it installs them) or: apt-get install " + " ".join(missing),
+        )
+    )
+    missing_bench = missing_packages("bench")
+    checks.append(
+        Check(
+            "bench peers",
+            not missing_bench,
+            "bubblewrap, runsc installed"
+            if not missing_bench
+            else "missing: " + " ".join(missing_bench),
+            "apt-get install " + " ".join(missing_bench),
+            required=False,
+        )
+    )
+    choice = detect_accel(settings.accel)
+    checks.append(Check("accelerator", True, f"{choice.accel.value.upper()}: {choice.reason}"))
+    checks.append(
+        Check(
+            "vsock",
+            True,
+            "available (/dev/vhost-vsock)"
+            if vsock_available()
+            else "not available (no /dev/vhost-vsock): control channel uses virtio-serial",
+            required=False,
+        )
+    )
+    if root and start_daemons:
+        try:
+            actions = daemons.ensure_daemons()
+            checks.append(
+                Check("daemons", True, "; ".join(actions) if actions else "virtlogd, libvirtd up")
+            )
+        except AgentVMError as exc:
+            checks.append(Check("daemons", False, exc.message, exc.hint or ""))
+    reaper = (
+        "systemd" if daemons.has_service_manager() else ("tini" if shutil.which("tini") else "")
+    )
+    checks.append(
+        Check(
+            "reaper",
+            bool(reaper),
+            f"QEMU processes are reaped by {reaper}" if reaper else "no subreaper for libvirtd",
+            "apt-get install tini (VM destroy otherwise waits for PID 1 to reap QEMU)",
+            required=False,
+        )
+    )
+    try:
+        with LibvirtConnection(settings.libvirt_uri) as conn:
+            libvirt_version, qemu_version = conn.versions()
+        checks.append(
+            Check(
+                "libvirt",
+                True,
+                f"{settings.libvirt_uri}: libvirt {libvirt_version}, QEMU {qemu_version}",
+            )
+        )
+    except AgentVMError as exc:
+        checks.append(Check("libvirt", False, exc.message, exc.hint or ""))
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.state_dir).free / 2**30
+    checks.append(
+        Check(
+            "disk",
+            free >= MIN_FREE_GIB,
+            f"{free:.1f} GiB free in {settings.state_dir}",
+            f"free space: images need ~{MIN_FREE_GIB:.0f} GiB (set AGENT_VM_STATE_DIR elsewhere)",
+        )
+    )
+    image = ImageStore(settings.images_dir).get(settings.image)
+    checks.append(
+        Check(
+            "image",
+            True,
+            f"{settings.image}: {image.key}, built {image.manifest.created_at:%Y-%m-%d %H:%M %Z}"
+            if image
+            else f"{settings.image}: not built yet (built on first `agent-vm run`)",
+            required=False,
+        )
+    )
+    return checks
