@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import signal as signal_module
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -95,6 +96,8 @@ class AgentChannel:
         self.max_output = max_output
         self.ready: Ready | None = None
         self.bad_frames = 0
+        # Recent ERROR replies not tied to a pending request (e.g. to garbage we sent).
+        self.agent_errors: deque[tuple[int, ErrorMessage]] = deque(maxlen=100)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -370,6 +373,7 @@ class AgentChannel:
             elif (ping := self._pings.get(rid)) is not None and not ping.done():
                 ping.set_exception(refusal)
             else:
+                self.agent_errors.append((rid, error))
                 log.warning("agent_error", vm=self.name, code=error.code, message=error.message)
         elif mtype is MessageType.READY:
             ready = Ready.from_payload(frame.payload)

@@ -1,0 +1,5 @@
+"""``python -m agent_vm`` is the ``agent-vm`` command."""
+
+from agent_vm.cli import main
+
+main()

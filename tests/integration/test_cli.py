@@ -1,0 +1,138 @@
+"""The `agent-vm` command as a user runs it: a real process booting real VMs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent_vm.config import Settings
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.execution.reaper import owned_domains
+from agent_vm.image.store import Image
+
+CLI = [sys.executable, "-m", "agent_vm"]
+
+
+def agent_vm(
+    *args: str, timeout: float = 180, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False, input=input
+    )
+
+
+def domains_of(connection: LibvirtConnection, pid: int) -> list[str]:
+    return [d.vm.name for d in owned_domains(connection) if d.metadata.get("pid") == str(pid)]
+
+
+def test_run_prints_the_guest_kernel_and_cleans_up(
+    image: Image, settings: Settings, connection: LibvirtConnection
+) -> None:
+    before = set(settings.vms_dir.iterdir())
+    proc = agent_vm("run", "--", "uname", "-sr")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"Linux {image.manifest.kernel_release}"
+    assert set(settings.vms_dir.iterdir()) == before
+
+
+def test_run_exit_codes_stdout_stderr(image: Image) -> None:
+    proc = agent_vm("run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 42")
+    assert (proc.returncode, proc.stdout) == (42, "to-out\n")
+    assert "to-err" in proc.stderr
+
+
+def test_run_timeout_exits_124(image: Image, settings: Settings) -> None:
+    before = set(settings.vms_dir.iterdir())
+    proc = agent_vm("run", "--timeout", "2", "--", "sleep", "60")
+    assert proc.returncode == 124 and "timed out" in proc.stderr
+    assert set(settings.vms_dir.iterdir()) == before
+
+
+def test_run_code_file_env_and_user(image: Image, tmp_path: Path) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text("import os, getpass\nprint(os.environ['TOKEN'], getpass.getuser())\n")
+    proc = agent_vm("run", "--code", str(script), "--env", "TOKEN=abc", "--user", "agent")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "abc agent\n"
+
+
+def test_run_interactive_stdin(image: Image) -> None:
+    proc = agent_vm("run", "-i", "--", "tr", "a-z", "A-Z", input="hello\n")
+    assert proc.stdout == "HELLO\n"
+
+
+def test_ctrl_c_removes_the_vm(
+    image: Image, settings: Settings, connection: LibvirtConnection
+) -> None:
+    before = set(settings.vms_dir.iterdir())
+    proc = subprocess.Popen(
+        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "booted\n"
+    assert len(domains_of(connection, proc.pid)) == 1
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    assert domains_of(connection, proc.pid) == []
+    assert set(settings.vms_dir.iterdir()) == before
+
+
+def test_sigterm_removes_the_vm(image: Image, connection: LibvirtConnection) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 130
+    assert domains_of(connection, proc.pid) == []
+
+
+def test_bad_arguments_are_clear_errors(image: Image) -> None:
+    proc = agent_vm("run")
+    assert proc.returncode == 125 and "give a command" in proc.stderr
+    proc = agent_vm("run", "--env", "NOEQUALS", "--", "true")
+    assert proc.returncode == 125 and "KEY=VALUE" in proc.stderr
+    proc = agent_vm("run", "--code", "/nonexistent.py")
+    assert proc.returncode == 125 and "nonexistent.py" in proc.stderr
+    proc = agent_vm("run", "--profile", "huge", "--", "true")
+    assert proc.returncode == 125 and "unknown profile" in proc.stderr
+
+
+def test_doctor_reports_the_accelerator_and_libvirt(image: Image) -> None:
+    proc = agent_vm("doctor")
+    assert proc.returncode == 0, proc.stdout
+    assert "TCG" in proc.stdout or "KVM" in proc.stdout
+    assert "libvirt 9" in proc.stdout or "libvirt 1" in proc.stdout
+
+
+def test_gc_reaps_the_vm_of_a_killed_process(
+    image: Image, settings: Settings, connection: LibvirtConnection
+) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait(10)
+    leftover = domains_of(connection, proc.pid)
+    assert len(leftover) == 1
+    result = agent_vm("gc")
+    assert result.returncode == 0 and leftover[0] in result.stdout
+    deadline = time.monotonic() + 10
+    while domains_of(connection, proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert domains_of(connection, proc.pid) == []
+    assert not (settings.vms_dir / leftover[0]).exists()

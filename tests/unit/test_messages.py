@@ -1,0 +1,79 @@
+"""Payload validation: what the guest (or host) accepts and refuses."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent_vm.errors import ProtocolError
+from agent_vm.protocol.messages import Execute, Hello, Ready, Result, Signal, Status
+
+
+def test_execute_round_trip() -> None:
+    req = Execute(
+        argv=["ls", "-l"], env={"A": "1"}, cwd="/tmp", user="agent", timeout=5, stdin=True
+    )
+    assert Execute.from_payload(req.to_payload()) == req
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},  # neither argv nor shell
+        {"argv": ["a"], "shell": "b"},  # both
+        {"argv": []},
+        {"argv": [1]},
+        {"shell": "x", "user": "nobody"},
+        {"shell": "x", "timeout": 0},
+        {"shell": "x", "timeout": True},
+        {"shell": "x", "env": {"A=B": "1"}},
+        {"shell": "x", "env": {"A": 1}},
+        {"shell": "x", "extra": 1},
+        {"shell": "x" * 200_000},
+    ],
+)
+def test_execute_rejects_invalid_requests(payload: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        Execute.from_payload(json.dumps(payload).encode())
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b"\xff\xfe", b'"str"'])
+def test_non_object_payloads_are_protocol_errors(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        Result.from_payload(raw)
+
+
+def test_result_bounds_are_checked() -> None:
+    good = {"exit_code": 0, "signal": None, "timed_out": False, "duration": 0.1}
+    assert Result.from_payload(json.dumps(good).encode()).exit_code == 0
+    for bad in ({"exit_code": 10_000}, {"signal": 0}, {"signal": 999}, {"timed_out": "no"}):
+        with pytest.raises(ProtocolError):
+            Result.from_payload(json.dumps({**good, **bad}).encode())
+
+
+def test_result_error_text_is_truncated() -> None:
+    raw = {"exit_code": 1, "signal": None, "timed_out": False, "duration": 1, "error": "e" * 9999}
+    assert len(Result.from_payload(json.dumps(raw).encode()).error or "") == 4096
+
+
+def test_hello_session_length() -> None:
+    assert Hello.from_payload(Hello("a" * 32).to_payload()).session == "a" * 32
+    with pytest.raises(ProtocolError):
+        Hello.from_payload(Hello("short").to_payload())
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash_the_parsers(raw: bytes) -> None:
+    for parser in (Execute, Hello, Ready, Result, Signal, Status):
+        with contextlib.suppress(ProtocolError):
+            parser.from_payload(raw)
+
+
+def test_signal_range() -> None:
+    assert Signal.from_payload(Signal(9).to_payload()).signal == 9
+    with pytest.raises(ProtocolError):
+        Signal.from_payload(b'{"signal": 100}')
