@@ -10,7 +10,8 @@ with one pump thread per output pipe. Design choices that the host relies on:
 * Backpressure, not buffering. Output is read in 64 KiB chunks and written to the port
   with blocking writes; if the host reads slowly, the pump blocks and the command blocks
   on its pipe. Stdin goes through a bounded per-execution queue so that the reader thread
-  never waits on one command's pipe.
+  never waits on one command's pipe. Each execution is one thread polling both pipes and
+  a pidfd of the process (plus a stdin feeder when stdin is used).
 * Cleanup. Each execution gets its own cgroup (when cgroup2 is mounted) and process
   group; a timeout or SIGKILL kills the cgroup, which also catches processes that
   called setsid() to escape their group.
@@ -259,6 +260,11 @@ class Execution:
         return env, entry.pw_uid, entry.pw_gid, entry.pw_dir
 
     def _run(self) -> None:
+        """Spawn, then one poll loop for both pipes, the process's pidfd and the timeout.
+
+        One thread per execution (two with stdin): thread start-up is expensive under
+        TCG, and a pidfd wakes us exactly when the process exits, unlike polling wait().
+        """
         started = time.monotonic()
         try:
             self._spawn()
@@ -268,33 +274,63 @@ class Execution:
             return
         assert self.proc is not None
         proc = self.proc
-        pumps = [
-            threading.Thread(target=self._pump, args=(proc.stdout, MessageType.STDOUT)),
-            threading.Thread(target=self._pump, args=(proc.stderr, MessageType.STDERR)),
-        ]
+        stdout, stderr = proc.stdout, proc.stderr
+        assert stdout is not None and stderr is not None
         if self.req.stdin:
-            pumps.append(threading.Thread(target=self._feed, args=(proc.stdin,)))
-        for thread in pumps:
-            thread.daemon = True
-            thread.start()
-        timer = None
-        if self.req.timeout is not None:
-            timer = threading.Timer(self.req.timeout, self._on_timeout)
-            timer.daemon = True
-            timer.start()
-        returncode = proc.wait()
-        if timer is not None:
-            timer.cancel()
-        duration = time.monotonic() - started
-        # Descendants may still hold the pipes open: give them a moment, then end them.
-        for thread in pumps[:2]:
-            thread.join(DRAIN_GRACE)
-        if any(t.is_alive() for t in pumps[:2]):
-            self.kill()
-            for thread in pumps[:2]:
-                thread.join(5)
+            feeder = threading.Thread(target=self._feed, args=(proc.stdin,), daemon=True)
+            feeder.start()
+        streams = {stdout.fileno(): MessageType.STDOUT, stderr.fileno(): MessageType.STDERR}
+        pidfd = os.pidfd_open(proc.pid)
+        poller = select.poll()
+        for fd in (*streams, pidfd):
+            poller.register(fd, select.POLLIN)
+        deadline = started + self.req.timeout if self.req.timeout is not None else None
+        returncode: int | None = None
+        duration = 0.0
+        drain_until = 0.0
+        try:
+            while streams or returncode is None:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline and returncode is None:
+                    self.timed_out = True
+                    self.kill()
+                    deadline = None
+                if returncode is not None and now >= drain_until:
+                    # Descendants still hold the pipes after the command exited: end them,
+                    # and stop waiting for good a few seconds later.
+                    if not self.killed.is_set():
+                        self.kill()
+                        drain_until = now + 5.0
+                    else:
+                        break
+                limits = [
+                    t for t in (deadline, drain_until if returncode is not None else None) if t
+                ]
+                wait_ms = None if not limits else max(0, int((min(limits) - now) * 1000) + 1)
+                for fd, _mask in poller.poll(wait_ms):
+                    if fd == pidfd:
+                        poller.unregister(pidfd)
+                        returncode = proc.wait()
+                        duration = time.monotonic() - started
+                        drain_until = time.monotonic() + DRAIN_GRACE
+                        continue
+                    try:
+                        data = os.read(fd, CHUNK)
+                    except OSError:
+                        data = b""
+                    if data:
+                        self.agent.send(streams[fd], self.request_id, data, session=self.session)
+                    else:
+                        poller.unregister(fd)
+                        del streams[fd]
+        finally:
+            os.close(pidfd)
+            for pipe in (stdout, stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close()
         if self.req.stdin:
             self._stdin.put(None)
+        assert returncode is not None
         signum = -returncode if returncode < 0 else None
         exit_code = None if signum is not None else returncode
         self._finish(Result(exit_code, signum, self.timed_out, duration))
@@ -320,20 +356,6 @@ class Execution:
                 start_new_session=True,
             )
 
-    def _pump(self, pipe: object, mtype: MessageType) -> None:
-        fd = pipe.fileno()  # type: ignore[attr-defined]
-        try:
-            while True:
-                data = os.read(fd, CHUNK)
-                if not data:
-                    return
-                self.agent.send(mtype, self.request_id, data, session=self.session)
-        except OSError:
-            return
-        finally:
-            with contextlib.suppress(OSError):
-                pipe.close()  # type: ignore[attr-defined]
-
     def _feed(self, pipe: object) -> None:
         fd = pipe.fileno()  # type: ignore[attr-defined]
         try:
@@ -351,10 +373,6 @@ class Execution:
         finally:
             with contextlib.suppress(OSError):
                 pipe.close()  # type: ignore[attr-defined]
-
-    def _on_timeout(self) -> None:
-        self.timed_out = True
-        self.kill()
 
     def _finish(self, result: Result) -> None:
         self.agent.send(MessageType.RESULT, self.request_id, result.to_payload(), self.session)

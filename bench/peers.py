@@ -1,0 +1,41 @@
+"""Peers measured beside agent-vm: bubblewrap and gVisor's ``runsc do``.
+
+Each call is a fresh sandbox running one command and exiting, which is the only mode
+both offer without extra set-up; compare them with agent-vm's "boot + command" and
+"fresh sandbox" figures, and read agent-vm's warm exec figures as a different thing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+BWRAP = [
+    "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+    "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent",
+]  # fmt: skip
+RUNSC = ["runsc", "--network=none", "--ignore-cgroups", "do"]
+
+
+def available(tool: str) -> str | None:
+    """None when usable, else why not (the table says so instead of a number)."""
+    if shutil.which(tool) is None:
+        return f"{tool} not installed (apt-get install {'bubblewrap' if tool == 'bwrap' else tool})"
+    probe = subprocess.run(
+        (BWRAP if tool == "bwrap" else RUNSC) + ["true"], capture_output=True, text=True, timeout=60
+    )
+    if probe.returncode != 0:
+        return f"{tool} fails here: {probe.stderr.strip()[-200:]}"
+    return None
+
+
+def time_command(prefix: list[str], argv: list[str], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        proc = subprocess.run(prefix + argv, capture_output=True, timeout=120)
+        samples.append(time.perf_counter() - started)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{prefix[0]} {argv} failed: {proc.stderr.decode()[-300:]}")
+    return samples
