@@ -25,6 +25,7 @@ from agent_vm.host.accel import Accel, detect_accel
 from agent_vm.host.daemons import ensure_daemons
 from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image
+from tests.integration.helpers import vm_dirs
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +64,7 @@ def connection(settings: Settings, host_ready: None) -> Iterator[LibvirtConnecti
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind(settings: Settings, host_ready: None) -> Iterator[None]:
-    before = set(settings.vms_dir.iterdir()) if settings.vms_dir.is_dir() else set()
+    before = vm_dirs(settings)
     yield
     with LibvirtConnection(settings.libvirt_uri) as conn:
         ours = [d for d in owned_domains(conn) if d.metadata.get("pid") == str(os.getpid())]
@@ -71,7 +72,7 @@ def nothing_left_behind(settings: Settings, host_ready: None) -> Iterator[None]:
         for owned in ours:  # clean up anyway so one failure does not poison the next run
             owned.vm.destroy()
             owned.vm.undefine()
-    after = set(settings.vms_dir.iterdir()) if settings.vms_dir.is_dir() else set()
+    after = vm_dirs(settings)
     stray_dirs = sorted(str(p) for p in after - before)
     qemus = _qemu_processes_named(names)
     problems = []

@@ -13,6 +13,7 @@ from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.execution.reaper import owned_domains
 from agent_vm.image.store import Image
+from tests.integration.helpers import vm_dirs
 
 CLI = [sys.executable, "-m", "agent_vm"]
 
@@ -32,11 +33,11 @@ def domains_of(connection: LibvirtConnection, pid: int) -> list[str]:
 def test_run_prints_the_guest_kernel_and_cleans_up(
     image: Image, settings: Settings, connection: LibvirtConnection
 ) -> None:
-    before = set(settings.vms_dir.iterdir())
+    before = vm_dirs(settings)
     proc = agent_vm("run", "--", "uname", "-sr")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"Linux {image.manifest.kernel_release}"
-    assert set(settings.vms_dir.iterdir()) == before
+    assert vm_dirs(settings) == before
 
 
 def test_run_exit_codes_stdout_stderr(image: Image) -> None:
@@ -46,10 +47,10 @@ def test_run_exit_codes_stdout_stderr(image: Image) -> None:
 
 
 def test_run_timeout_exits_124(image: Image, settings: Settings) -> None:
-    before = set(settings.vms_dir.iterdir())
+    before = vm_dirs(settings)
     proc = agent_vm("run", "--timeout", "2", "--", "sleep", "60")
     assert proc.returncode == 124 and "timed out" in proc.stderr
-    assert set(settings.vms_dir.iterdir()) == before
+    assert vm_dirs(settings) == before
 
 
 def test_run_code_file_env_and_user(image: Image, tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_run_interactive_stdin(image: Image) -> None:
 def test_ctrl_c_removes_the_vm(
     image: Image, settings: Settings, connection: LibvirtConnection
 ) -> None:
-    before = set(settings.vms_dir.iterdir())
+    before = vm_dirs(settings)
     proc = subprocess.Popen(
         [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
         stdout=subprocess.PIPE,
@@ -81,7 +82,7 @@ def test_ctrl_c_removes_the_vm(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
     assert domains_of(connection, proc.pid) == []
-    assert set(settings.vms_dir.iterdir()) == before
+    assert vm_dirs(settings) == before
 
 
 def test_sigterm_removes_the_vm(image: Image, connection: LibvirtConnection) -> None:
