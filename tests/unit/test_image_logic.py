@@ -98,6 +98,7 @@ def test_input_key_changes_with_guest_code() -> None:
         kernel_version="1",
         boot_modules=["x"],
         late_modules=["y"],
+        cmdline="console=ttyS0",
     )
     one = BuildInputs(**base, guest_code="1")
     two = BuildInputs(**base, guest_code="2")

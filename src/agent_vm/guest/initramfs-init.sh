@@ -31,7 +31,11 @@ $B mkdir -p $R/dev/pts $R/dev/shm $R/run $R/sys/fs/cgroup
 $B mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts $R/dev/pts
 $B mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs $R/dev/shm
 $B mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs $R/run
-$B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 $R/sys/fs/cgroup
+# favordynmods (Linux >= 6.0): moving a task between cgroups no longer waits for an RCU
+# grace period. The agent moves itself for every command it starts; under TCG this cut
+# the round trip of `true` from 44 to 30 ms.
+$B mount -t cgroup2 -o nosuid,nodev,noexec,favordynmods cgroup2 $R/sys/fs/cgroup 2>/dev/null ||
+    $B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 $R/sys/fs/cgroup
 $B ip link set lo up
 [ -n "$debug" ] && echo "agent-vm initramfs: root mounted $($B cut -d' ' -f1 $R/proc/uptime)" >/dev/console
 # -c rather than a script path: a script is compiled from source on every boot, a module

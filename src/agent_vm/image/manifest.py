@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 
 class BuildInputs(BaseModel):
@@ -25,6 +25,7 @@ class BuildInputs(BaseModel):
     boot_modules: list[str]
     late_modules: list[str]
     guest_code: str
+    cmdline: str
 
     def key(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]

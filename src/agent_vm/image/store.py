@@ -6,8 +6,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from agent_vm.errors import ImageError
 from agent_vm.image.manifest import ImageManifest
+from agent_vm.logs import get_logger
+
+log = get_logger(__name__)
 
 DISK_FILE = "rootfs.qcow2"
 INITRD_FILE = "initramfs.cpio"
@@ -48,10 +53,16 @@ class ImageStore:
         self.root = root
 
     def _load(self, name: str, path: Path) -> Image | None:
+        """The image at ``path``; None if absent, or built by an older, incompatible agent-vm
+        (its manifest does not validate), so that it gets rebuilt instead of failing."""
         manifest = path / MANIFEST_FILE
         if not manifest.is_file():
             return None
-        return Image(name, path, ImageManifest.load(manifest))
+        try:
+            return Image(name, path, ImageManifest.load(manifest))
+        except ValidationError as exc:
+            log.warning("image_manifest_outdated", path=str(manifest), errors=exc.error_count())
+            return None
 
     def get(self, name: str, key: str | None = None) -> Image | None:
         base = self.root / name
