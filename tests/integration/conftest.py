@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -100,16 +101,17 @@ def _qemu_processes_named(names: list[str]) -> list[int]:
     return pids
 
 
-async def _launch(
+@asynccontextmanager
+async def booted(
     connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
-) -> RunningVM:
-    return await launch_vm(
-        connection,
-        image,
-        vms_dir=settings.vms_dir,
-        accel=accel,
-        boot_timeout=settings.boot_timeout,
+) -> AsyncIterator[RunningVM]:
+    vm = await launch_vm(
+        connection, image, vms_dir=settings.vms_dir, accel=accel, boot_timeout=settings.boot_timeout
     )
+    try:
+        yield vm
+    finally:
+        await vm.close()
 
 
 @pytest_asyncio.fixture
@@ -117,11 +119,8 @@ async def fresh_vm(
     connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
 ) -> AsyncIterator[RunningVM]:
     """A VM of its own, for tests that break or reset it."""
-    vm = await _launch(connection, image, settings, accel)
-    try:
+    async with booted(connection, image, settings, accel) as vm:
         yield vm
-    finally:
-        await vm.close()
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -129,11 +128,8 @@ async def shared_vm(
     connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
 ) -> AsyncIterator[RunningVM]:
     """One VM for a module's non-destructive tests (boots cost seconds under TCG)."""
-    vm = await _launch(connection, image, settings, accel)
-    try:
+    async with booted(connection, image, settings, accel) as vm:
         yield vm
-    finally:
-        await vm.close()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,18 @@ def agent_vm(
     )
 
 
+def start_booted_run() -> subprocess.Popen[str]:
+    """`agent-vm run` of a long command, returned once the command runs in the VM."""
+    proc = subprocess.Popen(
+        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
+    return proc
+
+
 def domains_of(connection: LibvirtConnection, pid: int) -> list[str]:
     return [d.vm.name for d in owned_domains(connection) if d.metadata.get("pid") == str(pid)]
 
@@ -70,14 +82,7 @@ def test_ctrl_c_removes_the_vm(
     image: Image, settings: Settings, connection: LibvirtConnection
 ) -> None:
     before = vm_dirs(settings)
-    proc = subprocess.Popen(
-        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == "booted\n"
+    proc = start_booted_run()
     assert len(domains_of(connection, proc.pid)) == 1
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
@@ -86,13 +91,7 @@ def test_ctrl_c_removes_the_vm(
 
 
 def test_sigterm_removes_the_vm(image: Image, connection: LibvirtConnection) -> None:
-    proc = subprocess.Popen(
-        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
+    proc = start_booted_run()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 130
     assert domains_of(connection, proc.pid) == []
@@ -119,13 +118,7 @@ def test_doctor_reports_the_accelerator_and_libvirt(image: Image) -> None:
 def test_gc_reaps_the_vm_of_a_killed_process(
     image: Image, settings: Settings, connection: LibvirtConnection
 ) -> None:
-    proc = subprocess.Popen(
-        [*CLI, "run", "--", "sh", "-c", "echo booted; sleep 120"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
+    proc = start_booted_run()
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
     proc.wait(10)
     leftover = domains_of(connection, proc.pid)

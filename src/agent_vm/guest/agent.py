@@ -32,6 +32,7 @@ import time
 
 import agent_vm
 from agent_vm.errors import ProtocolError
+from agent_vm.guest.files import read_file, write_file
 from agent_vm.protocol.frame import (
     FLAG_EOF,
     MAX_PAYLOAD,
@@ -156,7 +157,7 @@ def find_serial_port(name: str = PORT_NAME) -> str | None:
     except OSError:
         return None
     for entry in entries:
-        if _read(f"{base}/{entry}/name").strip() == name:
+        if read_file(f"{base}/{entry}/name").strip() == name:
             return f"/dev/{entry}"
     return None
 
@@ -175,7 +176,7 @@ def open_link(wait: float = 30.0) -> Link:
 
 
 def _cmdline() -> str:
-    return _read("/proc/cmdline")
+    return read_file("/proc/cmdline")
 
 
 # --------------------------------------------------------------------------- executions
@@ -228,7 +229,7 @@ class Execution:
         self.killed.set()
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
-                _write(f"{self.cgroup}/cgroup.kill", "1")
+                write_file(f"{self.cgroup}/cgroup.kill", "1")
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -392,7 +393,7 @@ class Agent:
         self.executions: dict[int, Execution] = {}
         self.exec_lock = threading.Lock()
         self.cgroups = os.path.exists(f"{CGROUP_ROOT}/cgroup.procs") and os.getuid() == 0
-        self.boot_id = _read("/proc/sys/kernel/random/boot_id").strip()
+        self.boot_id = read_file("/proc/sys/kernel/random/boot_id").strip()
         self.on_shutdown: Callable[[], None] = _ask_init_to_power_off
 
     # -- writing --
@@ -443,11 +444,11 @@ class Agent:
         if cgroup is None:
             yield None
             return
-        _write(f"{cgroup}/cgroup.procs", "0")
+        write_file(f"{cgroup}/cgroup.procs", "0")
         try:
             yield None
         finally:
-            _write(f"{CGROUP_ROOT}/cgroup.procs", "0")
+            write_file(f"{CGROUP_ROOT}/cgroup.procs", "0")
 
     def remove_cgroup(self, cgroup: str | None) -> None:
         if cgroup is None:
@@ -457,7 +458,7 @@ class Agent:
                 os.rmdir(cgroup)
                 return
             except OSError:
-                if "populated 1" in _read(f"{cgroup}/cgroup.events"):
+                if "populated 1" in read_file(f"{cgroup}/cgroup.events"):
                     return  # daemons the command left running keep their cgroup
                 time.sleep(0.02)
 
@@ -541,7 +542,7 @@ class Agent:
         return execution
 
     def _status(self) -> Status:
-        meminfo = _read("/proc/meminfo")
+        meminfo = read_file("/proc/meminfo")
         available = 0
         for line in meminfo.splitlines():
             if line.startswith("MemAvailable:"):
@@ -551,21 +552,8 @@ class Agent:
         return Status(_uptime(), running, os.getloadavg()[0], available)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
-
-
 def _uptime() -> float:
-    text = _read("/proc/uptime")
+    text = read_file("/proc/uptime")
     return float(text.split()[0]) if text else 0.0
 
 

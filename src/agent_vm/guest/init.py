@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from agent_vm.guest.files import read_file, write_file
+
 TYPE_CHECKING = False  # typing/pathlib/uuid are avoided here: imports cost boot time under TCG
 if TYPE_CHECKING:
     import ctypes
@@ -45,19 +47,6 @@ def _libc() -> ctypes.CDLL:
 
 def log(message: str) -> None:
     print(f"agent-vm init [{uptime():.3f}]: {message}", file=sys.stderr, flush=True)
-
-
-def read_file(path: str) -> str:
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
-def write_file(path: str, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
 
 
 def uptime() -> float:
@@ -196,8 +185,6 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    if GUEST_LIB not in sys.path:
-        sys.path.insert(0, GUEST_LIB)
     params = cmdline_params()
     debug = params.get("debug") == "1"
     if debug:
@@ -234,13 +221,9 @@ def main() -> None:
 
 
 def run() -> None:
-    """Entry point used by the initramfs."""
+    """Entry point: the initramfs puts /opt/agent-vm on sys.path and calls this."""
     try:
         main()
     except BaseException as exc:  # PID 1 must never just die
         log(f"fatal: {exc!r}")
         power_off("init failure")
-
-
-if __name__ == "__main__":
-    run()

@@ -38,6 +38,7 @@ GUEST_SOURCES = [
     "protocol/frame.py",
     "protocol/messages.py",
     "guest/__init__.py",
+    "guest/files.py",
     "guest/agent.py",
     "guest/init.py",
 ]

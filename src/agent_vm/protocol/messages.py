@@ -71,15 +71,21 @@ def _check_only(data: dict[str, Any], allowed: set[str]) -> None:
         raise ProtocolError(f"unknown fields {sorted(extra)}")
 
 
-class Hello(Record):
+class JsonMessage(Record):
+    """A control message whose payload is its fields as a JSON object."""
+
+    __slots__ = ()
+
+    def to_payload(self) -> bytes:
+        return _dumps(self.asdict())
+
+
+class Hello(JsonMessage):
     __slots__ = ("protocol", "session")
 
     def __init__(self, session: str, protocol: int = PROTOCOL_VERSION) -> None:
         self.session = session
         self.protocol = protocol
-
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Hello:
@@ -91,7 +97,7 @@ class Hello(Record):
         return cls(session, _field(data, "protocol", (int,)))
 
 
-class Ready(Record):
+class Ready(JsonMessage):
     __slots__ = ("agent_version", "boot_id", "protocol", "session", "uptime")
 
     def __init__(
@@ -102,9 +108,6 @@ class Ready(Record):
         self.protocol = protocol
         self.boot_id = boot_id
         self.uptime = uptime
-
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Ready:
@@ -119,7 +122,7 @@ class Ready(Record):
         )
 
 
-class Execute(Record):
+class Execute(JsonMessage):
     """Run ``argv`` directly, or ``shell`` through bash (sh if absent); exactly one is set."""
 
     __slots__ = ("argv", "cwd", "env", "shell", "stdin", "timeout", "user")
@@ -164,9 +167,6 @@ class Execute(Record):
         if self.user not in ("root", "agent"):
             raise ProtocolError("user must be 'root' or 'agent'")
 
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
-
     @classmethod
     def from_payload(cls, payload: bytes) -> Execute:
         data = _loads(payload)
@@ -189,7 +189,7 @@ class Execute(Record):
         )
 
 
-class Result(Record):
+class Result(JsonMessage):
     __slots__ = ("duration", "error", "exit_code", "signal", "timed_out")
 
     def __init__(
@@ -205,9 +205,6 @@ class Result(Record):
         self.timed_out = timed_out
         self.duration = duration
         self.error = error
-
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Result:
@@ -229,14 +226,11 @@ class Result(Record):
         )
 
 
-class Signal(Record):
+class Signal(JsonMessage):
     __slots__ = ("signal",)
 
     def __init__(self, signal: int) -> None:
         self.signal = signal
-
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Signal:
@@ -248,7 +242,7 @@ class Signal(Record):
         return cls(sig)
 
 
-class Status(Record):
+class Status(JsonMessage):
     __slots__ = ("load1", "mem_available_kib", "running", "uptime")
 
     def __init__(self, uptime: float, running: int, load1: float, mem_available_kib: int) -> None:
@@ -256,9 +250,6 @@ class Status(Record):
         self.running = running
         self.load1 = load1
         self.mem_available_kib = mem_available_kib
-
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Status:
@@ -272,15 +263,12 @@ class Status(Record):
         )
 
 
-class ErrorMessage(Record):
+class ErrorMessage(JsonMessage):
     __slots__ = ("code", "message")
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
         self.message = message
-
-    def to_payload(self) -> bytes:
-        return _dumps(self.asdict())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> ErrorMessage:
