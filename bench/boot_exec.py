@@ -17,7 +17,7 @@ from typing import Any
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import launch_vm
+from agent_vm.execution.machine import MachineSpec, launch_vm
 from agent_vm.host.accel import detect_accel
 from agent_vm.host.daemons import ensure_daemons
 from agent_vm.image.builder import ImageBuilder
@@ -37,7 +37,9 @@ async def measure_agent_vm(
     with LibvirtConnection(settings.libvirt_uri) as conn:
         for i in range(boots):
             started = time.perf_counter()
-            vm = await launch_vm(conn, image, vms_dir=settings.vms_dir, accel=accel)
+            vm = await launch_vm(
+                conn, image, vms_dir=settings.vms_dir, spec=MachineSpec(accel=accel)
+            )
             out["boot"].append(time.perf_counter() - started)
             try:
                 await executor.execute(vm, ["true"])

@@ -19,7 +19,8 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.template import ResourceProfile
 from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM, launch_vm
+from agent_vm.execution.golden import GoldenStore, start_clone
+from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
 from agent_vm.execution.reaper import reap
 from agent_vm.host.accel import detect_accel
 from agent_vm.host.daemons import ensure_daemons
@@ -193,10 +194,15 @@ def run(
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="send this process's stdin")
     ] = False,
+    cold: Annotated[
+        bool, typer.Option("--cold", help="boot the kernel instead of starting from golden state")
+    ] = False,
 ) -> None:
-    """Boot a fresh VM, run a command in it with live output, remove the VM.
+    """Start a fresh VM, run a command in it with live output, remove the VM.
 
-    Exits with the command's exit code (124 on timeout, 125 on an agent-vm error).
+    The VM starts from the golden state of its image and hardware (created on first use,
+    a few seconds), or boots cold with --cold. Exits with the command's exit code (124 on
+    timeout, 125 on an agent-vm error).
     """
     settings = load_settings()
     try:
@@ -209,8 +215,9 @@ def run(
         stdin = sys.stdin.buffer.read() if interactive else None
         ensure_daemons()
         built = _image(settings, image, resolve=False)
+        spec = MachineSpec(profile=resources, accel=detect_accel(settings.accel).accel)
         exit_code = asyncio.run(
-            _run(settings, built, resources, command, source, timeout, variables, cwd, user, stdin)
+            _run(settings, built, spec, cold, command, source, timeout, variables, cwd, user, stdin)
         )
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -221,10 +228,26 @@ def run(
     raise typer.Exit(exit_code)
 
 
+async def _start(
+    settings: Settings, conn: LibvirtConnection, image: Image, spec: MachineSpec, cold: bool
+) -> RunningVM:
+    if cold:
+        return await launch_vm(
+            conn, image, vms_dir=settings.vms_dir, spec=spec, boot_timeout=settings.boot_timeout
+        )
+    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+    golden = store.locate_for(image, spec)
+    if not golden.exists():
+        with err.status("creating the golden state (first start of this image and hardware)"):
+            golden = await store.ensure(conn, image, spec, boot_timeout=settings.boot_timeout)
+    return await start_clone(conn, image, golden, spec, vms_dir=settings.vms_dir)
+
+
 async def _run(
     settings: Settings,
     image: Image,
-    resources: ResourceProfile,
+    spec: MachineSpec,
+    cold: bool,
     command: list[str] | None,
     code: str | None,
     timeout: float,
@@ -236,19 +259,11 @@ async def _run(
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    accel = detect_accel(settings.accel).accel
     vm: RunningVM | None = None
     conn = LibvirtConnection(settings.libvirt_uri)
     try:
         conn.open()
-        vm = await launch_vm(
-            conn,
-            image,
-            vms_dir=settings.vms_dir,
-            profile=resources,
-            accel=accel,
-            boot_timeout=settings.boot_timeout,
-        )
+        vm = await _start(settings, conn, image, spec, cold)
         result = await AgentExecutor().execute(
             vm,
             command,

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     )
     suite: str | None = Field(default=None, description="Distribution suite; default: host's.")
     boot_timeout: float = Field(default=60.0, description="Seconds to wait for agent READY.")
+    shm_dir: Path = Field(
+        default=Path("/dev/shm/agent-vm"), description="Golden-state RAM files (tmpfs)."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -13,9 +13,12 @@ AgentVMError
 ├── SnapshotError             snapshot create/list/restore/delete failed
 ├── ProtocolError             a frame on the control channel is malformed
 │   └── FrameTooLargeError    a frame announces more bytes than the protocol allows
-└── ChannelError              the host side of the control channel failed
-    ├── HandshakeError        the guest agent never answered the handshake
-    └── ChannelClosedError    the channel closed while requests were in flight
+├── ChannelError              the host side of the control channel failed
+│   ├── HandshakeError        the guest agent never answered the handshake
+│   └── ChannelClosedError    the channel closed while requests were in flight
+└── PoolError                 the VM pool cannot serve the request
+    ├── PoolExhaustedError    no VM became free within the acquire timeout
+    └── PoolClosedError       the pool was shut down
 """
 
 from __future__ import annotations
@@ -81,3 +84,15 @@ class HandshakeError(ChannelError):
 
 class ChannelClosedError(ChannelError):
     """The control channel closed (VM gone, agent restarted, or closed by us)."""
+
+
+class PoolError(AgentVMError):
+    """The VM pool cannot serve the request."""
+
+
+class PoolExhaustedError(PoolError):
+    """No VM became available within the acquire timeout."""
+
+
+class PoolClosedError(PoolError):
+    """The pool has been shut down."""

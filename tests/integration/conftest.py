@@ -20,7 +20,7 @@ from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import AgentVMError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM, launch_vm
+from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
 from agent_vm.execution.reaper import owned_domains
 from agent_vm.host.accel import Accel, detect_accel
 from agent_vm.host.daemons import ensure_daemons
@@ -106,7 +106,11 @@ async def booted(
     connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
 ) -> AsyncIterator[RunningVM]:
     vm = await launch_vm(
-        connection, image, vms_dir=settings.vms_dir, accel=accel, boot_timeout=settings.boot_timeout
+        connection,
+        image,
+        vms_dir=settings.vms_dir,
+        spec=MachineSpec(accel=accel),
+        boot_timeout=settings.boot_timeout,
     )
     try:
         yield vm

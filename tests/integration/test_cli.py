@@ -130,3 +130,10 @@ def test_gc_reaps_the_vm_of_a_killed_process(
         time.sleep(0.1)
     assert domains_of(connection, proc.pid) == []
     assert not (settings.vms_dir / leftover[0]).exists()
+
+
+def test_run_starts_from_golden_state_unless_cold(image: Image) -> None:
+    warm = agent_vm("--log-level", "info", "run", "--", "true")
+    assert warm.returncode == 0 and "vm_cloned" in warm.stderr
+    cold = agent_vm("--log-level", "info", "run", "--cold", "--", "true")
+    assert cold.returncode == 0 and "vm_ready" in cold.stderr and "vm_cloned" not in cold.stderr

@@ -26,6 +26,7 @@ LAYERS = {
     "execution": 4,
     "monitoring": 4,
     "doctor": 5,
+    "sandbox": 5,
     "cli": 5,
     "api": 5,
     "__main__": 5,

@@ -33,6 +33,7 @@ from agent_vm.errors import (
 from agent_vm.logs import get_logger
 from agent_vm.protocol.frame import FLAG_EOF, MAX_REQUEST_ID, BadFrame, Frame, FrameDecoder, encode
 from agent_vm.protocol.messages import (
+    Configure,
     ErrorMessage,
     Execute,
     Hello,
@@ -244,14 +245,23 @@ class AgentChannel:
         await self._send(Frame(MessageType.SIGNAL, request_id, Signal(signum).to_payload()))
 
     async def ping(self, timeout: float = 5.0) -> Status:
+        return await self._status_request(MessageType.PING, b"", timeout)
+
+    async def configure(self, config: Configure, timeout: float = 10.0) -> Status:
+        """Set clock, entropy and identity in the guest (after a start from golden state)."""
+        return await self._status_request(MessageType.CONFIGURE, config.to_payload(), timeout)
+
+    async def _status_request(self, mtype: MessageType, payload: bytes, timeout: float) -> Status:
         rid = self._next_id()
         future: asyncio.Future[Status] = asyncio.get_running_loop().create_future()
         self._pings[rid] = future
         try:
-            await self._send(Frame(MessageType.PING, rid))
+            await self._send(Frame(mtype, rid, payload))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise ChannelError(f"{self.name}: agent did not answer PING in {timeout} s") from None
+            raise ChannelError(
+                f"{self.name}: agent did not answer {mtype.name} in {timeout} s"
+            ) from None
         finally:
             self._pings.pop(rid, None)
 

@@ -7,6 +7,8 @@ increases on every reopen so holders (``VM``) know to look their domain up again
 from __future__ import annotations
 
 import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from types import TracebackType
 
 import libvirt
@@ -33,6 +35,7 @@ class LibvirtConnection:
         self._lock = threading.RLock()
         self._generation = 0
         self._alive = False
+        self._on_open: list[Callable[[libvirt.virConnect], None]] = []
 
     # -- lifecycle --
 
@@ -53,6 +56,16 @@ class LibvirtConnection:
             self._alive = True
             self._generation += 1
             log.debug("libvirt_connected", uri=self.uri, generation=self._generation)
+            for hook in list(self._on_open):
+                hook(conn)
+
+    def on_open(self, hook: Callable[[libvirt.virConnect], None]) -> None:
+        """Call ``hook`` with every new connection (now, if open, and after each reconnect):
+        event registrations die with the connection that made them."""
+        with self._lock:
+            self._on_open.append(hook)
+            if self._conn is not None and self._alive:
+                hook(self._conn)
 
     def close(self) -> None:
         with self._lock:
@@ -107,6 +120,17 @@ class LibvirtConnection:
                 self.open()
             assert self._conn is not None
             return self._conn
+
+    def qemu_user(self) -> tuple[int, int]:
+        """uid and gid QEMU runs as (libvirt's DAC base label, e.g. libvirt-qemu)."""
+        root = ET.fromstring(self.connection.getCapabilities())
+        for model in root.findall("host/secmodel"):
+            if model.findtext("model") == "dac":
+                for label in model.findall("baselabel"):
+                    user, _, group = (label.text or "").partition(":")
+                    if user.startswith("+") and group.startswith("+"):
+                        return int(user[1:]), int(group[1:])
+        return 0, 0  # no DAC driver: QEMU runs as root
 
     def versions(self) -> tuple[str, str]:
         """(libvirt version, hypervisor version) as dotted strings."""

@@ -1,14 +1,20 @@
-"""libvirt's default event loop, run once per process in a daemon thread.
+"""libvirt's event loop (one daemon thread per process) and domain lifecycle events.
 
-It must be registered before the first connection is opened; without it libvirt can
-deliver neither close callbacks (used to notice libvirtd going away) nor domain events.
+The loop must be registered before the first connection is opened; without it libvirt
+delivers neither close callbacks (how we notice libvirtd going away) nor domain events.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import libvirt
+
+if TYPE_CHECKING:
+    from agent_vm.core.connection import LibvirtConnection
 
 _lock = threading.Lock()
 _started = False
@@ -32,3 +38,52 @@ def ensure_event_loop() -> None:
 
         threading.Thread(target=run, name="libvirt-events", daemon=True).start()
         _started = True
+
+
+LifecycleCallback = Callable[[str, int, int], None]
+
+
+class LifecycleEvents:
+    """Domain lifecycle events (started, stopped, crashed, ...) delivered on an asyncio loop.
+
+    Callbacks get (domain UUID, event, detail) with libvirt's VIR_DOMAIN_EVENT_* values.
+    They run on the loop given at subscription, never on libvirt's event thread.
+    """
+
+    def __init__(self, connection: LibvirtConnection) -> None:
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, LifecycleCallback]] = []
+        self._lock = threading.Lock()
+        connection.on_open(self._register)
+
+    def _register(self, conn: libvirt.virConnect) -> None:
+        conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None
+        )
+
+    def _on_event(
+        self,
+        _conn: libvirt.virConnect,
+        domain: libvirt.virDomain,
+        event: int,
+        detail: int,
+        _: object,
+    ) -> None:
+        uuid = domain.UUIDString()
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for loop, callback in subscribers:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(callback, uuid, event, detail)
+
+    def subscribe(self, callback: LifecycleCallback) -> Callable[[], None]:
+        """Deliver events to ``callback`` on the running loop; returns an unsubscribe."""
+        entry = (asyncio.get_running_loop(), callback)
+        with self._lock:
+            self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+
+        return unsubscribe

@@ -28,11 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent_vm.host.accel import Accel
 
 CHANNEL_NAME = "org.agentvm.control"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+RAM_BACKEND_ID = "agentvm-ram"
 METADATA_URI = "urn:agent-vm:domain:1"
 METADATA_KEY = "agentvm"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 ET.register_namespace(METADATA_KEY, METADATA_URI)
+ET.register_namespace("qemu", QEMU_NS)
 
 
 class NetworkMode(enum.StrEnum):
@@ -99,6 +102,22 @@ class NetworkAttachment(BaseModel):
     mac: str | None = None
 
 
+class MemoryFile(BaseModel):
+    """Guest RAM backed by a file, for golden-state templates and their clones.
+
+    The template maps it shared, so the file holds its RAM once it is paused; each clone
+    maps it private, i.e. copy-on-write: clones start with the template's memory and share
+    every page they do not write. libvirt 9.0 cannot point guest RAM at a file of our
+    choosing, so this is rendered as QEMU arguments (``-machine memory-backend=`` replaces
+    libvirt's own backend, which then stays unused).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    shared: bool
+
+
 class VMTemplate(BaseModel):
     """Everything needed to define one VM."""
 
@@ -115,6 +134,10 @@ class VMTemplate(BaseModel):
     vsock_cid: int | None = Field(default=None, ge=3)
     console_log: Path | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    memory_file: MemoryFile | None = None
+    incoming: bool = Field(
+        default=False, description="start paused, waiting for migrated state (-incoming defer)"
+    )
 
     def generate_xml(self) -> str:
         domain = ET.Element("domain", type=self.accel.domain_type)
@@ -136,8 +159,27 @@ class VMTemplate(BaseModel):
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             ET.SubElement(domain, event).text = "destroy"
         self._devices(domain)
+        self._qemu_arguments(domain)
         ET.indent(domain)
         return ET.tostring(domain, encoding="unicode")
+
+    def _qemu_arguments(self, domain: ET.Element) -> None:
+        args: list[str] = []
+        if self.memory_file is not None:
+            share = "on" if self.memory_file.shared else "off"
+            args += [
+                "-object",
+                f"memory-backend-file,id={RAM_BACKEND_ID},size={self.resources.memory_mib}M,"
+                f"mem-path={self.memory_file.path},share={share}",
+                "-machine",
+                f"memory-backend={RAM_BACKEND_ID}",
+            ]
+        if self.incoming:
+            args += ["-incoming", "defer"]
+        if args:
+            commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+            for arg in args:
+                ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
 
     def _metadata(self, domain: ET.Element) -> None:
         meta = ET.SubElement(domain, "metadata")

@@ -10,7 +10,13 @@ import asyncio
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from agent_vm import timeutil
 from agent_vm.communication.channel import AgentChannel
@@ -18,6 +24,7 @@ from agent_vm.communication.transport import Transport, UnixTransport, VsockTran
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.template import (
     BootSpec,
+    MemoryFile,
     NetworkAttachment,
     NetworkMode,
     ResourceProfile,
@@ -62,6 +69,11 @@ class RunningVM:
     @property
     def name(self) -> str:
         return self.vm.name
+
+    @property
+    def connected(self) -> bool:
+        """False once the agent channel closed (QEMU gone, agent restarted, or closed)."""
+        return not self._channel.closed
 
     @property
     def console_log(self) -> Path:
@@ -142,16 +154,26 @@ def new_vm_name(prefix: str = "agentvm") -> str:
     return f"{prefix}-{os.urandom(4).hex()}"
 
 
+class MachineSpec(BaseModel):
+    """The virtual hardware of a VM; golden states are keyed on it (with the image)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    profile: ResourceProfile = ResourceProfile()
+    accel: Accel = Accel.TCG
+    network_mode: NetworkMode = NetworkMode.ISOLATED
+    network: NetworkAttachment = NetworkAttachment()
+    channel: Literal["virtio-serial", "vsock"] = "virtio-serial"
+
+
 def build_template(
     *,
     name: str,
     image: Image,
     workdir: Path,
-    profile: ResourceProfile,
-    accel: Accel,
-    network_mode: NetworkMode = NetworkMode.ISOLATED,
-    network: NetworkAttachment | None = None,
-    channel: str = "virtio-serial",
+    spec: MachineSpec,
+    memory_file: MemoryFile | None = None,
+    incoming: bool = False,
 ) -> VMTemplate:
     return VMTemplate(
         name=name,
@@ -161,12 +183,14 @@ def build_template(
             cmdline=f"{image.cmdline} agentvm.hostname={name}",
         ),
         disk_path=workdir / "disk.qcow2",
-        resources=profile,
-        accel=accel,
-        network_mode=network_mode,
-        network=network or NetworkAttachment(),
-        channel="vsock" if channel == "vsock" else "virtio-serial",
+        resources=spec.profile,
+        accel=spec.accel,
+        network_mode=spec.network_mode,
+        network=spec.network,
+        channel=spec.channel,
         console_log=workdir / "console.log",
+        memory_file=memory_file,
+        incoming=incoming,
         metadata={
             "owner": OWNER,
             "pid": str(os.getpid()),
@@ -178,58 +202,92 @@ def build_template(
     )
 
 
+@dataclass
+class _Held:
+    """What a VM being created holds so far, for clean-up if creation fails."""
+
+    workdir: Path
+    vm: VM | None = None
+    agent: AgentChannel | None = None
+
+
+@asynccontextmanager
+async def creating(vms_dir: Path, name: str) -> AsyncIterator[_Held]:
+    """A fresh work directory; on any failure inside, everything made so far is removed."""
+    workdir = vms_dir / name
+    await asyncio.to_thread(_make_workdir, vms_dir, workdir)
+    held = _Held(workdir)
+    try:
+        yield held
+    except BaseException:
+        if held.agent is not None:
+            await held.agent.close()
+        await asyncio.shield(asyncio.to_thread(_cleanup_failed, held.vm, workdir))
+        raise
+
+
+async def define_vm(
+    connection: LibvirtConnection,
+    image: Image,
+    spec: MachineSpec,
+    held: _Held,
+    *,
+    backing_disk: Path,
+    memory_file: MemoryFile | None = None,
+    incoming: bool = False,
+) -> VM:
+    """Overlay on ``backing_disk``, then the libvirt definition (not started)."""
+    template = build_template(
+        name=held.workdir.name,
+        image=image,
+        workdir=held.workdir,
+        spec=spec,
+        memory_file=memory_file,
+        incoming=incoming,
+    )
+    await asyncio.to_thread(create_overlay, backing_disk, template.disk_path)
+    held.vm = await asyncio.to_thread(VM.define, connection, template.generate_xml())
+    return held.vm
+
+
+async def connect_agent(held: _Held, timeout: float) -> AgentChannel:
+    """Handshake with the guest agent; a failure carries the console's last lines."""
+    assert held.vm is not None
+    held.agent = AgentChannel(await asyncio.to_thread(transport_for, held.vm), name=held.vm.name)
+    try:
+        await held.agent.connect(timeout)
+    except ChannelError as exc:
+        console = _tail(held.workdir / "console.log")
+        raise ChannelError(
+            f"{held.vm.name} did not become ready: {exc.message}"
+            + (f"\nconsole log (last lines):\n{console}" if console else ""),
+            hint=exc.hint,
+        ) from exc
+    return held.agent
+
+
 async def launch_vm(
     connection: LibvirtConnection,
     image: Image,
     *,
     vms_dir: Path,
-    profile: ResourceProfile | None = None,
-    accel: Accel = Accel.TCG,
+    spec: MachineSpec | None = None,
     name: str | None = None,
-    network_mode: NetworkMode = NetworkMode.ISOLATED,
-    network: NetworkAttachment | None = None,
-    channel: str = "virtio-serial",
     boot_timeout: float = 60.0,
+    memory_file: MemoryFile | None = None,
 ) -> RunningVM:
-    """Overlay, define, start, handshake. On any failure nothing is left behind."""
+    """Cold boot: overlay, define, start, handshake. On any failure nothing is left behind."""
     started = time.monotonic()
-    name = name or new_vm_name()
-    workdir = vms_dir / name
-    await asyncio.to_thread(_make_workdir, vms_dir, workdir)
-    vm: VM | None = None
-    agent: AgentChannel | None = None
-    try:
-        template = build_template(
-            name=name,
-            image=image,
-            workdir=workdir,
-            profile=profile or ResourceProfile(),
-            accel=accel,
-            network_mode=network_mode,
-            network=network,
-            channel=channel,
-        )
-        await asyncio.to_thread(create_overlay, image.disk, template.disk_path)
-        vm = await asyncio.to_thread(VM.define, connection, template.generate_xml())
+    async with creating(vms_dir, name or new_vm_name()) as held:
+        vm = await define_vm(
+            connection, image, spec or MachineSpec(), held, backing_disk=image.disk,
+            memory_file=memory_file,
+        )  # fmt: skip
         await asyncio.to_thread(vm.start)
-        agent = AgentChannel(await asyncio.to_thread(transport_for, vm), name=name)
-        try:
-            await agent.connect(boot_timeout)
-        except ChannelError as exc:
-            console = _tail(workdir / "console.log")
-            raise ChannelError(
-                f"{name} did not become ready: {exc.message}"
-                + (f"\nconsole log (last lines):\n{console}" if console else ""),
-                hint=exc.hint,
-            ) from exc
-        running = RunningVM(vm, workdir, image, agent, time.monotonic() - started)
-        log.info("vm_ready", vm=name, seconds=round(running.boot_seconds, 3))
+        agent = await connect_agent(held, boot_timeout)
+        running = RunningVM(vm, held.workdir, image, agent, time.monotonic() - started)
+        log.info("vm_ready", vm=vm.name, seconds=round(running.boot_seconds, 3))
         return running
-    except BaseException:
-        if agent is not None:
-            await agent.close()
-        await asyncio.shield(asyncio.to_thread(_cleanup_failed, vm, workdir))
-        raise
 
 
 def _make_workdir(vms_dir: Path, workdir: Path) -> None:

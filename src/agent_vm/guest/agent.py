@@ -32,7 +32,7 @@ import time
 
 import agent_vm
 from agent_vm.errors import ProtocolError
-from agent_vm.guest.files import read_file, write_file
+from agent_vm.guest.files import SETTLED_MARKER, read_file, set_identity, write_file
 from agent_vm.protocol.frame import (
     FLAG_EOF,
     MAX_PAYLOAD,
@@ -43,6 +43,7 @@ from agent_vm.protocol.frame import (
 )
 from agent_vm.protocol.messages import (
     PROTOCOL_VERSION,
+    Configure,
     ErrorMessage,
     Execute,
     Hello,
@@ -101,7 +102,7 @@ class SerialLink(Link):
                 data = os.read(self.fd, CHUNK)
                 if data:
                     return data
-            time.sleep(0.05)  # host not connected
+            time.sleep(0.01)  # host not connected (clones resume in this state)
 
     def write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -507,6 +508,9 @@ class Agent:
             self._execution(rid).signal(Signal.from_payload(frame.payload).signal)
         elif mtype is MessageType.PING:
             self.send(MessageType.STATUS, rid, self._status().to_payload(), self.session)
+        elif mtype is MessageType.CONFIGURE:
+            configure(Configure.from_payload(frame.payload))
+            self.send(MessageType.STATUS, rid, self._status().to_payload(), self.session)
         elif mtype is MessageType.SHUTDOWN:
             self.on_shutdown()
         else:
@@ -549,7 +553,30 @@ class Agent:
                 available = int(line.split()[1])
         with self.exec_lock:
             running = len(self.executions)
-        return Status(_uptime(), running, os.getloadavg()[0], available)
+        settled = os.path.exists(SETTLED_MARKER)
+        return Status(_uptime(), running, os.getloadavg()[0], available, settled)
+
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+
+
+def configure(config: Configure) -> None:
+    """Make this VM distinct from other clones of the same golden state."""
+    time.clock_settime_ns(time.CLOCK_REALTIME, config.time_ns)
+    if config.entropy:
+        import fcntl
+        import struct
+
+        data = bytes.fromhex(config.entropy)
+        with open("/dev/random", "wb", buffering=0) as rng:
+            # Credit the host's entropy, then make the CRNG reseed now, not minutes later.
+            fcntl.ioctl(rng, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+            fcntl.ioctl(rng, RNDRESEEDCRNG)
+    if config.hostname is not None or config.machine_id is not None:
+        hostname = config.hostname or read_file("/proc/sys/kernel/hostname").strip()
+        machine_id = config.machine_id or read_file("/etc/machine-id").strip()
+        set_identity(hostname, machine_id)
 
 
 def _uptime() -> float:

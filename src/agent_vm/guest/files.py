@@ -1,6 +1,8 @@
-"""Tiny file helpers for guest code (pathlib costs boot time under TCG)."""
+"""Small helpers shared by guest init and agent (pathlib costs boot time under TCG)."""
 
 from __future__ import annotations
+
+SETTLED_MARKER = "/run/agent-vm-settled"
 
 
 def read_file(path: str) -> str:
@@ -15,3 +17,11 @@ def read_file(path: str) -> str:
 def write_file(path: str, text: str) -> None:
     with open(path, "w") as handle:
         handle.write(text)
+
+
+def set_identity(hostname: str, machine_id: str) -> None:
+    """Hostname (what sethostname(2) changes) and machine-id, as init and CONFIGURE set them."""
+    write_file("/proc/sys/kernel/hostname", hostname)
+    write_file("/etc/hostname", hostname + "\n")
+    write_file("/etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
+    write_file("/etc/machine-id", machine_id + "\n")

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from agent_vm.guest.files import read_file, write_file
+from agent_vm.guest.files import SETTLED_MARKER, read_file, set_identity, write_file
 
 TYPE_CHECKING = False  # typing/pathlib/uuid are avoided here: imports cost boot time under TCG
 if TYPE_CHECKING:
@@ -80,11 +80,7 @@ def setup_dev_links() -> None:
 
 
 def setup_identity(params: dict[str, str]) -> None:
-    hostname = params.get("hostname", "agent-vm")
-    write_file("/proc/sys/kernel/hostname", hostname)  # what sethostname(2) changes
-    write_file("/etc/hostname", hostname + "\n")
-    write_file("/etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
-    write_file("/etc/machine-id", params.get("machine_id", os.urandom(16).hex()) + "\n")
+    set_identity(params.get("hostname", "agent-vm"), params.get("machine_id", os.urandom(16).hex()))
 
 
 def power_off(reason: str) -> None:
@@ -131,9 +127,11 @@ def load_modules(directory: str = MODULES_DIR) -> None:
             os.close(fd)
 
 
-def late_setup() -> None:
-    load_modules()
+def late_setup(load: bool = True) -> None:
+    if load:
+        load_modules()
     watch_power_button()
+    write_file(SETTLED_MARKER, f"{uptime():.3f}\n")  # golden states are captured after this
 
 
 def watch_power_button() -> None:
@@ -205,7 +203,7 @@ def main() -> None:
         load_modules()  # the agent cannot listen before vsock is loaded
     agent_pid = spawn_agent()
     log(f"agent started (pid {agent_pid})")
-    threading.Thread(target=watch_power_button if vsock else late_setup, daemon=True).start()
+    threading.Thread(target=late_setup, args=(not vsock,), daemon=True).start()
     failures = 0
     while True:
         try:

@@ -32,7 +32,8 @@ class MessageType(enum.IntEnum):
     RESULT = 0x14  # guest -> host: the command ended (last frame of a request)
     SIGNAL = 0x15  # host -> guest: deliver a signal to the command's process group
     PING = 0x20  # host -> guest
-    STATUS = 0x21  # guest -> host: answer to PING
+    STATUS = 0x21  # guest -> host: answer to PING and CONFIGURE
+    CONFIGURE = 0x22  # host -> guest: clock, entropy and identity of a new sandbox
     SHUTDOWN = 0x30  # host -> guest: power the VM off cleanly
     ERROR = 0x7F  # either way: a request or frame was refused
 
@@ -243,23 +244,32 @@ class Signal(JsonMessage):
 
 
 class Status(JsonMessage):
-    __slots__ = ("load1", "mem_available_kib", "running", "uptime")
+    __slots__ = ("load1", "mem_available_kib", "running", "settled", "uptime")
 
-    def __init__(self, uptime: float, running: int, load1: float, mem_available_kib: int) -> None:
+    def __init__(
+        self,
+        uptime: float,
+        running: int,
+        load1: float,
+        mem_available_kib: int,
+        settled: bool = False,
+    ) -> None:
         self.uptime = uptime
         self.running = running
         self.load1 = load1
         self.mem_available_kib = mem_available_kib
+        self.settled = settled  # init finished its late start-up work (modules, button)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Status:
         data = _loads(payload)
-        _check_only(data, {"uptime", "running", "load1", "mem_available_kib"})
+        _check_only(data, {"uptime", "running", "load1", "mem_available_kib", "settled"})
         return cls(
             uptime=float(_field(data, "uptime", (int, float))),
             running=_field(data, "running", (int,)),
             load1=float(_field(data, "load1", (int, float))),
             mem_available_kib=_field(data, "mem_available_kib", (int,)),
+            settled=_field(data, "settled", (bool,), False),
         )
 
 
@@ -275,3 +285,50 @@ class ErrorMessage(JsonMessage):
         data = _loads(payload)
         _check_only(data, {"code", "message"})
         return cls(_field(data, "code", (str,))[:64], _field(data, "message", (str,))[:4096])
+
+
+class Configure(JsonMessage):
+    """What makes a VM started from a golden state distinct from its siblings.
+
+    Clones share the template's memory: its clock, RNG state, hostname and machine-id.
+    """
+
+    __slots__ = ("entropy", "hostname", "machine_id", "time_ns")
+
+    def __init__(
+        self,
+        time_ns: int,
+        entropy: str = "",
+        hostname: str | None = None,
+        machine_id: str | None = None,
+    ) -> None:
+        self.time_ns = time_ns
+        self.entropy = entropy  # hex
+        self.hostname = hostname
+        self.machine_id = machine_id
+        if not 0 < time_ns < 2**63:
+            raise ProtocolError("time_ns out of range")
+        if len(entropy) > 1024 or any(c not in "0123456789abcdef" for c in entropy):
+            raise ProtocolError("entropy must be at most 512 bytes of lower-case hex")
+        if hostname is not None and not _is_hostname(hostname):
+            raise ProtocolError("invalid hostname")
+        if machine_id is not None and (
+            len(machine_id) != 32 or any(c not in "0123456789abcdef" for c in machine_id)
+        ):
+            raise ProtocolError("machine_id must be 32 lower-case hex digits")
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Configure:
+        data = _loads(payload)
+        _check_only(data, {"time_ns", "entropy", "hostname", "machine_id"})
+        return cls(
+            time_ns=_field(data, "time_ns", (int,)),
+            entropy=_field(data, "entropy", (str,), ""),
+            hostname=_field(data, "hostname", (str, type(None)), None),
+            machine_id=_field(data, "machine_id", (str, type(None)), None),
+        )
+
+
+def _is_hostname(name: str) -> bool:
+    allowed = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-."
+    return 0 < len(name) <= 63 and name[0] != "-" and all(c in allowed for c in name)

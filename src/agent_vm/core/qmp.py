@@ -1,0 +1,100 @@
+"""QMP commands sent through libvirt's QEMU monitor passthrough.
+
+libvirt stays the manager of every domain; this is only for what libvirt 9.0 has no API
+for (migrating device state with x-ignore-shared, loading it into a waiting QEMU).
+libvirt marks such domains "tainted: custom-monitor", which is expected.
+File descriptors travel with the command (``qemuMonitorCommandWithFiles``): QEMU runs
+sandboxed (no exec: migration) and cannot open our files by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+
+from agent_vm.core.vm import VM
+from agent_vm.errors import VMError
+
+
+def qmp(
+    vm: VM, command: str, arguments: dict[str, Any] | None = None, fds: Sequence[int] = ()
+) -> Any:
+    """Run one QMP command and return its ``return`` value; QMP errors raise VMError."""
+    message = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+    try:
+        if fds:
+            reply, _ = libvirt_qemu.qemuMonitorCommandWithFiles(vm.domain, message, list(fds), 0)
+        else:
+            reply = libvirt_qemu.qemuMonitorCommand(vm.domain, message, 0)
+    except libvirt.libvirtError as exc:
+        raise VMError(f"QMP {command} on {vm.name} failed: {exc.get_error_message()}") from exc
+    data = json.loads(reply)
+    if "error" in data:
+        raise VMError(f"QMP {command} on {vm.name}: {data['error'].get('desc', data['error'])}")
+    return data.get("return")
+
+
+def pass_file(vm: VM, name: str, path: Path, flags: int) -> None:
+    """Open ``path`` here and hand the descriptor to QEMU under ``name`` (``fd:name``)."""
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        qmp(vm, "getfd", {"fdname": name}, fds=[fd])
+    finally:
+        os.close(fd)
+
+
+def set_ignore_shared(vm: VM) -> None:
+    qmp(
+        vm,
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+    )
+
+
+def wait_migration(vm: VM, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll ``query-migrate`` until completed; failure or timeout raise VMError."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        status: dict[str, Any] = qmp(vm, "query-migrate") or {}
+        state = status.get("status")
+        if state == "completed":
+            return status
+        if state in ("failed", "cancelled"):
+            raise VMError(f"migration of {vm.name} {state}: {status.get('error-desc', '')}")
+        if time.monotonic() > deadline:
+            raise VMError(f"migration of {vm.name} still {state} after {timeout:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def save_device_state(vm: VM, path: Path, timeout: float = 60.0) -> int:
+    """Write the VM's device state to ``path`` and leave it paused; returns the size.
+
+    With x-ignore-shared, RAM in a shared memory-backend-file is not copied: the file
+    already is the RAM. What is written is CPU and device state plus small ROM blocks.
+    """
+    set_ignore_shared(vm)
+    pass_file(vm, "agentvm-out", path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    qmp(vm, "migrate", {"uri": "fd:agentvm-out"})
+    wait_migration(vm, timeout)
+    return path.stat().st_size
+
+
+def load_device_state(vm: VM, path: Path, timeout: float = 60.0) -> None:
+    """Load state saved by :func:`save_device_state` into a VM started with -incoming defer.
+
+    libvirt's own ``cont`` at start-up only armed autostart, so the guest runs as soon as
+    the load completes.
+    """
+    set_ignore_shared(vm)
+    pass_file(vm, "agentvm-in", path, os.O_RDONLY)
+    qmp(vm, "migrate-incoming", {"uri": "fd:agentvm-in"})
+    wait_migration(vm, timeout)

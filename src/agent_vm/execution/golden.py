@@ -1,0 +1,270 @@
+"""Golden states: boot once, then start any number of VMs from that moment without booting.
+
+Mechanism (chosen by measurement, see docs/benchmarks.md): the template VM's RAM lives in
+a file under /dev/shm mapped shared; once its agent is ready it is migrated with QEMU's
+``x-ignore-shared`` capability, which writes only CPU and device state (~0.5 MB) because
+the RAM already is the file. A clone is an ordinary libvirt domain whose RAM maps that
+file privately (copy-on-write) and which starts with ``-incoming defer``; loading the
+device state takes ~25 ms, so a clone costs little more than libvirt's own start. Clones
+share every page they do not write, which is also what keeps idle pooled VMs small.
+
+Caveats: all clones start with the template's RNG state, clock, hostname and machine-id;
+:func:`start_clone` replaces them through the agent (CONFIGURE) before anyone gets the VM.
+Shared pages are a potential side channel between clones of one golden state.
+Confinement: QEMU opens the RAM file itself, so a host whose libvirt confines QEMU with
+AppArmor or SELinux must allow the golden directory (not needed on hosts without them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from agent_vm import timeutil
+from agent_vm.communication.channel import AgentChannel
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.qmp import load_device_state, save_device_state
+from agent_vm.core.template import MemoryFile
+from agent_vm.errors import VMError
+from agent_vm.execution.machine import (
+    MachineSpec,
+    RunningVM,
+    connect_agent,
+    creating,
+    define_vm,
+    new_vm_name,
+)
+from agent_vm.image.store import Image
+from agent_vm.logs import get_logger
+from agent_vm.protocol.messages import Configure, Execute
+
+log = get_logger(__name__)
+
+GOLDEN_VERSION = "1"
+DEFAULT_SHM_DIR = Path("/dev/shm/agent-vm")
+SETTLE_TIMEOUT = 30.0
+# Run once in the template so that every clone starts with a warm page cache and agent.
+WARM_UP = (["true"], ["python3", "-c", "pass"])
+
+
+class GoldenKey(BaseModel):
+    """Everything a golden state depends on; a change means a new golden state."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image_key: str
+    spec: MachineSpec
+    version: str = GOLDEN_VERSION
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class GoldenMeta(BaseModel):
+    key: GoldenKey
+    created_at: datetime
+    boot_seconds: float
+    capture_seconds: float
+    state_bytes: int
+
+
+@dataclass(frozen=True)
+class GoldenState:
+    """Files of one golden state: disk and device state on disk, RAM in shared memory."""
+
+    digest: str
+    directory: Path
+    ram: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "device.state"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.directory / "golden.json"
+
+    def exists(self) -> bool:
+        return all(p.exists() for p in (self.disk, self.state, self.meta_path, self.ram))
+
+    def meta(self) -> GoldenMeta | None:
+        try:
+            return GoldenMeta.model_validate_json(self.meta_path.read_text())
+        except (OSError, ValidationError):
+            return None
+
+
+class GoldenStore:
+    """Golden states on this host: ``<state>/golden/<digest>/`` plus ``/dev/shm/agent-vm``."""
+
+    def __init__(self, state_dir: Path, vms_dir: Path, shm_dir: Path = DEFAULT_SHM_DIR) -> None:
+        self.root = state_dir / "golden"
+        self.vms_dir = vms_dir
+        self.shm_dir = shm_dir
+
+    def locate(self, key: GoldenKey) -> GoldenState:
+        digest = key.digest()
+        return GoldenState(digest, self.root / digest, self.shm_dir / f"{digest}.ram")
+
+    def locate_for(self, image: Image, spec: MachineSpec) -> GoldenState:
+        return self.locate(GoldenKey(image_key=image.key, spec=spec))
+
+    def all(self) -> list[GoldenState]:
+        if not self.root.is_dir():
+            return []
+        return [
+            GoldenState(p.name, p, self.shm_dir / f"{p.name}.ram")
+            for p in sorted(self.root.iterdir())
+            if p.is_dir()
+        ]
+
+    def remove(self, golden: GoldenState) -> None:
+        shutil.rmtree(golden.directory, ignore_errors=True)
+        golden.ram.unlink(missing_ok=True)
+
+    async def ensure(
+        self,
+        connection: LibvirtConnection,
+        image: Image,
+        spec: MachineSpec,
+        *,
+        boot_timeout: float = 60.0,
+    ) -> GoldenState:
+        """The golden state for (image, spec), captured now if it does not exist yet."""
+        key = GoldenKey(image_key=image.key, spec=spec)
+        golden = self.locate(key)
+        if golden.exists() and golden.meta() is not None:
+            return golden
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = await asyncio.to_thread(_lock, self.root / f"{golden.digest}.lock")
+        try:
+            if golden.exists() and golden.meta() is not None:
+                return golden  # captured by another process while we waited
+            await self._capture(connection, image, key, golden, boot_timeout)
+            return golden
+        finally:
+            os.close(lock)
+
+    async def _capture(
+        self,
+        connection: LibvirtConnection,
+        image: Image,
+        key: GoldenKey,
+        golden: GoldenState,
+        boot_timeout: float,
+    ) -> None:
+        started = time.monotonic()
+        self.remove(golden)
+        uid, gid = await asyncio.to_thread(connection.qemu_user)
+        await asyncio.to_thread(
+            _prepare_ram_file, golden.ram, key.spec.profile.memory_mib, uid, gid
+        )
+        name = new_vm_name(f"agentvm-golden-{golden.digest[:8]}")
+        try:
+            async with creating(self.vms_dir, name) as held:
+                vm = await define_vm(
+                    connection, image, key.spec, held, backing_disk=image.disk,
+                    memory_file=MemoryFile(path=golden.ram, shared=True),
+                )  # fmt: skip
+                await asyncio.to_thread(vm.start)
+                agent = await connect_agent(held, boot_timeout)
+                booted = time.monotonic() - started
+                await _settle(agent)
+                await agent.close()
+                capture_started = time.monotonic()
+                golden.directory.mkdir(parents=True)
+                state_bytes = await asyncio.to_thread(save_device_state, vm, golden.state)
+                capture = time.monotonic() - capture_started
+                await asyncio.to_thread(vm.destroy)
+                await asyncio.to_thread(vm.undefine)
+                held.vm = None
+                (held.workdir / "disk.qcow2").rename(golden.disk)
+                golden.disk.chmod(0o444)
+                shutil.rmtree(held.workdir, ignore_errors=True)
+        except BaseException:
+            self.remove(golden)
+            raise
+        meta = GoldenMeta(
+            key=key,
+            created_at=timeutil.now(),
+            boot_seconds=round(booted, 3),
+            capture_seconds=round(capture, 3),
+            state_bytes=state_bytes,
+        )
+        golden.meta_path.write_text(meta.model_dump_json(indent=2) + "\n")
+        log.info("golden_captured", digest=golden.digest, boot=meta.boot_seconds, capture=capture)
+
+
+async def _settle(agent: AgentChannel) -> None:
+    """Wait for init's late start-up work, then warm the agent and the page cache."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while not (await agent.ping()).settled:
+        if time.monotonic() > deadline:
+            raise VMError(f"{agent.name} did not settle within {SETTLE_TIMEOUT:.0f} s")
+        await asyncio.sleep(0.05)
+    for argv in WARM_UP:
+        await agent.execute(Execute(argv=argv, timeout=60))
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _prepare_ram_file(path: Path, memory_mib: int, uid: int, gid: int) -> None:
+    """A sparse file of the guest's RAM size that QEMU (running as uid:gid) maps shared."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o711)
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(memory_mib * 1024 * 1024)
+    os.chown(path, uid, gid)
+    path.chmod(0o600)
+
+
+async def start_clone(
+    connection: LibvirtConnection,
+    image: Image,
+    golden: GoldenState,
+    spec: MachineSpec,
+    *,
+    vms_dir: Path,
+    name: str | None = None,
+    timeout: float = 30.0,
+) -> RunningVM:
+    """A new VM running from the golden state, with its own clock, entropy and identity."""
+    started = time.monotonic()
+    name = name or new_vm_name()
+    async with creating(vms_dir, name) as held:
+        vm = await define_vm(
+            connection, image, spec, held, backing_disk=golden.disk,
+            memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
+        )  # fmt: skip
+        await asyncio.to_thread(vm.start)
+        await asyncio.to_thread(load_device_state, vm, golden.state, timeout)
+        agent = await connect_agent(held, timeout)
+        await agent.configure(
+            Configure(
+                time_ns=time.time_ns(),
+                entropy=os.urandom(64).hex(),
+                hostname=name,
+                machine_id=os.urandom(16).hex(),
+            )
+        )
+        running = RunningVM(vm, held.workdir, image, agent, time.monotonic() - started)
+        log.info("vm_cloned", vm=name, golden=golden.digest, seconds=round(running.boot_seconds, 3))
+        return running
