@@ -34,13 +34,17 @@ from agent_vm.communication.channel import AgentChannel
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import load_device_state, save_device_state
 from agent_vm.core.template import MemoryFile
+from agent_vm.core.vm import VM
 from agent_vm.errors import VMError
 from agent_vm.execution.machine import (
+    Held,
     MachineSpec,
     RunningVM,
+    cleanup_or_defer,
     connect_agent,
     creating,
     define_vm,
+    finish_in_thread,
     new_vm_name,
 )
 from agent_vm.image.store import Image
@@ -236,6 +240,66 @@ def _prepare_ram_file(path: Path, memory_mib: int, uid: int, gid: int) -> None:
     path.chmod(0o600)
 
 
+@dataclass
+class CloneShell:
+    """A started QEMU waiting for a golden state (-incoming defer): libvirt's ~0.4 s start
+    is paid ahead, so that activating it takes only the load, handshake and CONFIGURE."""
+
+    vm: VM
+    workdir: Path
+    golden: GoldenState
+    qemu_pid: int | None
+
+    def alive(self) -> bool:
+        return self.qemu_pid is not None and Path(f"/proc/{self.qemu_pid}").exists()
+
+    async def discard(self) -> None:
+        await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
+
+
+async def prepare_shell(
+    connection: LibvirtConnection,
+    image: Image,
+    golden: GoldenState,
+    spec: MachineSpec,
+    *,
+    vms_dir: Path,
+    name: str | None = None,
+) -> CloneShell:
+    """Define and start a clone that waits for its state (~0.4 s here, mostly libvirt)."""
+    async with creating(vms_dir, name or new_vm_name()) as held:
+        vm = await define_vm(
+            connection, image, spec, held, backing_disk=golden.disk,
+            memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
+        )  # fmt: skip
+        await finish_in_thread(vm.start)
+        return CloneShell(vm, held.workdir, golden, await asyncio.to_thread(vm.qemu_pid))
+
+
+async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30.0) -> RunningVM:
+    """Load the golden state into the shell and give the VM its own clock, entropy and
+    identity. On failure the shell is destroyed."""
+    started = time.monotonic()
+    held = Held(shell.workdir, shell.vm)
+    try:
+        await asyncio.to_thread(load_device_state, shell.vm, shell.golden.state, timeout)
+        agent = await connect_agent(held, timeout)
+        await agent.configure(
+            Configure(
+                time_ns=time.time_ns(),
+                entropy=os.urandom(64).hex(),
+                hostname=shell.vm.name,
+                machine_id=os.urandom(16).hex(),
+            )
+        )
+    except BaseException:
+        if held.agent is not None:
+            await held.agent.close()
+        await asyncio.shield(shell.discard())
+        raise
+    return RunningVM(shell.vm, shell.workdir, image, agent, time.monotonic() - started)
+
+
 async def start_clone(
     connection: LibvirtConnection,
     image: Image,
@@ -248,23 +312,10 @@ async def start_clone(
 ) -> RunningVM:
     """A new VM running from the golden state, with its own clock, entropy and identity."""
     started = time.monotonic()
-    name = name or new_vm_name()
-    async with creating(vms_dir, name) as held:
-        vm = await define_vm(
-            connection, image, spec, held, backing_disk=golden.disk,
-            memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
-        )  # fmt: skip
-        await asyncio.to_thread(vm.start)
-        await asyncio.to_thread(load_device_state, vm, golden.state, timeout)
-        agent = await connect_agent(held, timeout)
-        await agent.configure(
-            Configure(
-                time_ns=time.time_ns(),
-                entropy=os.urandom(64).hex(),
-                hostname=name,
-                machine_id=os.urandom(16).hex(),
-            )
-        )
-        running = RunningVM(vm, held.workdir, image, agent, time.monotonic() - started)
-        log.info("vm_cloned", vm=name, golden=golden.digest, seconds=round(running.boot_seconds, 3))
-        return running
+    shell = await prepare_shell(connection, image, golden, spec, vms_dir=vms_dir, name=name)
+    running = await activate_shell(shell, image, timeout=timeout)
+    running.boot_seconds = time.monotonic() - started
+    log.info(
+        "vm_cloned", vm=running.name, golden=golden.digest, seconds=round(running.boot_seconds, 3)
+    )
+    return running

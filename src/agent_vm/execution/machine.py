@@ -7,14 +7,16 @@ console log and snapshot tags; closing the VM removes the domain and the directo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -42,6 +44,7 @@ from agent_vm.logs import get_logger
 log = get_logger(__name__)
 
 OWNER = "agent-vm"
+T = TypeVar("T")
 
 
 def process_start_time(pid: int) -> str:
@@ -122,12 +125,15 @@ class RunningVM:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        """Destroy the domain and remove everything it left on disk. Idempotent."""
+        """Destroy the domain and remove everything it left on disk. Idempotent.
+
+        If libvirtd is unreachable the clean-up is retried later (retry_pending_cleanups).
+        """
         if self._closed:
             return
         self._closed = True
         await self._channel.close()
-        await asyncio.to_thread(destroy_and_remove, self.vm, self.workdir)
+        await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
 
 
 def transport_for(vm: VM) -> Transport:
@@ -203,7 +209,7 @@ def build_template(
 
 
 @dataclass
-class _Held:
+class Held:
     """What a VM being created holds so far, for clean-up if creation fails."""
 
     workdir: Path
@@ -212,17 +218,35 @@ class _Held:
 
 
 @asynccontextmanager
-async def creating(vms_dir: Path, name: str) -> AsyncIterator[_Held]:
+async def creating(vms_dir: Path, name: str) -> AsyncIterator[Held]:
     """A fresh work directory; on any failure inside, everything made so far is removed."""
     workdir = vms_dir / name
-    await asyncio.to_thread(_make_workdir, vms_dir, workdir)
-    held = _Held(workdir)
+    held = Held(workdir)
+    made = False
     try:
+        await finish_in_thread(_make_workdir, vms_dir, workdir)
+        made = True
         yield held
     except BaseException:
         if held.agent is not None:
             await held.agent.close()
-        await asyncio.shield(asyncio.to_thread(_cleanup_failed, held.vm, workdir))
+        if made or held.vm is not None:
+            await asyncio.shield(asyncio.to_thread(cleanup_or_defer, held.vm, workdir))
+        elif workdir.is_dir() and not any(workdir.iterdir()):
+            workdir.rmdir()  # made by the thread after all, and still empty
+        raise
+
+
+async def finish_in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn`` in a thread. If the caller is cancelled meanwhile, first wait for the
+    thread to finish (it may still create a file or a domain), then re-raise: otherwise
+    clean-up would run before, and miss, what the thread made."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
         raise
 
 
@@ -230,7 +254,7 @@ async def define_vm(
     connection: LibvirtConnection,
     image: Image,
     spec: MachineSpec,
-    held: _Held,
+    held: Held,
     *,
     backing_disk: Path,
     memory_file: MemoryFile | None = None,
@@ -245,12 +269,20 @@ async def define_vm(
         memory_file=memory_file,
         incoming=incoming,
     )
-    await asyncio.to_thread(create_overlay, backing_disk, template.disk_path)
-    held.vm = await asyncio.to_thread(VM.define, connection, template.generate_xml())
+    await finish_in_thread(create_overlay, backing_disk, template.disk_path)
+    future = asyncio.ensure_future(
+        asyncio.to_thread(VM.define, connection, template.generate_xml())
+    )
+    try:
+        held.vm = await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            held.vm = await future  # defined after all: clean-up must destroy it
+        raise
     return held.vm
 
 
-async def connect_agent(held: _Held, timeout: float) -> AgentChannel:
+async def connect_agent(held: Held, timeout: float) -> AgentChannel:
     """Handshake with the guest agent; a failure carries the console's last lines."""
     assert held.vm is not None
     held.agent = AgentChannel(await asyncio.to_thread(transport_for, held.vm), name=held.vm.name)
@@ -283,7 +315,7 @@ async def launch_vm(
             connection, image, spec or MachineSpec(), held, backing_disk=image.disk,
             memory_file=memory_file,
         )  # fmt: skip
-        await asyncio.to_thread(vm.start)
+        await finish_in_thread(vm.start)
         agent = await connect_agent(held, boot_timeout)
         running = RunningVM(vm, held.workdir, image, agent, time.monotonic() - started)
         log.info("vm_ready", vm=vm.name, seconds=round(running.boot_seconds, 3))
@@ -296,14 +328,39 @@ def _make_workdir(vms_dir: Path, workdir: Path) -> None:
     workdir.mkdir(mode=0o755)
 
 
-def _cleanup_failed(vm: VM | None, workdir: Path) -> None:
+# Clean-ups that failed (typically: libvirtd was down) and are retried later by
+# retry_pending_cleanups(); what a crashed process leaves is found by the reaper instead.
+_pending_cleanups: list[tuple[VM, Path]] = []
+_pending_lock = threading.Lock()
+
+
+def cleanup_or_defer(vm: VM | None, workdir: Path) -> None:
+    """Destroy and remove now, or remember it for retry_pending_cleanups()."""
     try:
         if vm is not None:
             destroy_and_remove(vm, workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     except AgentVMError as exc:
-        log.error("cleanup_failed", workdir=str(workdir), error=str(exc))
+        log.error("cleanup_failed", workdir=str(workdir), error=str(exc), retry="later")
+        if vm is not None:
+            with _pending_lock:
+                _pending_cleanups.append((vm, workdir))
+
+
+def retry_pending_cleanups() -> int:
+    """Try the clean-ups that failed earlier again; returns how many are still pending."""
+    with _pending_lock:
+        pending = list(_pending_cleanups)
+        _pending_cleanups.clear()
+    for vm, workdir in pending:
+        try:
+            destroy_and_remove(vm, workdir)
+        except AgentVMError:
+            with _pending_lock:
+                _pending_cleanups.append((vm, workdir))
+    with _pending_lock:
+        return len(_pending_cleanups)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

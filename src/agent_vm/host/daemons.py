@@ -110,6 +110,17 @@ def _wait_socket(daemon: Daemon, timeout: float) -> None:
     )
 
 
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
+
+
+def _wait_gone(name: str, timeout: float) -> None:
+    """A daemon that is still shutting down holds its pid file; a new one would fail."""
+    deadline = time.monotonic() + timeout
+    while _running(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def ensure_daemons(timeout: float = 30.0) -> list[str]:
     """Make virtlogd and libvirtd reachable; returns what had to be done (empty if nothing)."""
     actions: list[str] = []
@@ -123,6 +134,7 @@ def ensure_daemons(timeout: float = 30.0) -> list[str]:
         if has_service_manager():
             subprocess.run(["systemctl", "start", daemon.name], check=False)
         else:
+            _wait_gone(daemon.name, timeout)
             _spawn_detached(daemon)
         _wait_socket(daemon, timeout)
         actions.append(f"started {daemon.name}")
@@ -136,6 +148,4 @@ def stop_libvirtd(timeout: float = 15.0) -> None:
         subprocess.run(["systemctl", "stop", "libvirtd"], check=False)
     else:
         subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and socket_accepts(LIBVIRTD.socket):
-        time.sleep(0.1)
+    _wait_gone("libvirtd", timeout)
