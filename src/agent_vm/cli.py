@@ -38,6 +38,11 @@ app = typer.Typer(
 )
 image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+golden_app = typer.Typer(
+    help="Golden states (booted once; VMs start from them). Their RAM lives in /dev/shm.",
+    no_args_is_help=True,
+)
+app.add_typer(golden_app, name="golden")
 err = Console(stderr=True)
 
 
@@ -150,18 +155,60 @@ def image_rm(
         raise _fail(exc) from exc
 
 
+@golden_app.command("list")
+def golden_list() -> None:
+    """List golden states with their size in shared memory."""
+    settings = load_settings()
+    table = Table("digest", "image", "vcpu", "MiB", "created", "RAM in /dev/shm", "status")
+    for golden in GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir).all():
+        meta = golden.meta()
+        ram = golden.ram.stat().st_blocks * 512 / 2**20 if golden.ram.exists() else 0
+        if meta is None:
+            table.add_row(golden.digest, "?", "", "", "", f"{ram:.0f} MiB", "incomplete")
+            continue
+        profile = meta.key.spec.profile
+        table.add_row(
+            golden.digest,
+            meta.key.image_key,
+            str(profile.vcpu),
+            str(profile.memory_mib),
+            meta.created_at.isoformat(timespec="seconds"),
+            f"{ram:.0f} MiB",
+            "ready" if golden.exists() else "incomplete",
+        )
+    Console().print(table)
+
+
+@golden_app.command("rm")
+def golden_rm(
+    digest: Annotated[str | None, typer.Argument(help="digest (all if omitted)")] = None,
+) -> None:
+    """Remove golden states (they are captured again when next needed)."""
+    settings = load_settings()
+    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+    matched = [g for g in store.all() if digest is None or g.digest.startswith(digest)]
+    if digest is not None and not matched:
+        raise _fail(ConfigError(f"no golden state {digest!r}"))
+    for golden in matched:
+        store.remove(golden)
+        typer.echo(f"removed {golden.digest}")
+
+
 @app.command()
 def gc(
     all_owners: Annotated[
         bool, typer.Option("--all", help="also VMs of agent-vm processes still running")
     ] = False,
 ) -> None:
-    """Remove VMs and overlays left behind by agent-vm processes that died."""
+    """Remove VMs left by agent-vm processes that died, and golden states of removed images."""
     settings = load_settings()
     try:
         ensure_daemons()
         with LibvirtConnection(settings.libvirt_uri) as conn:
             removed = reap(conn, settings.vms_dir, include_live_owners=all_owners)
+        live = {image.key for image, _ in ImageStore(settings.images_dir).all()}
+        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+        removed += [f"golden state {d}" for d in store.prune(live)]
     except AgentVMError as exc:
         raise _fail(exc) from exc
     typer.echo("\n".join(removed) if removed else "nothing to remove")

@@ -150,11 +150,14 @@ class AgentChannel:
                 asyncio.create_task(self._ready_event.wait()),
                 asyncio.create_task(self._kick.wait()),
             ]
-            _done, pending = await asyncio.wait(
-                waiters, timeout=min(HELLO_INTERVAL, remaining), return_when="FIRST_COMPLETED"
-            )
-            for task in pending:
-                task.cancel()
+            try:
+                await asyncio.wait(
+                    waiters, timeout=min(HELLO_INTERVAL, remaining), return_when="FIRST_COMPLETED"
+                )
+            finally:
+                for task in waiters:
+                    task.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
         self._raise_if_failed()
         assert self.ready is not None
         return self.ready

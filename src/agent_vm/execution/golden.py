@@ -47,7 +47,7 @@ from agent_vm.execution.machine import (
     finish_in_thread,
     new_vm_name,
 )
-from agent_vm.image.store import Image
+from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
 from agent_vm.protocol.messages import Configure, Execute
 
@@ -139,6 +139,16 @@ class GoldenStore:
         shutil.rmtree(golden.directory, ignore_errors=True)
         golden.ram.unlink(missing_ok=True)
 
+    def prune(self, live_image_keys: set[str]) -> list[str]:
+        """Remove golden states of images that no longer exist (their RAM is in /dev/shm)."""
+        removed = []
+        for golden in self.all():
+            meta = golden.meta()
+            if meta is not None and meta.key.image_key not in live_image_keys:
+                self.remove(golden)
+                removed.append(golden.digest)
+        return removed
+
     async def ensure(
         self,
         connection: LibvirtConnection,
@@ -158,6 +168,8 @@ class GoldenStore:
             if golden.exists() and golden.meta() is not None:
                 return golden  # captured by another process while we waited
             await self._capture(connection, image, key, golden, boot_timeout)
+            live = {img.key for img, _ in ImageStore(self.root.parent / "images").all()}
+            self.prune(live | {image.key})
             return golden
         finally:
             os.close(lock)

@@ -93,11 +93,10 @@ class ImageBuilder:
         progress("resolving inputs")
         inputs = self.resolve_inputs()
         key = inputs.key()
-        if not force and (image := self.store.get(name, key)) is not None:
-            return image
         with _locked(self.settings.images_dir / ".build.lock"):
             if not force and (image := self.store.get(name, key)) is not None:
-                return image  # built by another process while we waited
+                self.store.make_current(image)  # built earlier, or by another process
+                return image
             return self._build(name, inputs, progress)
 
     def _build(self, name: str, inputs: BuildInputs, progress: Progress) -> Image:

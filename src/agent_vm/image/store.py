@@ -93,6 +93,14 @@ class ImageStore:
                     out.append((image, path == current))
         return out
 
+    def make_current(self, image: Image) -> None:
+        """Point ``<name>/current`` at ``image`` (atomically)."""
+        base = self.root / image.name
+        tmp_link = base / ".current.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(image.path.name)
+        tmp_link.replace(base / "current")
+
     def publish(self, name: str, staged: Path, key: str, keep: int = 2) -> Image:
         """Move a fully built image into place, point ``current`` at it, prune old ones."""
         base = self.root / name
@@ -100,11 +108,9 @@ class ImageStore:
         if final.exists():
             shutil.rmtree(final)
         staged.rename(final)
-        link = base / "current"
-        tmp_link = base / ".current.tmp"
-        tmp_link.unlink(missing_ok=True)
-        tmp_link.symlink_to(key)
-        tmp_link.replace(link)
+        image = self._load(name, final)
+        assert image is not None
+        self.make_current(image)
         versions = sorted(
             (
                 p
@@ -115,8 +121,6 @@ class ImageStore:
         )
         for old in versions[: max(0, len(versions) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
-        image = self._load(name, final)
-        assert image is not None
         return image
 
     def remove(self, name: str, key: str | None = None) -> list[Path]:
