@@ -73,7 +73,7 @@ async def starts(
 ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"start from golden": [], "cold boot": []}
     with LibvirtConnection(settings.libvirt_uri) as conn:
-        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
         golden = await store.ensure(conn, image, spec)
         for _ in range(runs):
             started = time.perf_counter()

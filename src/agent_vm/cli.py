@@ -160,7 +160,7 @@ def golden_list() -> None:
     """List golden states with their size in shared memory."""
     settings = load_settings()
     table = Table("digest", "image", "vcpu", "MiB", "created", "RAM in /dev/shm", "status")
-    for golden in GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir).all():
+    for golden in GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir).all():
         meta = golden.meta()
         ram = golden.ram.stat().st_blocks * 512 / 2**20 if golden.ram.exists() else 0
         if meta is None:
@@ -185,7 +185,7 @@ def golden_rm(
 ) -> None:
     """Remove golden states (they are captured again when next needed)."""
     settings = load_settings()
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
     matched = [g for g in store.all() if digest is None or g.digest.startswith(digest)]
     if digest is not None and not matched:
         raise _fail(ConfigError(f"no golden state {digest!r}"))
@@ -207,7 +207,7 @@ def gc(
         with LibvirtConnection(settings.libvirt_uri) as conn:
             removed = reap(conn, settings.vms_dir, include_live_owners=all_owners)
         live = {image.key for image, _ in ImageStore(settings.images_dir).all()}
-        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
         removed += [f"golden state {d}" for d in store.prune(live)]
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -282,7 +282,7 @@ async def _start(
         return await launch_vm(
             conn, image, vms_dir=settings.vms_dir, spec=spec, boot_timeout=settings.boot_timeout
         )
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
     golden = store.locate_for(image, spec)
     if not golden.exists():
         with err.status("creating the golden state (first start of this image and hardware)"):

@@ -5,6 +5,7 @@ The file is ``/etc/agent-vm/config.toml`` unless ``AGENT_VM_CONFIG`` names anoth
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -39,8 +40,9 @@ class Settings(BaseSettings):
     )
     suite: str | None = Field(default=None, description="Distribution suite; default: host's.")
     boot_timeout: float = Field(default=60.0, description="Seconds to wait for agent READY.")
-    shm_dir: Path = Field(
-        default=Path("/dev/shm/agent-vm"), description="Golden-state RAM files (tmpfs)."
+    shm_dir: Path | None = Field(
+        default=None,
+        description="Golden-state RAM files (tmpfs); default: one directory per state_dir.",
     )
 
     @classmethod
@@ -66,6 +68,15 @@ class Settings(BaseSettings):
     @property
     def vms_dir(self) -> Path:
         return self.state_dir / "vms"
+
+    @property
+    def ram_dir(self) -> Path:
+        """Where golden RAM lives. Per state directory, so that two installations on one
+        host never share (and overwrite) each other's golden RAM files."""
+        if self.shm_dir is not None:
+            return self.shm_dir
+        tag = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+        return Path("/dev/shm/agent-vm") / tag
 
 
 def load_settings() -> Settings:

@@ -23,7 +23,7 @@ async def test_clones_are_distinct_and_correct(
     executor: AgentExecutor,
 ) -> None:
     spec = MachineSpec(accel=accel)
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
     golden = await store.ensure(connection, image, spec, boot_timeout=settings.boot_timeout)
     first_meta = golden.meta()
     assert first_meta is not None and first_meta.state_bytes < 2 * 2**20
@@ -69,7 +69,7 @@ async def test_clone_runs_software_normally(
     executor: AgentExecutor,
 ) -> None:
     spec = MachineSpec(accel=accel)
-    golden = await GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir).ensure(
+    golden = await GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir).ensure(
         connection, image, spec
     )
     vm = await start_clone(connection, image, golden, spec, vms_dir=settings.vms_dir)

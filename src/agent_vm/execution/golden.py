@@ -54,7 +54,6 @@ from agent_vm.protocol.messages import Configure, Execute
 log = get_logger(__name__)
 
 GOLDEN_VERSION = "1"
-DEFAULT_SHM_DIR = Path("/dev/shm/agent-vm")
 SETTLE_TIMEOUT = 30.0
 # Run once in the template so that every clone starts with a warm page cache and agent.
 WARM_UP = (["true"], ["python3", "-c", "pass"])
@@ -112,9 +111,9 @@ class GoldenState:
 
 
 class GoldenStore:
-    """Golden states on this host: ``<state>/golden/<digest>/`` plus ``/dev/shm/agent-vm``."""
+    """Golden states: ``<state>/golden/<digest>/`` plus the RAM file in ``shm_dir``."""
 
-    def __init__(self, state_dir: Path, vms_dir: Path, shm_dir: Path = DEFAULT_SHM_DIR) -> None:
+    def __init__(self, state_dir: Path, vms_dir: Path, shm_dir: Path) -> None:
         self.root = state_dir / "golden"
         self.vms_dir = vms_dir
         self.shm_dir = shm_dir

@@ -156,7 +156,7 @@ class VMPool:
         if reaped:
             log.info("pool_reaped_leftovers", names=reaped)
         self._image = await asyncio.to_thread(self._resolve_image)
-        store = GoldenStore(self.settings.state_dir, self.settings.vms_dir, self.settings.shm_dir)
+        store = GoldenStore(self.settings.state_dir, self.settings.vms_dir, self.settings.ram_dir)
         self._golden = await store.ensure(
             self._connection, self._image, self.spec, boot_timeout=self.settings.boot_timeout
         )

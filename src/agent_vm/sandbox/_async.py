@@ -138,7 +138,7 @@ class AsyncSandbox:
         connection = LibvirtConnection(settings.libvirt_uri)
         try:
             connection.open()
-            store = GoldenStore(settings.state_dir, settings.vms_dir, settings.shm_dir)
+            store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
             golden = await store.ensure(connection, image, spec, boot_timeout=settings.boot_timeout)
             self._vm = await start_clone(
                 connection, image, golden, spec, vms_dir=settings.vms_dir, timeout=self._timeout
