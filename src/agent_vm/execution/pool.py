@@ -45,6 +45,7 @@ log = get_logger(__name__)
 
 STOP_EVENTS = (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED)
 MAX_PARALLEL_STARTS = 2
+SHUTDOWN_GRACE = 60.0
 FAILURE_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -186,9 +187,14 @@ class VMPool:
                 await self._monitor
         async with self._cond:
             self._cond.notify_all()
-        for task in list(self._starts):
-            task.cancel()  # a start being cancelled removes what it made
-        await asyncio.gather(*self._starts, return_exceptions=True)
+        # Starts are not cancelled: a start that has just finished would lose its result
+        # (and leak its VM) when cancelled before resuming. They see the pool closed and
+        # discard what they made; only one stuck past the grace period is cancelled.
+        if self._starts:
+            _done, stuck = await asyncio.wait(set(self._starts), timeout=SHUTDOWN_GRACE)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         await asyncio.gather(*self._chores, return_exceptions=True)
         entries = [*self._idle, *self._in_use.values(), *self._dead_in_use.values()]
         shells = list(self._shells)
@@ -348,6 +354,9 @@ class VMPool:
         try:
             if self._failures:
                 await asyncio.sleep(FAILURE_BACKOFF[min(self._failures, len(FAILURE_BACKOFF)) - 1])
+            if self._closed:
+                self._starting -= 1
+                return
             assert self._image is not None
             started = time.monotonic()
             shell = self._take_shell() or await self._new_shell()
