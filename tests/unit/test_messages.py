@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_vm.errors import ProtocolError
-from agent_vm.protocol.messages import Execute, Hello, Ready, Result, Signal, Status
+from agent_vm.protocol.messages import Configure, Execute, Hello, Ready, Result, Signal, Status
 
 
 def test_execute_round_trip() -> None:
@@ -77,3 +77,39 @@ def test_signal_range() -> None:
     assert Signal.from_payload(Signal(9).to_payload()).signal == 9
     with pytest.raises(ProtocolError):
         Signal.from_payload(b'{"signal": 100}')
+
+
+STATIC_NET = {
+    "mode": "static",
+    "mac": "52:54:00:12:34:56",
+    "address": "10.213.0.10/24",
+    "gateway": "10.213.0.1",
+    "dns": "10.213.0.1",
+    "ipv6": False,
+}
+
+
+def test_configure_net_round_trip() -> None:
+    msg = Configure(time_ns=1, net=STATIC_NET)
+    assert Configure.from_payload(msg.to_payload()).net == STATIC_NET
+    dhcp = {"mode": "dhcp", "mac": "52:54:00:12:34:56"}
+    assert Configure.from_payload(Configure(time_ns=1, net=dhcp).to_payload()).net == dhcp
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"mode": "ppp"},
+        {"mac": "52:54:00:12:34:56; reboot"},
+        {"mac": "52:54:00:12:34"},
+        {"address": "10.213.0.10"},  # no prefix length
+        {"address": "10.213.0.10/33"},
+        {"gateway": "10.213.0.1 && id"},
+        {"dns": "300.1.1.1"},
+        {"ipv6": "yes"},
+        {"extra": 1},
+    ],
+)
+def test_configure_net_values_are_checked(change: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        Configure(time_ns=1, net={**STATIC_NET, **change})

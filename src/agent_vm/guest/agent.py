@@ -577,6 +577,10 @@ def configure(config: Configure) -> None:
         hostname = config.hostname or read_file("/proc/sys/kernel/hostname").strip()
         machine_id = config.machine_id or read_file("/etc/machine-id").strip()
         set_identity(hostname, machine_id)
+    if config.net is not None:
+        from agent_vm.guest import netconf
+
+        netconf.apply(config.net)
 
 
 def _uptime() -> float:

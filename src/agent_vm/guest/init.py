@@ -127,10 +127,20 @@ def load_modules(directory: str = MODULES_DIR) -> None:
             os.close(fd)
 
 
-def late_setup(load: bool = True) -> None:
+def late_setup(load: bool = True, net: str | None = None) -> None:
     if load:
         load_modules()
     watch_power_button()
+    if net:
+        from agent_vm.guest import netconf
+
+        settings = netconf.from_cmdline(net)
+        try:
+            if settings is None:
+                raise ValueError(f"bad agentvm.net={net}")
+            netconf.apply(settings)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log(f"network: {exc}")
     write_file(SETTLED_MARKER, f"{uptime():.3f}\n")  # golden states are captured after this
 
 
@@ -203,7 +213,8 @@ def main() -> None:
         load_modules()  # the agent cannot listen before vsock is loaded
     agent_pid = spawn_agent()
     log(f"agent started (pid {agent_pid})")
-    threading.Thread(target=late_setup, args=(not vsock,), daemon=True).start()
+    net = params.get("net")
+    threading.Thread(target=late_setup, args=(not vsock, net), daemon=True).start()
     failures = 0
     while True:
         try:

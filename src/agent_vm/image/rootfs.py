@@ -39,6 +39,7 @@ GUEST_SOURCES = [
     "protocol/messages.py",
     "guest/__init__.py",
     "guest/files.py",
+    "guest/netconf.py",
     "guest/agent.py",
     "guest/init.py",
 ]
@@ -153,6 +154,13 @@ def install_guest_code(tree: Path, late_modules: list[tuple[str, bytes]]) -> Non
     (lib / "agent_vm/__init__.py").write_text(
         f'"""agent-vm guest copy."""\n\n__version__ = "{agent_vm.__version__}"\n'
     )
+    bin_dir = lib / "bin"
+    bin_dir.mkdir()
+    shutil.copy2("/bin/busybox", bin_dir / "busybox")  # udhcpc for BRIDGE mode (static)
+    from agent_vm.guest.netconf import udhcpc_script
+
+    (bin_dir / "udhcpc.sh").write_text(udhcpc_script())
+    (bin_dir / "udhcpc.sh").chmod(0o755)
     modules = lib / "modules"
     modules.mkdir()
     for name, data in late_modules:
