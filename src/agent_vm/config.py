@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     )
     suite: str | None = Field(default=None, description="Distribution suite; default: host's.")
     boot_timeout: float = Field(default=60.0, description="Seconds to wait for agent READY.")
+    network_name: str = Field(default="agentvm-nat", description="libvirt NAT network name.")
+    network_bridge: str = Field(default="agvbr0", description="Its bridge device.")
+    network_subnet: str = Field(default="10.213.0.0/24", description="Its IPv4 subnet.")
+    dns_upstream: list[str] | None = Field(
+        default=None,
+        description="Resolvers the sandbox resolver forwards to (host[:port]); "
+        "default: the host's /etc/resolv.conf.",
+    )
     shm_dir: Path | None = Field(
         default=None,
         description="Golden-state RAM files (tmpfs); default: one directory per state_dir.",
@@ -56,6 +64,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = Path(os.environ.get("AGENT_VM_CONFIG", DEFAULT_CONFIG_FILE))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+
+    def dns_upstreams(self) -> list[tuple[str, int]]:
+        out = []
+        for entry in self.dns_upstream or []:
+            host, _, port = entry.partition(":")
+            out.append((host, int(port or 53)))
+        return out
 
     @property
     def images_dir(self) -> Path:

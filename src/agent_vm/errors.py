@@ -11,6 +11,7 @@ AgentVMError
 ├── VMError                   a libvirt domain operation failed (keeps the libvirt cause)
 │   └── VMDiedError           the VM's QEMU process went away while we used it
 ├── SnapshotError             snapshot create/list/restore/delete failed
+├── NetworkError              the sandbox network or its egress policy cannot be set up
 ├── ProtocolError             a frame on the control channel is malformed
 │   └── FrameTooLargeError    a frame announces more bytes than the protocol allows
 ├── ChannelError              the host side of the control channel failed
@@ -64,6 +65,10 @@ class VMDiedError(VMError):
 
 class SnapshotError(AgentVMError):
     """A snapshot operation failed."""
+
+
+class NetworkError(AgentVMError):
+    """The sandbox network or an egress policy cannot be set up or applied."""
 
 
 class ProtocolError(AgentVMError):
