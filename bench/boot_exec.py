@@ -16,6 +16,7 @@ from typing import Any
 
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import NetworkMode
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.machine import MachineSpec, launch_vm
 from agent_vm.host.accel import detect_accel
@@ -38,7 +39,10 @@ async def measure_agent_vm(
         for i in range(boots):
             started = time.perf_counter()
             vm = await launch_vm(
-                conn, image, vms_dir=settings.vms_dir, spec=MachineSpec(accel=accel)
+                conn,
+                image,
+                vms_dir=settings.vms_dir,
+                spec=MachineSpec(accel=accel, network_mode=NetworkMode.ISOLATED),
             )
             out["boot"].append(time.perf_counter() - started)
             try:

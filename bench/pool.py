@@ -16,6 +16,7 @@ from typing import Any
 
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import NetworkMode
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.golden import GoldenStore, start_clone
 from agent_vm.execution.machine import MachineSpec, launch_vm
@@ -187,7 +188,7 @@ def main() -> None:
     settings = load_settings()
     ensure_daemons()
     image = ImageBuilder(settings).ensure()
-    spec = MachineSpec(accel=detect_accel(settings.accel).accel)
+    spec = MachineSpec(accel=detect_accel(settings.accel).accel, network_mode=NetworkMode.ISOLATED)
     results: dict[str, Any] = {
         "host": {**host_info(), "accel": detect_accel(settings.accel).reason},
         "image": image.key,

@@ -16,16 +16,18 @@ from rich.table import Table
 from agent_vm import __version__, logs
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import ResourceProfile
+from agent_vm.core.template import NetworkMode, ResourceProfile
 from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
+from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm, parse_network
 from agent_vm.execution.reaper import reap
 from agent_vm.host.accel import detect_accel
 from agent_vm.host.daemons import ensure_daemons
 from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image, ImageStore
+from agent_vm.network.guard import NetworkGuard, sandbox_directory
+from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
 
 EXIT_TIMEOUT = 124
 EXIT_AGENT_VM_ERROR = 125
@@ -205,7 +207,12 @@ def gc(
     try:
         ensure_daemons()
         with LibvirtConnection(settings.libvirt_uri) as conn:
-            removed = reap(conn, settings.vms_dir, include_live_owners=all_owners)
+            removed = reap(
+                conn,
+                settings.vms_dir,
+                include_live_owners=all_owners,
+                network_records=sandbox_directory(settings),
+            )
         live = {image.key for image, _ in ImageStore(settings.images_dir).all()}
         store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
         removed += [f"golden state {d}" for d in store.prune(live)]
@@ -244,6 +251,17 @@ def run(
     cold: Annotated[
         bool, typer.Option("--cold", help="boot the kernel instead of starting from golden state")
     ] = False,
+    network: Annotated[
+        str, typer.Option(help="nat (filtered internet), isolated (no NIC) or bridge:NAME")
+    ] = "nat",
+    allow_domain: Annotated[
+        list[str] | None,
+        typer.Option("--allow-domain", help="only these names (pypi.org, *.github.com)"),
+    ] = None,
+    port: Annotated[
+        list[int] | None, typer.Option("--port", help="allowed TCP ports (default 80 443 22 9418)")
+    ] = None,
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="allow IPv6")] = False,
 ) -> None:
     """Start a fresh VM, run a command in it with live output, remove the VM.
 
@@ -262,9 +280,33 @@ def run(
         stdin = sys.stdin.buffer.read() if interactive else None
         ensure_daemons()
         built = _image(settings, image, resolve=False)
-        spec = MachineSpec(profile=resources, accel=detect_accel(settings.accel).accel)
+        mode, bridge = parse_network(network)
+        spec = MachineSpec(
+            profile=resources,
+            accel=detect_accel(settings.accel).accel,
+            network_mode=mode,
+            bridge=bridge,
+        )
+        policy = EgressPolicy(
+            tcp_ports=tuple(port) if port else DEFAULT_TCP_PORTS,
+            allow_domains=tuple(allow_domain) if allow_domain else None,
+            allow_ipv6=ipv6,
+        )
         exit_code = asyncio.run(
-            _run(settings, built, spec, cold, command, source, timeout, variables, cwd, user, stdin)
+            _run(
+                settings,
+                built,
+                spec,
+                policy,
+                cold,
+                command,
+                source,
+                timeout,
+                variables,
+                cwd,
+                user,
+                stdin,
+            )
         )
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -276,24 +318,36 @@ def run(
 
 
 async def _start(
-    settings: Settings, conn: LibvirtConnection, image: Image, spec: MachineSpec, cold: bool
+    settings: Settings,
+    conn: LibvirtConnection,
+    image: Image,
+    spec: MachineSpec,
+    guard: NetworkGuard | None,
+    policy: EgressPolicy,
+    cold: bool,
 ) -> RunningVM:
     if cold:
         return await launch_vm(
-            conn, image, vms_dir=settings.vms_dir, spec=spec, boot_timeout=settings.boot_timeout
-        )
+            conn, image, vms_dir=settings.vms_dir, spec=spec, guard=guard, policy=policy,
+            boot_timeout=settings.boot_timeout,
+        )  # fmt: skip
     store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
     golden = store.locate_for(image, spec)
     if not golden.exists():
         with err.status("creating the golden state (first start of this image and hardware)"):
-            golden = await store.ensure(conn, image, spec, boot_timeout=settings.boot_timeout)
-    return await start_clone(conn, image, golden, spec, vms_dir=settings.vms_dir)
+            golden = await store.ensure(
+                conn, image, spec, guard=guard, boot_timeout=settings.boot_timeout
+            )
+    return await start_clone(
+        conn, image, golden, spec, vms_dir=settings.vms_dir, guard=guard, policy=policy
+    )
 
 
 async def _run(
     settings: Settings,
     image: Image,
     spec: MachineSpec,
+    policy: EgressPolicy,
     cold: bool,
     command: list[str] | None,
     code: str | None,
@@ -308,9 +362,12 @@ async def _run(
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     vm: RunningVM | None = None
     conn = LibvirtConnection(settings.libvirt_uri)
+    guard = NetworkGuard(conn, settings) if spec.network_mode is NetworkMode.NAT_FILTERED else None
     try:
         conn.open()
-        vm = await _start(settings, conn, image, spec, cold)
+        if guard is not None:
+            await guard.start()
+        vm = await _start(settings, conn, image, spec, guard, policy, cold)
         result = await AgentExecutor().execute(
             vm,
             command,
@@ -334,6 +391,8 @@ async def _run(
     finally:
         if vm is not None:
             await asyncio.shield(vm.close())
+        if guard is not None:
+            await guard.close()
         conn.close()
 
 

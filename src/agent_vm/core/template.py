@@ -100,6 +100,7 @@ class NetworkAttachment(BaseModel):
     filter: str | None = None  # nwfilter name
     filter_params: dict[str, str] = Field(default_factory=dict)
     mac: str | None = None
+    target_dev: str | None = None  # host-side tap name
 
 
 class MemoryFile(BaseModel):
@@ -242,6 +243,8 @@ class VMTemplate(BaseModel):
             ET.SubElement(iface, "source", bridge=net.bridge)
         if net.mac:
             ET.SubElement(iface, "mac", address=net.mac)
+        if net.target_dev:
+            ET.SubElement(iface, "target", dev=net.target_dev)
         ET.SubElement(iface, "model", type="virtio")
         if net.filter:
             ref = ET.SubElement(iface, "filterref", filter=net.filter)

@@ -35,10 +35,10 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import load_device_state, save_device_state
 from agent_vm.core.template import MemoryFile
 from agent_vm.core.vm import VM
-from agent_vm.errors import VMError
 from agent_vm.execution.machine import (
     Held,
     MachineSpec,
+    Nic,
     RunningVM,
     cleanup_or_defer,
     connect_agent,
@@ -46,9 +46,12 @@ from agent_vm.execution.machine import (
     define_vm,
     finish_in_thread,
     new_vm_name,
+    wait_settled,
 )
 from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
+from agent_vm.network.guard import NetworkGuard
+from agent_vm.network.policy import EgressPolicy
 from agent_vm.protocol.messages import Configure, Execute
 
 log = get_logger(__name__)
@@ -154,6 +157,7 @@ class GoldenStore:
         image: Image,
         spec: MachineSpec,
         *,
+        guard: NetworkGuard | None = None,
         boot_timeout: float = 60.0,
     ) -> GoldenState:
         """The golden state for (image, spec), captured now if it does not exist yet."""
@@ -166,7 +170,7 @@ class GoldenStore:
         try:
             if golden.exists() and golden.meta() is not None:
                 return golden  # captured by another process while we waited
-            await self._capture(connection, image, key, golden, boot_timeout)
+            await self._capture(connection, image, key, golden, guard, boot_timeout)
             live = {img.key for img, _ in ImageStore(self.root.parent / "images").all()}
             self.prune(live | {image.key})
             return golden
@@ -179,6 +183,7 @@ class GoldenStore:
         image: Image,
         key: GoldenKey,
         golden: GoldenState,
+        guard: NetworkGuard | None,
         boot_timeout: float,
     ) -> None:
         started = time.monotonic()
@@ -191,7 +196,7 @@ class GoldenStore:
         try:
             async with creating(self.vms_dir, name) as held:
                 vm = await define_vm(
-                    connection, image, key.spec, held, backing_disk=image.disk,
+                    connection, image, key.spec, held, backing_disk=image.disk, guard=guard,
                     memory_file=MemoryFile(path=golden.ram, shared=True),
                 )  # fmt: skip
                 await asyncio.to_thread(vm.start)
@@ -206,6 +211,9 @@ class GoldenStore:
                 await asyncio.to_thread(vm.destroy)
                 await asyncio.to_thread(vm.undefine)
                 held.vm = None
+                if guard is not None:
+                    await guard.detach(name)  # clones get addresses of their own
+                    held.nic = None
                 (held.workdir / "disk.qcow2").rename(golden.disk)
                 golden.disk.chmod(0o444)
                 shutil.rmtree(held.workdir, ignore_errors=True)
@@ -225,11 +233,7 @@ class GoldenStore:
 
 async def _settle(agent: AgentChannel) -> None:
     """Wait for init's late start-up work, then warm the agent and the page cache."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while not (await agent.ping()).settled:
-        if time.monotonic() > deadline:
-            raise VMError(f"{agent.name} did not settle within {SETTLE_TIMEOUT:.0f} s")
-        await asyncio.sleep(0.05)
+    await wait_settled(agent, SETTLE_TIMEOUT)
     for argv in WARM_UP:
         await agent.execute(Execute(argv=argv, timeout=60))
 
@@ -260,12 +264,16 @@ class CloneShell:
     workdir: Path
     golden: GoldenState
     qemu_pid: int | None
+    nic: Nic | None = None
+    guard: NetworkGuard | None = None
 
     def alive(self) -> bool:
         return self.qemu_pid is not None and Path(f"/proc/{self.qemu_pid}").exists()
 
     async def discard(self) -> None:
         await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
+        if self.guard is not None:
+            await self.guard.detach(self.vm.name)
 
 
 async def prepare_shell(
@@ -275,16 +283,19 @@ async def prepare_shell(
     spec: MachineSpec,
     *,
     vms_dir: Path,
+    guard: NetworkGuard | None = None,
+    policy: EgressPolicy | None = None,
     name: str | None = None,
 ) -> CloneShell:
     """Define and start a clone that waits for its state (~0.4 s here, mostly libvirt)."""
     async with creating(vms_dir, name or new_vm_name()) as held:
         vm = await define_vm(
-            connection, image, spec, held, backing_disk=golden.disk,
-            memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
+            connection, image, spec, held, backing_disk=golden.disk, guard=guard,
+            policy=policy, memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
         )  # fmt: skip
         await finish_in_thread(vm.start)
-        return CloneShell(vm, held.workdir, golden, await asyncio.to_thread(vm.qemu_pid))
+        pid = await asyncio.to_thread(vm.qemu_pid)
+        return CloneShell(vm, held.workdir, golden, pid, held.nic, guard)
 
 
 async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30.0) -> RunningVM:
@@ -301,6 +312,7 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
                 entropy=os.urandom(64).hex(),
                 hostname=shell.vm.name,
                 machine_id=os.urandom(16).hex(),
+                net=shell.nic.guest if shell.nic is not None else None,
             )
         )
     except BaseException:
@@ -308,7 +320,9 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
             await held.agent.close()
         await asyncio.shield(shell.discard())
         raise
-    return RunningVM(shell.vm, shell.workdir, image, agent, time.monotonic() - started)
+    return RunningVM(
+        shell.vm, shell.workdir, image, agent, time.monotonic() - started, shell.nic, shell.guard
+    )
 
 
 async def start_clone(
@@ -318,12 +332,17 @@ async def start_clone(
     spec: MachineSpec,
     *,
     vms_dir: Path,
+    guard: NetworkGuard | None = None,
+    policy: EgressPolicy | None = None,
     name: str | None = None,
     timeout: float = 30.0,
 ) -> RunningVM:
-    """A new VM running from the golden state, with its own clock, entropy and identity."""
+    """A new VM running from the golden state, with its own clock, entropy, identity and
+    (NAT_FILTERED) address and egress policy."""
     started = time.monotonic()
-    shell = await prepare_shell(connection, image, golden, spec, vms_dir=vms_dir, name=name)
+    shell = await prepare_shell(
+        connection, image, golden, spec, vms_dir=vms_dir, guard=guard, policy=policy, name=name
+    )
     running = await activate_shell(shell, image, timeout=timeout)
     running.boot_seconds = time.monotonic() - started
     log.info(

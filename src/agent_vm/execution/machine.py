@@ -35,11 +35,13 @@ from agent_vm.core.template import (
     vsock_cid,
 )
 from agent_vm.core.vm import VM, VMState
-from agent_vm.errors import AgentVMError, ChannelError, VMDiedError, VMError
+from agent_vm.errors import AgentVMError, ChannelError, ConfigError, VMDiedError, VMError
 from agent_vm.host.accel import Accel
 from agent_vm.image.disk import create_overlay
 from agent_vm.image.store import Image
 from agent_vm.logs import get_logger
+from agent_vm.network.guard import NetworkGuard, VMNetwork, random_mac
+from agent_vm.network.policy import EgressPolicy
 
 log = get_logger(__name__)
 
@@ -60,14 +62,36 @@ class RunningVM:
     """A VM that booted and whose guest agent answered the handshake."""
 
     def __init__(
-        self, vm: VM, workdir: Path, image: Image, channel: AgentChannel, boot_seconds: float
+        self,
+        vm: VM,
+        workdir: Path,
+        image: Image,
+        channel: AgentChannel,
+        boot_seconds: float,
+        nic: Nic | None = None,
+        guard: NetworkGuard | None = None,
     ) -> None:
         self.vm = vm
         self.workdir = workdir
         self.image = image
         self.boot_seconds = boot_seconds
+        self.nic = nic
+        self.guard = guard
         self._channel = channel
         self._closed = False
+
+    @property
+    def address(self) -> str | None:
+        """The VM's IPv4 address on the project's network (NAT_FILTERED only)."""
+        if self.nic is None or self.nic.vm_network is None:
+            return None
+        return str(self.nic.vm_network.addressing.address)
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        """Change this VM's egress policy while it runs."""
+        if self.guard is None or self.nic is None or self.nic.vm_network is None:
+            raise ConfigError(f"{self.name} has no filtered network (mode is not NAT_FILTERED)")
+        await self.guard.set_policy(self.name, policy)
 
     @property
     def name(self) -> str:
@@ -134,6 +158,8 @@ class RunningVM:
         self._closed = True
         await self._channel.close()
         await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
+        if self.guard is not None:
+            await self.guard.detach(self.name)
 
 
 def transport_for(vm: VM) -> Transport:
@@ -167,9 +193,21 @@ class MachineSpec(BaseModel):
 
     profile: ResourceProfile = ResourceProfile()
     accel: Accel = Accel.TCG
-    network_mode: NetworkMode = NetworkMode.ISOLATED
-    network: NetworkAttachment = NetworkAttachment()
+    network_mode: NetworkMode = NetworkMode.NAT_FILTERED
+    bridge: str | None = None  # host bridge for BRIDGE mode
     channel: Literal["virtio-serial", "vsock"] = "virtio-serial"
+
+
+def parse_network(text: str) -> tuple[NetworkMode, str | None]:
+    """ "nat" (default), "isolated" or "bridge:NAME" -> (mode, bridge)."""
+    mode, _, bridge = text.partition(":")
+    if mode == "nat" and not bridge:
+        return NetworkMode.NAT_FILTERED, None
+    if mode == "isolated" and not bridge:
+        return NetworkMode.ISOLATED, None
+    if mode == "bridge" and bridge:
+        return NetworkMode.BRIDGE, bridge
+    raise ConfigError(f"network must be nat, isolated or bridge:NAME, not {text!r}")
 
 
 def build_template(
@@ -178,21 +216,21 @@ def build_template(
     image: Image,
     workdir: Path,
     spec: MachineSpec,
+    nic: Nic | None = None,
     memory_file: MemoryFile | None = None,
     incoming: bool = False,
 ) -> VMTemplate:
+    cmdline = f"{image.cmdline} agentvm.hostname={name}"
+    if nic is not None:
+        cmdline += f" agentvm.net={nic.cmdline}"
     return VMTemplate(
         name=name,
-        boot=BootSpec(
-            kernel=image.kernel,
-            initrd=image.initrd,
-            cmdline=f"{image.cmdline} agentvm.hostname={name}",
-        ),
+        boot=BootSpec(kernel=image.kernel, initrd=image.initrd, cmdline=cmdline),
         disk_path=workdir / "disk.qcow2",
         resources=spec.profile,
         accel=spec.accel,
         network_mode=spec.network_mode,
-        network=spec.network,
+        network=nic.attachment if nic is not None else NetworkAttachment(),
         channel=spec.channel,
         console_log=workdir / "console.log",
         memory_file=memory_file,
@@ -208,6 +246,49 @@ def build_template(
     )
 
 
+@dataclass(frozen=True)
+class Nic:
+    """A VM's network interface: how libvirt wires it, and what the guest configures."""
+
+    attachment: NetworkAttachment
+    guest: dict[str, object]  # CONFIGURE's ``net``
+    vm_network: VMNetwork | None = None  # NAT_FILTERED: the guard's record
+
+    @property
+    def cmdline(self) -> str:
+        g = self.guest
+        if g["mode"] == "static":
+            ipv6 = "1" if g.get("ipv6") else "0"
+            return f"static,{g['mac']},{g['address']},{g['gateway']},{g['dns']},{ipv6}"
+        return f"dhcp,{g['mac']}"
+
+
+async def make_nic(
+    spec: MachineSpec, name: str, guard: NetworkGuard | None, policy: EgressPolicy | None
+) -> Nic | None:
+    """The interface a VM of ``spec`` gets (None for ISOLATED: no device at all)."""
+    if spec.network_mode is NetworkMode.ISOLATED:
+        return None
+    if spec.network_mode is NetworkMode.BRIDGE:
+        if not spec.bridge:
+            raise ConfigError("BRIDGE mode needs the name of a host bridge")
+        mac = random_mac()
+        return Nic(NetworkAttachment(bridge=spec.bridge, mac=mac), {"mode": "dhcp", "mac": mac})
+    if guard is None:
+        raise ConfigError("NAT_FILTERED needs a NetworkGuard (agent_vm.network.guard)")
+    vm_network = await guard.attach(name, policy)
+    addressing = vm_network.addressing
+    guest: dict[str, object] = {
+        "mode": "static",
+        "mac": addressing.mac,
+        "address": addressing.cidr,
+        "gateway": str(addressing.gateway),
+        "dns": str(addressing.gateway),
+        "ipv6": vm_network.policy.allow_ipv6,
+    }
+    return Nic(vm_network.attachment(), guest, vm_network)
+
+
 @dataclass
 class Held:
     """What a VM being created holds so far, for clean-up if creation fails."""
@@ -215,6 +296,8 @@ class Held:
     workdir: Path
     vm: VM | None = None
     agent: AgentChannel | None = None
+    nic: Nic | None = None
+    guard: NetworkGuard | None = None
 
 
 @asynccontextmanager
@@ -234,6 +317,8 @@ async def creating(vms_dir: Path, name: str) -> AsyncIterator[Held]:
             await asyncio.shield(asyncio.to_thread(cleanup_or_defer, held.vm, workdir))
         elif workdir.is_dir() and not any(workdir.iterdir()):
             workdir.rmdir()  # made by the thread after all, and still empty
+        if held.guard is not None and held.nic is not None and held.nic.vm_network is not None:
+            await asyncio.shield(held.guard.detach(held.nic.vm_network.vm_name))
         raise
 
 
@@ -257,15 +342,20 @@ async def define_vm(
     held: Held,
     *,
     backing_disk: Path,
+    guard: NetworkGuard | None = None,
+    policy: EgressPolicy | None = None,
     memory_file: MemoryFile | None = None,
     incoming: bool = False,
 ) -> VM:
-    """Overlay on ``backing_disk``, then the libvirt definition (not started)."""
+    """Network interface, overlay on ``backing_disk``, libvirt definition (not started)."""
+    held.guard = guard
+    held.nic = await make_nic(spec, held.workdir.name, guard, policy)
     template = build_template(
         name=held.workdir.name,
         image=image,
         workdir=held.workdir,
         spec=spec,
+        nic=held.nic,
         memory_file=memory_file,
         incoming=incoming,
     )
@@ -298,26 +388,44 @@ async def connect_agent(held: Held, timeout: float) -> AgentChannel:
     return held.agent
 
 
+async def wait_settled(agent: AgentChannel, timeout: float) -> None:
+    """Wait for init's late start-up work (modules, power button, network settings)."""
+    deadline = time.monotonic() + timeout
+    while not (await agent.ping()).settled:
+        if time.monotonic() > deadline:
+            raise VMError(f"{agent.name} did not settle within {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+
+
 async def launch_vm(
     connection: LibvirtConnection,
     image: Image,
     *,
     vms_dir: Path,
     spec: MachineSpec | None = None,
+    guard: NetworkGuard | None = None,
+    policy: EgressPolicy | None = None,
     name: str | None = None,
     boot_timeout: float = 60.0,
     memory_file: MemoryFile | None = None,
 ) -> RunningVM:
-    """Cold boot: overlay, define, start, handshake. On any failure nothing is left behind."""
+    """Cold boot: overlay, define, start, handshake. On any failure nothing is left behind.
+
+    NAT_FILTERED (the default mode) needs ``guard``; ``policy`` defaults to EgressPolicy().
+    """
     started = time.monotonic()
     async with creating(vms_dir, name or new_vm_name()) as held:
         vm = await define_vm(
             connection, image, spec or MachineSpec(), held, backing_disk=image.disk,
-            memory_file=memory_file,
+            guard=guard, policy=policy, memory_file=memory_file,
         )  # fmt: skip
         await finish_in_thread(vm.start)
         agent = await connect_agent(held, boot_timeout)
-        running = RunningVM(vm, held.workdir, image, agent, time.monotonic() - started)
+        if held.nic is not None:  # the guest configures its interface in late start-up
+            await wait_settled(agent, boot_timeout)
+        running = RunningVM(
+            vm, held.workdir, image, agent, time.monotonic() - started, held.nic, guard
+        )
         log.info("vm_ready", vm=vm.name, seconds=round(running.boot_seconds, 3))
         return running
 

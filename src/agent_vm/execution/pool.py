@@ -27,6 +27,7 @@ import libvirt
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.events import LifecycleEvents
+from agent_vm.core.template import NetworkMode
 from agent_vm.errors import AgentVMError, PoolClosedError, PoolError, PoolExhaustedError
 from agent_vm.execution.golden import (
     CloneShell,
@@ -40,6 +41,8 @@ from agent_vm.execution.reaper import reap
 from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image
 from agent_vm.logs import get_logger
+from agent_vm.network.guard import NetworkGuard
+from agent_vm.network.policy import EgressPolicy
 
 log = get_logger(__name__)
 
@@ -102,6 +105,8 @@ class VMPool:
         spec: MachineSpec | None = None,
         settings: Settings | None = None,
         connection: LibvirtConnection | None = None,
+        guard: NetworkGuard | None = None,
+        policy: EgressPolicy | None = None,
         health_interval: float = 2.0,
         standby: int = 1,
     ) -> None:
@@ -117,6 +122,9 @@ class VMPool:
         self._image_arg = image
         self._connection = connection or LibvirtConnection(self.settings.libvirt_uri)
         self._owns_connection = connection is None
+        self.policy = policy
+        self._guard = guard
+        self._owns_guard = False
         self._image: Image | None = None
         self._golden: GoldenState | None = None
         self._idle: deque[_Entry] = deque()
@@ -147,6 +155,10 @@ class VMPool:
         return self._connection
 
     @property
+    def guard(self) -> NetworkGuard | None:
+        return self._guard
+
+    @property
     def golden(self) -> GoldenState | None:
         return self._golden
 
@@ -157,9 +169,18 @@ class VMPool:
         if reaped:
             log.info("pool_reaped_leftovers", names=reaped)
         self._image = await asyncio.to_thread(self._resolve_image)
+        if self._guard is None and self.spec.network_mode is NetworkMode.NAT_FILTERED:
+            self._guard = NetworkGuard(self._connection, self.settings)
+            self._owns_guard = True
+        if self._guard is not None:
+            await self._guard.start()
         store = GoldenStore(self.settings.state_dir, self.settings.vms_dir, self.settings.ram_dir)
         self._golden = await store.ensure(
-            self._connection, self._image, self.spec, boot_timeout=self.settings.boot_timeout
+            self._connection,
+            self._image,
+            self.spec,
+            guard=self._guard,
+            boot_timeout=self.settings.boot_timeout,
         )
         events = LifecycleEvents(self._connection)
         self._unsubscribe.append(events.subscribe(self._on_lifecycle))
@@ -208,6 +229,8 @@ class VMPool:
             return_exceptions=True,
         )
         await asyncio.to_thread(retry_pending_cleanups)
+        if self._owns_guard and self._guard is not None:
+            await self._guard.close()
         if self._owns_connection:
             self._connection.close()
 
@@ -322,6 +345,8 @@ class VMPool:
                 self._golden,
                 self.spec,
                 vms_dir=self.settings.vms_dir,
+                guard=self._guard,
+                policy=self.policy,
             )
 
     async def _prepare_standby(self) -> None:

@@ -2,7 +2,8 @@
 
 A domain is ours when its metadata says so; it is a leftover when the process that made
 it (pid plus start time, so a reused pid does not count) no longer exists. Work
-directories without a domain are leftovers too.
+directories without a domain are leftovers too, and so are the network records,
+nwfilters and ipsets of sandboxes without a domain (``network/orphans.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from agent_vm.core.vm import VM
 from agent_vm.errors import VMError
 from agent_vm.execution.machine import OWNER, destroy_and_remove, process_start_time
 from agent_vm.logs import get_logger
+from agent_vm.network.orphans import reap_network
+from agent_vm.network.sandboxes import SandboxDirectory
 
 log = get_logger(__name__)
 
@@ -56,6 +59,7 @@ def reap(
     *,
     include_live_owners: bool = False,
     orphan_min_age: float = 60.0,
+    network_records: SandboxDirectory | None = None,
 ) -> list[str]:
     """Destroy and remove leftovers; returns the names removed.
 
@@ -83,4 +87,6 @@ def reap(
             if leftover.is_dir() and leftover not in known_workdirs and age >= orphan_min_age:
                 shutil.rmtree(leftover, ignore_errors=True)
                 removed.append(leftover.name)
+    if network_records is not None:
+        removed += reap_network(connection, network_records, min_age=orphan_min_age)
     return removed

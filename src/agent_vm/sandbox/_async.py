@@ -12,15 +12,17 @@ from types import TracebackType
 
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import ResourceProfile
+from agent_vm.core.template import NetworkMode, ResourceProfile
 from agent_vm.errors import AgentVMError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM
+from agent_vm.execution.machine import MachineSpec, RunningVM, parse_network
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.host.accel import detect_accel
 from agent_vm.image.builder import ImageBuilder
+from agent_vm.network.guard import Blocked, NetworkGuard
+from agent_vm.network.policy import EgressPolicy
 
 CommandResult = ExecutionResult
 TextCallback = Callable[[str], None]
@@ -86,16 +88,21 @@ class AsyncSandbox:
         pool: VMPool | None = None,
         image: str | None = None,
         profile: str = "light",
+        network: str = "nat",
+        policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
     ) -> None:
         self._pool = pool
         self._image = image
         self._profile = profile
+        self._network = network
+        self._policy = policy
         self._timeout = timeout
         self._settings = settings
         self._vm: RunningVM | None = None
         self._connection: LibvirtConnection | None = None
+        self._guard: NetworkGuard | None = None
         self.commands = AsyncCommands(self)
 
     @classmethod
@@ -105,13 +112,33 @@ class AsyncSandbox:
         pool: VMPool | None = None,
         image: str | None = None,
         profile: str = "light",
+        network: str = "nat",
+        policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
     ) -> AsyncSandbox:
-        """A running sandbox (from ``pool`` when given)."""
-        sandbox = cls(pool=pool, image=image, profile=profile, timeout=timeout, settings=settings)
+        """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
+        sandbox = cls(
+            pool=pool,
+            image=image,
+            profile=profile,
+            network=network,
+            policy=policy,
+            timeout=timeout,
+            settings=settings,
+        )
         await sandbox.start()
         return sandbox
+
+    @property
+    def blocked(self) -> list[Blocked]:
+        """Recent blocked network attempts of this sandbox (destination, port, reason)."""
+        vm = self.vm
+        return vm.guard.blocked(vm.name) if vm.guard is not None else []
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        """Change what this sandbox may reach; in force when this returns."""
+        await self.vm.set_policy(policy)
 
     @property
     def vm(self) -> RunningVM:
@@ -128,25 +155,40 @@ class AsyncSandbox:
         if self._vm is not None:
             return
         if self._pool is not None:
-            self._vm = await self._pool.acquire(self._timeout)
+            vm = await self._pool.acquire(self._timeout)
+            self._vm = vm
+            if self._policy is not None:
+                await vm.set_policy(self._policy)
             return
         settings = self._settings or load_settings()
         image = ImageBuilder(settings).ensure(self._image)
+        mode, bridge = parse_network(self._network)
         spec = MachineSpec(
-            profile=ResourceProfile.preset(self._profile), accel=detect_accel(settings.accel).accel
+            profile=ResourceProfile.preset(self._profile),
+            accel=detect_accel(settings.accel).accel,
+            network_mode=mode,
+            bridge=bridge,
         )
         connection = LibvirtConnection(settings.libvirt_uri)
+        guard = NetworkGuard(connection, settings) if mode is NetworkMode.NAT_FILTERED else None
         try:
             connection.open()
+            if guard is not None:
+                await guard.start()
             store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-            golden = await store.ensure(connection, image, spec, boot_timeout=settings.boot_timeout)
-            self._vm = await start_clone(
-                connection, image, golden, spec, vms_dir=settings.vms_dir, timeout=self._timeout
+            golden = await store.ensure(
+                connection, image, spec, guard=guard, boot_timeout=settings.boot_timeout
             )
+            self._vm = await start_clone(
+                connection, image, golden, spec, vms_dir=settings.vms_dir, guard=guard,
+                policy=self._policy, timeout=self._timeout,
+            )  # fmt: skip
         except BaseException:
+            if guard is not None:
+                await guard.close()
             connection.close()
             raise
-        self._connection = connection
+        self._connection, self._guard = connection, guard
 
     async def kill(self) -> None:
         """Destroy the sandbox (or hand it back to its pool). Idempotent."""
@@ -159,6 +201,9 @@ class AsyncSandbox:
         try:
             await vm.close()
         finally:
+            if self._guard is not None:
+                await self._guard.close()
+                self._guard = None
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None

@@ -16,6 +16,8 @@ from agent_vm.communication.sync import BackgroundLoop
 from agent_vm.config import Settings
 from agent_vm.execution.machine import RunningVM
 from agent_vm.execution.pool import VMPool
+from agent_vm.network.guard import Blocked
+from agent_vm.network.policy import EgressPolicy
 from agent_vm.sandbox._async import AsyncCommands, AsyncSandbox, CommandResult, TextCallback
 
 _loop: BackgroundLoop | None = None
@@ -75,11 +77,19 @@ class Sandbox:
         pool: VMPool | None = None,
         image: str | None = None,
         profile: str = "light",
+        network: str = "nat",
+        policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
     ) -> None:
         self._core = AsyncSandbox(
-            pool=pool, image=image, profile=profile, timeout=timeout, settings=settings
+            pool=pool,
+            image=image,
+            profile=profile,
+            network=network,
+            policy=policy,
+            timeout=timeout,
+            settings=settings,
         )
         self.commands = Commands(self._core.commands)
         shared_loop().run(self._core.start())
@@ -91,11 +101,30 @@ class Sandbox:
         pool: VMPool | None = None,
         image: str | None = None,
         profile: str = "light",
+        network: str = "nat",
+        policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
     ) -> Sandbox:
-        """A running sandbox (from ``pool`` when given)."""
-        return cls(pool=pool, image=image, profile=profile, timeout=timeout, settings=settings)
+        """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
+        return cls(
+            pool=pool,
+            image=image,
+            profile=profile,
+            network=network,
+            policy=policy,
+            timeout=timeout,
+            settings=settings,
+        )
+
+    @property
+    def blocked(self) -> list[Blocked]:
+        """Recent blocked network attempts of this sandbox (destination, port, reason)."""
+        return self._core.blocked
+
+    def set_policy(self, policy: EgressPolicy) -> None:
+        """Change what this sandbox may reach; in force when this returns."""
+        return shared_loop().run(self._core.set_policy(policy))
 
     @property
     def vm(self) -> RunningVM:
