@@ -9,8 +9,14 @@ process created must be gone, or the session fails.
 from __future__ import annotations
 
 import os
+
+# Tests send traffic only to loopback and to test hosts they create. Every sandbox
+# resolver started in this session (here or in a CLI subprocess) forwards to the test
+# host's DNS server (see the test_host fixture), never to the host's own resolvers.
+os.environ["AGENT_VM_DNS_UPSTREAM"] = '["198.51.100.10:53"]'  # TEST_HOST_IP
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,7 @@ import pytest_asyncio
 
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import NetworkMode
 from agent_vm.errors import AgentVMError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
@@ -26,7 +33,17 @@ from agent_vm.host.accel import Accel, detect_accel
 from agent_vm.host.daemons import ensure_daemons
 from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image
+from agent_vm.network.guard import NetworkGuard
 from tests.integration.helpers import vm_dirs
+from tests.integration.testnet import TestHost
+
+TEST_HOST_IP = "198.51.100.10"
+# What the test host's DNS server answers (the sandbox resolver forwards to it).
+TEST_ZONE = {
+    "web.allowed.test": TEST_HOST_IP,
+    "api.allowed.test": TEST_HOST_IP,
+    "evil.test": "198.51.100.11",  # the test host's second address
+}
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +126,7 @@ async def booted(
         connection,
         image,
         vms_dir=settings.vms_dir,
-        spec=MachineSpec(accel=accel),
+        spec=MachineSpec(accel=accel, network_mode=NetworkMode.ISOLATED),
         boot_timeout=settings.boot_timeout,
     )
     try:
@@ -134,6 +151,37 @@ async def shared_vm(
     """One VM for a module's non-destructive tests (boots cost seconds under TCG)."""
     async with booted(connection, image, settings, accel) as vm:
         yield vm
+
+
+@pytest.fixture(scope="session")
+def test_host(host_ready: None) -> Iterator[TestHost]:
+    """A host "on the internet" in a network namespace: HTTP 80/8080, TCP 22, UDP echo
+    443/5000 and DNS, on 198.51.100.10 and .11; the host's end is 198.51.100.1."""
+    host = TestHost(
+        name="agvtest1",
+        host_side=IPv4Interface("198.51.100.1/24"),
+        addresses=(IPv4Interface(f"{TEST_HOST_IP}/24"), IPv4Interface("198.51.100.11/24")),
+        zone=TEST_ZONE,
+    )
+    try:
+        host.start()
+    except (RuntimeError, OSError) as exc:
+        pytest.fail(f"cannot create the test host namespace: {exc}")
+    yield host
+    host.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def guard(
+    connection: LibvirtConnection, settings: Settings, test_host: TestHost
+) -> AsyncIterator[NetworkGuard]:
+    """The session's network guard; its resolver forwards to the test host's DNS."""
+    network_guard = NetworkGuard(connection, settings)
+    await network_guard.start()
+    try:
+        yield network_guard
+    finally:
+        await network_guard.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.execution.reaper import owned_domains
 from agent_vm.image.store import Image
-from tests.integration.helpers import vm_dirs
+from tests.integration.helpers import domains_of, vm_dirs
 
 CLI = [sys.executable, "-m", "agent_vm"]
 
@@ -36,10 +35,6 @@ def start_booted_run() -> subprocess.Popen[str]:
     )
     assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
     return proc
-
-
-def domains_of(connection: LibvirtConnection, pid: int) -> list[str]:
-    return [d.vm.name for d in owned_domains(connection) if d.metadata.get("pid") == str(pid)]
 
 
 def test_run_prints_the_guest_kernel_and_cleans_up(
@@ -86,7 +81,7 @@ def test_ctrl_c_removes_the_vm(
     assert len(domains_of(connection, proc.pid)) == 1
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130
-    assert domains_of(connection, proc.pid) == []
+    assert domains_of(connection, proc.pid) == set()
     assert vm_dirs(settings) == before
 
 
@@ -94,7 +89,7 @@ def test_sigterm_removes_the_vm(image: Image, connection: LibvirtConnection) -> 
     proc = start_booted_run()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 130
-    assert domains_of(connection, proc.pid) == []
+    assert domains_of(connection, proc.pid) == set()
 
 
 def test_bad_arguments_are_clear_errors(image: Image) -> None:
@@ -121,14 +116,14 @@ def test_gc_reaps_the_vm_of_a_killed_process(
     proc = start_booted_run()
     os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
     proc.wait(10)
-    leftover = domains_of(connection, proc.pid)
+    leftover = sorted(domains_of(connection, proc.pid))
     assert len(leftover) == 1
     result = agent_vm("gc")
     assert result.returncode == 0 and leftover[0] in result.stdout
     deadline = time.monotonic() + 10
     while domains_of(connection, proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert domains_of(connection, proc.pid) == []
+    assert domains_of(connection, proc.pid) == set()
     assert not (settings.vms_dir / leftover[0]).exists()
 
 

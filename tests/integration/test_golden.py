@@ -13,6 +13,7 @@ from agent_vm.execution.golden import GoldenStore, start_clone
 from agent_vm.execution.machine import MachineSpec, RunningVM
 from agent_vm.host.accel import Accel
 from agent_vm.image.store import Image
+from agent_vm.network.guard import NetworkGuard
 
 
 async def test_clones_are_distinct_and_correct(
@@ -21,20 +22,25 @@ async def test_clones_are_distinct_and_correct(
     settings: Settings,
     accel: Accel,
     executor: AgentExecutor,
+    guard: NetworkGuard,
 ) -> None:
     spec = MachineSpec(accel=accel)
     store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-    golden = await store.ensure(connection, image, spec, boot_timeout=settings.boot_timeout)
+    golden = await store.ensure(
+        connection, image, spec, guard=guard, boot_timeout=settings.boot_timeout
+    )
     first_meta = golden.meta()
     assert first_meta is not None and first_meta.state_bytes < 2 * 2**20
-    again = await store.ensure(connection, image, spec)  # cached: not captured again
+    again = await store.ensure(connection, image, spec, guard=guard)  # cached: not captured
     assert again.meta() == first_meta
 
     clones: list[RunningVM] = []
     try:
         for _ in range(2):
             clones.append(
-                await start_clone(connection, image, golden, spec, vms_dir=settings.vms_dir)
+                await start_clone(
+                    connection, image, golden, spec, vms_dir=settings.vms_dir, guard=guard
+                )
             )
         probe = (
             "hostname; cat /etc/machine-id; date +%s.%N; "
@@ -67,12 +73,13 @@ async def test_clone_runs_software_normally(
     settings: Settings,
     accel: Accel,
     executor: AgentExecutor,
+    guard: NetworkGuard,
 ) -> None:
     spec = MachineSpec(accel=accel)
     golden = await GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir).ensure(
-        connection, image, spec
+        connection, image, spec, guard=guard
     )
-    vm = await start_clone(connection, image, golden, spec, vms_dir=settings.vms_dir)
+    vm = await start_clone(connection, image, golden, spec, vms_dir=settings.vms_dir, guard=guard)
     try:
         result = await executor.execute(
             vm, "git --version && python3 -c 'import json,ssl; print(ssl.OPENSSL_VERSION)'"

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -23,18 +23,7 @@ from agent_vm.execution.reaper import owned_domains
 from agent_vm.host.accel import Accel
 from agent_vm.host.daemons import ensure_daemons, stop_libvirtd
 from agent_vm.image.store import Image
-
-
-async def eventually(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def domains_of(connection: LibvirtConnection, pid: int) -> set[str]:
-    return {d.vm.name for d in owned_domains(connection) if d.metadata.get("pid") == str(pid)}
+from tests.integration.helpers import domains_of, eventually
 
 
 def exited(pid: int) -> bool:
