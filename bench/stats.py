@@ -6,6 +6,7 @@ import json
 import math
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,14 @@ def host_info() -> dict[str, Any]:
     }
 
 
-def print_table(title: str, rows: list[tuple[str, dict[str, Any] | None, str]]) -> None:
-    """rows: (label, summary or None when not measured, note)."""
+def print_table(
+    title: str,
+    rows: list[tuple[str, dict[str, Any] | None, str]],
+    fmt_value: Callable[[float], str] | None = None,
+) -> None:
+    """rows: (label, summary or None when not measured, note); values are seconds unless
+    ``fmt_value`` says how to show them."""
+    show = fmt_value or fmt
     table = Table(title=title)
     for column in ("measurement", "n", "p50", "p99", "min", "max", "note"):
         table.add_column(
@@ -67,10 +74,10 @@ def print_table(title: str, rows: list[tuple[str, dict[str, Any] | None, str]]) 
         table.add_row(
             label,
             str(data["n"]),
-            fmt(data["p50"]),
-            fmt(data["p99"]),
-            fmt(data["min"]),
-            fmt(data["max"]),
+            show(data["p50"]),
+            show(data["p99"]),
+            show(data["min"]),
+            show(data["max"]),
             note,
         )
     Console(width=150).print(table)

@@ -92,7 +92,7 @@ STATIC_NET = {
 def test_configure_net_round_trip() -> None:
     msg = Configure(time_ns=1, net=STATIC_NET)
     assert Configure.from_payload(msg.to_payload()).net == STATIC_NET
-    dhcp = {"mode": "dhcp", "mac": "52:54:00:12:34:56"}
+    dhcp: dict[str, object] = {"mode": "dhcp", "mac": "52:54:00:12:34:56"}
     assert Configure.from_payload(Configure(time_ns=1, net=dhcp).to_payload()).net == dhcp
 
 

@@ -1,0 +1,218 @@
+"""Throughput and latency through the egress filter, with its limits in the same run.
+
+    .venv/bin/python -m bench.network [--requests 50] [--downloads 5] [--mib 32]
+
+Three clients talk to one test host in a network namespace (203.0.113.10, created and
+removed here; no other address is ever contacted) and run the same stdlib client
+(``bench/net_client.py``), timing on their own clock:
+
+* **host, direct**: the host itself, no VM (the ceiling for this machine);
+* **VM, raw libvirt NAT**: a VM on agent-vm's libvirt NAT network with a plain
+  ``<interface type='bridge'>``, no nwfilter, address from libvirt's dnsmasq: what
+  libvirt and QEMU give without our filter (the raw-libvirt limit);
+* **VM, agent-vm filter**: a NAT_FILTERED sandbox with the default EgressPolicy.
+
+Same image, same machine size, both VMs booted cold in this run. Prints tables and
+writes JSON (default bench/results/network-<time>.json).
+
+gVisor is not a peer here: ``runsc do`` in the packaged version refuses networking
+("cannot run with network enabled in root network namespace").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from ipaddress import IPv4Interface
+from pathlib import Path
+from typing import Any
+
+from tests.integration.testnet import TestHost
+
+from agent_vm.config import Settings, load_settings
+from agent_vm.core.connection import LibvirtConnection
+from agent_vm.core.template import NetworkMode
+from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.golden import GoldenStore, start_clone
+from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
+from agent_vm.host.accel import detect_accel
+from agent_vm.host.daemons import ensure_daemons
+from agent_vm.image.builder import ImageBuilder
+from agent_vm.image.store import Image
+from agent_vm.network.guard import NetworkGuard
+from bench.stats import host_info, print_table, summary, write_json
+
+TEST_HOST = "203.0.113.10"  # TEST-NET-3, only ever routed to the namespace below
+CLIENT = Path(__file__).with_name("net_client.py")
+CLIENTS = ("host, direct", "VM, raw libvirt NAT", "VM, agent-vm filter")
+
+
+def job(args: argparse.Namespace) -> str:
+    return json.dumps(
+        {
+            "host": TEST_HOST,
+            "http_port": 80,
+            "tcp_port": 22,
+            "download_bytes": args.mib << 20,
+            "downloads": args.downloads,
+            "requests": args.requests,
+        }
+    )
+
+
+def on_host(netbench: str) -> dict[str, list[float]]:
+    proc = subprocess.run(
+        [sys.executable, str(CLIENT)],
+        env={**os.environ, "NETBENCH": netbench},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"host client failed: {proc.stderr.strip()[-500:]}")
+    samples: dict[str, list[float]] = json.loads(proc.stdout)
+    return samples
+
+
+async def in_vm(vm: RunningVM, netbench: str) -> dict[str, list[float]]:
+    result = await AgentExecutor().execute(
+        vm, code=CLIENT.read_text(), env={"NETBENCH": netbench}, timeout=600
+    )
+    if result.exit_code != 0:
+        raise RuntimeError(f"guest client in {vm.name} failed: {result.stderr.strip()[-500:]}")
+    samples: dict[str, list[float]] = json.loads(result.stdout)
+    return samples
+
+
+async def starts(
+    connection: LibvirtConnection,
+    settings: Settings,
+    image: Image,
+    spec: MachineSpec,
+    guard: NetworkGuard,
+    runs: int,
+) -> dict[str, list[float]]:
+    """What the network costs a sandbox start: clone from a golden state, ISOLATED vs
+    NAT_FILTERED (address, ipset, nwfilter binding, interface set-up in the guest)."""
+    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
+    out: dict[str, list[float]] = {}
+    for mode in (NetworkMode.ISOLATED, NetworkMode.NAT_FILTERED):
+        mode_spec = spec.model_copy(update={"network_mode": mode})
+        golden = await store.ensure(
+            connection, image, mode_spec, guard=guard, boot_timeout=settings.boot_timeout
+        )
+        samples = out.setdefault(f"start from golden, {mode.value}", [])
+        for _ in range(runs):
+            started = time.perf_counter()
+            vm = await start_clone(
+                connection, image, golden, mode_spec, vms_dir=settings.vms_dir, guard=guard
+            )
+            samples.append(time.perf_counter() - started)
+            await vm.close()
+    return out
+
+
+async def measure(
+    settings: Settings, image: Image, spec: MachineSpec, netbench: str, start_runs: int
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
+    out = {CLIENTS[0]: on_host(netbench)}
+    with LibvirtConnection(settings.libvirt_uri) as connection:
+        guard = NetworkGuard(connection, settings)
+        await guard.start()
+        try:
+            raw_spec = spec.model_copy(
+                update={"network_mode": NetworkMode.BRIDGE, "bridge": guard.definition.bridge}
+            )
+            for label, vm_spec in ((CLIENTS[1], raw_spec), (CLIENTS[2], spec)):
+                vm = await launch_vm(
+                    connection, image, vms_dir=settings.vms_dir, spec=vm_spec, guard=guard,
+                    boot_timeout=settings.boot_timeout,
+                )  # fmt: skip
+                try:
+                    out[label] = await in_vm(vm, netbench)
+                finally:
+                    await vm.close()
+            start = await starts(connection, settings, image, spec, guard, start_runs)
+        finally:
+            await guard.close()
+    return out, start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--downloads", type=int, default=5)
+    parser.add_argument("--mib", type=int, default=32, help="size of each download")
+    parser.add_argument("--starts", type=int, default=5, help="sandbox starts per mode")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    # the sandbox resolver forwards to the test host, never to the host's resolvers
+    settings = load_settings().model_copy(update={"dns_upstream": [f"{TEST_HOST}:53"]})
+    ensure_daemons()
+    image = ImageBuilder(settings).ensure()
+    accel = detect_accel(settings.accel)
+    spec = MachineSpec(accel=accel.accel)
+    test_host = TestHost(
+        name="agvbench",
+        host_side=IPv4Interface("203.0.113.1/24"),
+        addresses=(IPv4Interface(f"{TEST_HOST}/24"),),
+    )
+    test_host.start()
+    try:
+        samples, start = asyncio.run(measure(settings, image, spec, job(args), args.starts))
+    finally:
+        test_host.stop()
+    results: dict[str, Any] = {
+        "host": {**host_info(), "accel": accel.reason},
+        "image": image.key,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": {
+            client: {metric: summary(values) for metric, values in data.items()}
+            for client, data in samples.items()
+        },
+        "starts": {label: summary(values) for label, values in start.items()},
+    }
+    res = results["results"]
+    raw, ours = res[CLIENTS[1]], res[CLIENTS[2]]
+    for metric, title in (
+        ("connect", "TCP connect (port 22)"),
+        ("request", "HTTP GET /, new conn"),
+    ):
+        rows = [
+            (client, res[client][metric], note)
+            for client, note in zip(
+                CLIENTS,
+                (
+                    "no VM: the ceiling",
+                    "no nwfilter: the raw-libvirt limit",
+                    f"{ours[metric]['p50'] / raw[metric]['p50']:.2f}x raw libvirt (p50)",
+                ),
+                strict=True,
+            )
+        ]
+        print_table(f"{title} to the test host ({accel.accel.value})", rows)
+    rows = [(client, res[client]["throughput_mb_s"], "") for client in CLIENTS]
+    ratio = ours["throughput_mb_s"]["p50"] / raw["throughput_mb_s"]["p50"]
+    rows[2] = (rows[2][0], rows[2][1], f"{ratio:.2f}x raw libvirt (p50)")
+    print_table(
+        f"download {args.mib} MiB over HTTP (MB/s, higher is better)",
+        rows,
+        fmt_value=lambda v: f"{v:.1f}",
+    )
+    print_table(
+        "sandbox start from a golden state: what the network adds",
+        [(label, data, "") for label, data in results["starts"].items()],
+    )
+    out = args.out or Path("bench/results") / f"network-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out, results)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
