@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from agent_vm.core.vm import VM
 from agent_vm.errors import AgentVMError, NetworkError
 from agent_vm.host.netfilter import ensure_bridge_netfilter
 from agent_vm.logs import get_logger
-from agent_vm.network import ipsets
+from agent_vm.network import firewall, ipsets
 from agent_vm.network.libvirt_net import NetworkDefinition, ensure_network
 from agent_vm.network.nwfilter import LOCAL_SET, filter_name, render_filter, rules_of
 from agent_vm.network.observer import Attempt, KernelLogFollower, install
@@ -52,6 +53,7 @@ log = get_logger(__name__)
 TAP_PREFIX = "agv"
 GLOBAL_UNICAST = IPv6Network("2000::/3")
 WATCH_INTERVAL = 1.0
+FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + ebtables -L: ~10 ms of CPU
 
 
 def tap_name(vm_name: str) -> str:
@@ -155,6 +157,7 @@ class NetworkGuard:
         self._upstreams = upstreams
         self._vms: dict[str, VMNetwork] = {}
         self._by_tap: dict[str, VMNetwork] = {}
+        self._enforced: set[str] = set()  # taps whose rules were once seen complete
         self._counters: dict[str, _Counters] = defaultdict(_Counters)
         self._resolver: Resolver | None = None
         self._follower: KernelLogFollower | None = None
@@ -235,6 +238,7 @@ class NetworkGuard:
         if vm_network is None:
             return
         self._by_tap.pop(vm_network.tap, None)
+        self._enforced.discard(vm_network.tap)
         await asyncio.to_thread(self._remove, vm_network)
 
     async def set_policy(self, vm_name: str, policy: EgressPolicy) -> None:
@@ -292,7 +296,7 @@ class NetworkGuard:
         try:
             if not self._interface_bound(vm, vm_network):
                 raise NetworkError(f"{vm.name}'s interface lost its filter")
-            if not firewall_rules_present(vm_network.tap):
+            if not firewall.rules_present(vm_network.tap):
                 self._rebind(vm_network.tap)
                 fixes.append("firewall rules re-instantiated")
         except (AgentVMError, libvirt.libvirtError) as exc:
@@ -319,7 +323,9 @@ class NetworkGuard:
         conn.nwfilterBindingCreateXML(xml, 0)
 
     async def _watch_libvirt(self) -> None:
+        """Reconcile after libvirtd comes back, and whenever a VM's kernel rules vanish."""
         generation = self.connection.generation
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
@@ -333,6 +339,22 @@ class NetworkGuard:
                 for name in list(self._vms):
                     with contextlib.suppress(AgentVMError):
                         await self.reconcile(VM.lookup(self.connection, name))
+            if self._vms and time.monotonic() - checked >= FIREWALL_CHECK_INTERVAL:
+                checked = time.monotonic()
+                with contextlib.suppress(AgentVMError):
+                    await self._check_firewall()
+
+    async def _check_firewall(self) -> None:
+        """A tap counts once its rules were seen complete (libvirt builds them while the
+        VM starts); if they are gone later while its VM still runs, reconcile it."""
+        taps = {vm_network.tap: name for name, vm_network in self._vms.items()}
+        lost = await asyncio.to_thread(firewall.missing, taps)
+        self._enforced |= set(taps) - lost
+        for tap in lost & self._enforced:
+            vm = VM.lookup(self.connection, taps[tap])
+            if tap in self._by_tap and await asyncio.to_thread(vm.is_active):
+                log.warning("egress_rules_vanished", vm=vm.name, tap=tap)
+                await self.reconcile(vm)
 
     # ------------------------------------------------------------------ internals
 
@@ -438,9 +460,3 @@ class NetworkGuard:
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._count, vm_network.vm_name, blocked)
-
-
-def firewall_rules_present(tap: str) -> bool:
-    """libvirt's per-interface chains exist (an iptables flush or reload removes them)."""
-    out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=False).stdout
-    return f":FI-{tap} " in out and f"-A FI-{tap} " in out
