@@ -12,8 +12,9 @@ removed here; no other address is ever contacted) and run the same stdlib client
   libvirt and QEMU give without our filter (the raw-libvirt limit);
 * **VM, agent-vm filter**: a NAT_FILTERED sandbox with the default EgressPolicy.
 
-Same image, same machine size, both VMs booted cold in this run. Prints tables and
-writes JSON (default bench/results/network-<time>.json).
+Same image, same machine size, both VMs booted cold in this run and running together
+while the three clients take turns (``--rounds``), so background noise hits all alike.
+Prints tables and writes JSON (default bench/results/network-<time>.json).
 
 gVisor is not a peer here: ``runsc do`` in the packaged version refuses networking
 ("cannot run with network enabled in root network namespace").
@@ -53,16 +54,22 @@ CLIENTS = ("host, direct", "VM, raw libvirt NAT", "VM, agent-vm filter")
 
 
 def job(args: argparse.Namespace) -> str:
+    """One round's work; the clients take turns for ``args.rounds`` rounds."""
     return json.dumps(
         {
             "host": TEST_HOST,
             "http_port": 80,
             "tcp_port": 22,
             "download_bytes": args.mib << 20,
-            "downloads": args.downloads,
-            "requests": args.requests,
+            "downloads": max(1, args.downloads // args.rounds),
+            "requests": max(1, args.requests // args.rounds),
         }
     )
+
+
+def merge(into: dict[str, list[float]], samples: dict[str, list[float]]) -> None:
+    for metric, values in samples.items():
+        into.setdefault(metric, []).extend(values)
 
 
 def on_host(netbench: str) -> dict[str, list[float]]:
@@ -119,27 +126,41 @@ async def starts(
 
 
 async def measure(
-    settings: Settings, image: Image, spec: MachineSpec, netbench: str, start_runs: int
+    settings: Settings, image: Image, spec: MachineSpec, netbench: str, rounds: int, start_runs: int
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
-    out = {CLIENTS[0]: on_host(netbench)}
+    """Both VMs run at once and the three clients take turns, round after round, so that
+    the machine's background noise falls on all of them alike."""
+    out: dict[str, dict[str, list[float]]] = {client: {} for client in CLIENTS}
     with LibvirtConnection(settings.libvirt_uri) as connection:
         guard = NetworkGuard(connection, settings)
         await guard.start()
+        vms: list[RunningVM] = []
         try:
             raw_spec = spec.model_copy(
                 update={"network_mode": NetworkMode.BRIDGE, "bridge": guard.definition.bridge}
             )
-            for label, vm_spec in ((CLIENTS[1], raw_spec), (CLIENTS[2], spec)):
-                vm = await launch_vm(
-                    connection, image, vms_dir=settings.vms_dir, spec=vm_spec, guard=guard,
-                    boot_timeout=settings.boot_timeout,
-                )  # fmt: skip
-                try:
-                    out[label] = await in_vm(vm, netbench)
-                finally:
-                    await vm.close()
+            for vm_spec in (raw_spec, spec):
+                vms.append(
+                    await launch_vm(
+                        connection,
+                        image,
+                        vms_dir=settings.vms_dir,
+                        spec=vm_spec,
+                        guard=guard,
+                        boot_timeout=settings.boot_timeout,
+                    )
+                )
+            for _ in range(rounds):
+                merge(out[CLIENTS[0]], on_host(netbench))
+                merge(out[CLIENTS[1]], await in_vm(vms[0], netbench))
+                merge(out[CLIENTS[2]], await in_vm(vms[1], netbench))
+            for vm in vms:
+                await vm.close()
+            vms.clear()
             start = await starts(connection, settings, image, spec, guard, start_runs)
         finally:
+            for vm in vms:
+                await vm.close()
             await guard.close()
     return out, start
 
@@ -149,6 +170,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--downloads", type=int, default=5)
     parser.add_argument("--mib", type=int, default=32, help="size of each download")
+    parser.add_argument("--rounds", type=int, default=5, help="turns the clients take")
     parser.add_argument("--starts", type=int, default=5, help="sandbox starts per mode")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -165,7 +187,9 @@ def main() -> None:
     )
     test_host.start()
     try:
-        samples, start = asyncio.run(measure(settings, image, spec, job(args), args.starts))
+        samples, start = asyncio.run(
+            measure(settings, image, spec, job(args), args.rounds, args.starts)
+        )
     finally:
         test_host.stop()
     results: dict[str, Any] = {

@@ -13,6 +13,7 @@ from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.image.store import Image
 from tests.integration.helpers import domains_of, vm_dirs
+from tests.integration.testnet import TestHost
 
 CLI = [sys.executable, "-m", "agent_vm"]
 
@@ -132,3 +133,30 @@ def test_run_starts_from_golden_state_unless_cold(image: Image) -> None:
     assert warm.returncode == 0 and "vm_cloned" in warm.stderr
     cold = agent_vm("--log-level", "info", "run", "--cold", "--", "true")
     assert cold.returncode == 0 and "vm_ready" in cold.stderr and "vm_cloned" not in cold.stderr
+
+
+NET_PROBE = """
+import socket, urllib.request
+print(urllib.request.urlopen("http://web.allowed.test/", timeout=10).read().decode().strip())
+try:
+    socket.getaddrinfo("evil.test", 80)
+    print("evil.test resolved")
+except socket.gaierror:
+    print("evil.test refused")
+"""
+
+
+def test_run_network_options(image: Image, test_host: TestHost) -> None:
+    allowed = agent_vm(
+        "run", "--allow-domain", "web.allowed.test", "--", "python3", "-c", NET_PROBE
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    lines = allowed.stdout.splitlines()
+    assert lines[0].startswith("hello from port 80"), lines
+    assert lines[1:] == ["evil.test refused"]
+    isolated = agent_vm("run", "--network", "isolated", "--", "ls", "/sys/class/net")
+    assert isolated.returncode == 0 and isolated.stdout.split() == ["lo"]
+    bad_mode = agent_vm("run", "--network", "wifi", "--", "true")
+    assert bad_mode.returncode == 125 and "network must be" in bad_mode.stderr
+    bad_name = agent_vm("run", "--allow-domain", "not a domain", "--", "true")
+    assert bad_name.returncode == 125 and "not a domain" in bad_name.stderr, bad_name.stderr
