@@ -46,6 +46,7 @@ from agent_vm.host.daemons import ensure_daemons
 from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
+from bench.pool import pool_cycles
 from bench.stats import host_info, print_table, summary, write_json
 
 TEST_HOST = "203.0.113.10"  # TEST-NET-3, only ever routed to the namespace below
@@ -162,6 +163,9 @@ async def measure(
             for vm in vms:
                 await vm.close()
             await guard.close()
+    # the pool makes its own guard; acquire/reset of NAT_FILTERED VMs (standby shells)
+    for label, values in (await pool_cycles(settings, image, spec, 3 * start_runs)).items():
+        start[f"pool {label}, nat_filtered"] = values
     return out, start
 
 
@@ -230,7 +234,7 @@ def main() -> None:
         fmt_value=lambda v: f"{v:.1f}",
     )
     print_table(
-        "sandbox start from a golden state: what the network adds",
+        "sandbox start and pool reset: what the network adds",
         [(label, data, "") for label, data in results["starts"].items()],
     )
     out = args.out or Path("bench/results") / f"network-{time.strftime('%Y%m%d-%H%M%S')}.json"

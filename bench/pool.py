@@ -59,7 +59,13 @@ async def pool_cycles(
             out["release call"].append(time.perf_counter() - released)
     async with VMPool(min_size=1, max_size=1, image=image, spec=spec, settings=settings) as one:
         for _ in range(max(5, cycles // 3)):
-            await until(lambda: one.stats().idle == 1 and one.stats().starting == 0)
+            await until(
+                lambda: (
+                    one.stats().idle == 1
+                    and one.stats().starting == 0
+                    and one.stats().standby == one.standby
+                )
+            )
             vm = await one.acquire(timeout=60)
             await executor.execute(vm, "echo used > /root/mark")
             released = time.perf_counter()

@@ -208,6 +208,8 @@ class GoldenStore:
                 golden.directory.mkdir(parents=True)
                 state_bytes = await asyncio.to_thread(save_device_state, vm, golden.state)
                 capture = time.monotonic() - capture_started
+                if guard is not None:
+                    guard.closing(name)
                 await asyncio.to_thread(vm.destroy)
                 await asyncio.to_thread(vm.undefine)
                 held.vm = None
@@ -271,6 +273,8 @@ class CloneShell:
         return self.qemu_pid is not None and Path(f"/proc/{self.qemu_pid}").exists()
 
     async def discard(self) -> None:
+        if self.guard is not None:
+            self.guard.closing(self.vm.name)
         await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
         if self.guard is not None:
             await self.guard.detach(self.vm.name)

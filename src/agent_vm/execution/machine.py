@@ -156,6 +156,8 @@ class RunningVM:
         if self._closed:
             return
         self._closed = True
+        if self.guard is not None:
+            self.guard.closing(self.name)
         await self._channel.close()
         await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
         if self.guard is not None:
@@ -313,6 +315,8 @@ async def creating(vms_dir: Path, name: str) -> AsyncIterator[Held]:
     except BaseException:
         if held.agent is not None:
             await held.agent.close()
+        if held.guard is not None:
+            held.guard.closing(name)
         if made or held.vm is not None:
             await asyncio.shield(asyncio.to_thread(cleanup_or_defer, held.vm, workdir))
         elif workdir.is_dir() and not any(workdir.iterdir()):

@@ -158,6 +158,7 @@ class NetworkGuard:
         self._vms: dict[str, VMNetwork] = {}
         self._by_tap: dict[str, VMNetwork] = {}
         self._enforced: set[str] = set()  # taps whose rules were once seen complete
+        self._closing: set[str] = set()  # taps of VMs being destroyed
         self._counters: dict[str, _Counters] = defaultdict(_Counters)
         self._resolver: Resolver | None = None
         self._follower: KernelLogFollower | None = None
@@ -232,6 +233,12 @@ class NetworkGuard:
         self._track(vm_network)
         return vm_network
 
+    def closing(self, vm_name: str) -> None:
+        """The VM is about to be destroyed: its kernel rules will vanish, on purpose."""
+        vm_network = self._vms.get(vm_name)
+        if vm_network is not None:
+            self._closing.add(vm_network.tap)
+
     async def detach(self, vm_name: str) -> None:
         """Remove what attach made; call after the domain is destroyed and undefined."""
         vm_network = self._vms.pop(vm_name, None)
@@ -239,6 +246,7 @@ class NetworkGuard:
             return
         self._by_tap.pop(vm_network.tap, None)
         self._enforced.discard(vm_network.tap)
+        self._closing.discard(vm_network.tap)
         await asyncio.to_thread(self._remove, vm_network)
 
     async def set_policy(self, vm_name: str, policy: EgressPolicy) -> None:
@@ -277,6 +285,8 @@ class NetworkGuard:
         return fixes
 
     def _reconcile(self, vm: VM, vm_network: VMNetwork) -> list[str]:
+        if not vm.is_active():
+            return []  # being destroyed (or gone): its rules go with it
         fixes = []
         expected = self._render(vm_network)
         try:
@@ -300,6 +310,8 @@ class NetworkGuard:
                 self._rebind(vm_network.tap)
                 fixes.append("firewall rules re-instantiated")
         except (AgentVMError, libvirt.libvirtError) as exc:
+            if not vm.is_active():
+                return fixes  # destroyed meanwhile: nothing left to enforce
             log.error("egress_unenforceable", vm=vm.name, error=str(exc), action="stopping VM")
             vm.destroy()
             fixes.append(f"VM stopped: {exc}")
@@ -350,7 +362,7 @@ class NetworkGuard:
         taps = {vm_network.tap: name for name, vm_network in self._vms.items()}
         lost = await asyncio.to_thread(firewall.missing, taps)
         self._enforced |= set(taps) - lost
-        for tap in lost & self._enforced:
+        for tap in (lost & self._enforced) - self._closing:
             vm = VM.lookup(self.connection, taps[tap])
             if tap in self._by_tap and await asyncio.to_thread(vm.is_active):
                 log.warning("egress_rules_vanished", vm=vm.name, tap=tap)

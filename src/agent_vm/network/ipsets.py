@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
@@ -20,6 +21,7 @@ DEFAULT_TIMEOUT = 3600
 PREFIX = "agentvm-"
 TWIN_PREFIX = "agvtwin"
 MAX_NAME = 31
+_TWINS = threading.Lock()  # twin sets are named per process, so threads take turns
 
 
 def set_name(vm_name: str) -> str:
@@ -62,6 +64,11 @@ def create(name: str) -> None:
 def ensure_local(name: str, networks: Iterable[str]) -> None:
     """The shared set of destinations no sandbox may reach (besides DNS/DHCP), replaced
     atomically so that addresses the host no longer has drop out."""
+    with _TWINS:  # concurrent attaches of one process would share the twin set
+        _ensure_local(name, networks)
+
+
+def _ensure_local(name: str, networks: Iterable[str]) -> None:
     twin = twin_name(name)
     _ipset("create", name, "hash:net", "family", "inet", "-exist")
     _ipset("create", twin, "hash:net", "family", "inet", "-exist")
@@ -75,6 +82,11 @@ def fill(name: str, ports: Iterable[int], allowlist: bool) -> None:
     """Reset a sandbox set for its policy: without an allowlist every destination on the
     allowed ports (two /1 halves; hash:net refuses /0), with one nothing until the
     resolver adds addresses. Replaced atomically by swapping in a filled twin set."""
+    with _TWINS:
+        _fill(name, ports, allowlist)
+
+
+def _fill(name: str, ports: Iterable[int], allowlist: bool) -> None:
     twin = twin_name(name)
     _ipset(
         "create", twin, "hash:net,port", "family", "inet",
