@@ -28,6 +28,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 import libvirt
 
@@ -87,8 +88,14 @@ def host_addresses6() -> tuple[IPv6Address, ...]:
     return tuple(sorted(a for a in addresses if a in GLOBAL_UNICAST))
 
 
+RUN_DIR = Path("/run/agent-vm/networks")
+
+
 def sandbox_directory(settings: Settings) -> SandboxDirectory:
-    return SandboxDirectory(settings.state_dir / "network" / "sandboxes")
+    """Records live per libvirt network, not per state directory: the network and its
+    addresses are host-wide, so two installations (state dirs) sharing it must see each
+    other's reservations. Under /run, as they are as short-lived as the VMs."""
+    return SandboxDirectory(RUN_DIR / settings.network_name / "sandboxes")
 
 
 @dataclass(frozen=True)

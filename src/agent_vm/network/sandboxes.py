@@ -2,8 +2,8 @@
 
 Each process runs its own resolver on the gateway's port 53 (SO_REUSEPORT), so a query
 may reach a process that did not start the querying VM. The records live in files
-(``<state>/network/sandboxes/<address>.json``) that every resolver reads; writing a new
-record is how a policy change reaches all of them at once.
+(``/run/agent-vm/networks/<network>/sandboxes/<address>.json``) that every resolver
+reads; writing a new record is how a policy change reaches all of them at once.
 """
 
 from __future__ import annotations
