@@ -41,7 +41,7 @@ from agent_vm.execution.reaper import reap
 from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image
 from agent_vm.logs import get_logger
-from agent_vm.network.guard import NetworkGuard
+from agent_vm.network.guard import NetworkGuard, sandbox_directory
 from agent_vm.network.policy import EgressPolicy
 
 log = get_logger(__name__)
@@ -165,7 +165,12 @@ class VMPool:
     async def initialize(self) -> None:
         """Reap leftovers, make sure the golden state exists, start ``min_size`` VMs."""
         await asyncio.to_thread(self._connection.open)
-        reaped = await asyncio.to_thread(reap, self._connection, self.settings.vms_dir)
+        reaped = await asyncio.to_thread(
+            reap,
+            self._connection,
+            self.settings.vms_dir,
+            network_records=sandbox_directory(self.settings),
+        )
         if reaped:
             log.info("pool_reaped_leftovers", names=reaped)
         self._image = await asyncio.to_thread(self._resolve_image)

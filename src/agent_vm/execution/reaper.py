@@ -88,5 +88,7 @@ def reap(
                 shutil.rmtree(leftover, ignore_errors=True)
                 removed.append(leftover.name)
     if network_records is not None:
-        removed += reap_network(connection, network_records, min_age=orphan_min_age)
+        removed += reap_network(
+            connection, network_records, min_age=orphan_min_age, gone=frozenset(removed)
+        )
     return removed

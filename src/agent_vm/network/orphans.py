@@ -24,15 +24,22 @@ log = get_logger(__name__)
 
 
 def reap_network(
-    connection: LibvirtConnection, directory: SandboxDirectory, *, min_age: float = 60.0
+    connection: LibvirtConnection,
+    directory: SandboxDirectory,
+    *,
+    min_age: float = 60.0,
+    gone: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Remove leftover records, nwfilters and ipsets; returns what was removed."""
+    """Remove leftover records, nwfilters and ipsets; returns what was removed.
+
+    ``gone``: VMs known to be dead (just reaped), whose pieces go whatever their age.
+    """
     conn = connection.connection
     domains = {domain.name() for domain in conn.listAllDomains(0)}
     removed = []
     keep = set()
     for address, vm, age in directory.owners():
-        if vm in domains or age < min_age:
+        if vm in domains or (age < min_age and vm not in gone):
             keep.add(vm)
             continue
         with contextlib.suppress(libvirt.libvirtError):
