@@ -23,7 +23,7 @@ BASE_RULES = (  # the jumps from the built-in chains into libvirt's nwfilter cha
 
 
 def _output(argv: list[str], attempts: int = 5) -> str:
-    """Retried: ebtables-nft fails a listing that races with libvirt changing the table."""
+    """Retried: a listing can race with libvirt changing the tables."""
     for attempt in range(attempts):
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
@@ -41,17 +41,20 @@ def missing(taps: Iterable[str]) -> set[str]:
     if not taps:
         return set()
     iptables = _output(["iptables-save"])
-    ebtables = _output(["ebtables", "-t", "nat", "-L"])
+    # read through nft: an ebtables-nft listing is a write transaction that can make
+    # libvirt's concurrent ebtables commands fail ("RULE_DELETE failed")
+    ebtables = _output(["nft", "list", "table", "bridge", "nat"])
     base = all(rule in iptables for rule in BASE_RULES)
     lost = set()
     for tap in taps:
         ip_rules = (f"-A FI-{tap} ", f"-A FO-{tap} ", f"-A HI-{tap} ", f"-g FI-{tap}\n")
-        eb_rules = (f"-i {tap} -j libvirt-I-{tap}\n", f"-o {tap} -j libvirt-O-{tap}\n")
+        eb_rules = (f"jump libvirt-I-{tap}\n", f"jump libvirt-O-{tap}\n")
+        chain = ebtables.partition(f"chain libvirt-I-{tap} {{")[2].partition("}")[0]
         if (
             not base
             or not all(rule in iptables for rule in ip_rules)
             or not all(rule in ebtables for rule in eb_rules)
-            or f"chain: libvirt-I-{tap}, entries: 0," in ebtables
+            or " drop" not in chain  # flushed (or never filled)
         ):
             lost.add(tap)
     return lost

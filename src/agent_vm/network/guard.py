@@ -54,7 +54,7 @@ log = get_logger(__name__)
 TAP_PREFIX = "agv"
 GLOBAL_UNICAST = IPv6Network("2000::/3")
 WATCH_INTERVAL = 1.0
-FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + ebtables -L: ~10 ms of CPU
+FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + nft list: ~10 ms of CPU
 
 
 def tap_name(vm_name: str) -> str:
