@@ -135,3 +135,57 @@ def probe_code(probes: dict[str, list[Any]], timeout: float = TIMEOUT) -> str:
 def parse(stdout: str) -> dict[str, str]:
     result: dict[str, str] = json.loads(stdout)
     return result
+
+
+def _guest_hammer(
+    targets: list[tuple[str, int]], seconds: float, gap: float
+) -> None:  # pragma: no cover
+    """Opens a non-blocking connection to each target every ``gap`` seconds for
+    ``seconds`` and counts those that complete: a filter missing for 50 ms shows up."""
+    import json
+    import os
+    import resource
+    import selectors
+    import socket
+    import time
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    selector = selectors.DefaultSelector()
+    keys = [f"{host}:{port}" for host, port in targets]
+    opened = dict.fromkeys(keys, 0)
+    connected = dict.fromkeys(keys, 0)
+    started: dict[socket.socket, float] = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or started:
+        now = time.monotonic()
+        if now < end:
+            for key, target in zip(keys, targets, strict=True):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.connect_ex(target)
+                selector.register(sock, selectors.EVENT_WRITE, key)
+                started[sock] = now
+                opened[key] += 1
+        for event, _ in selector.select(timeout=gap):
+            done = event.fileobj
+            assert isinstance(done, socket.socket)
+            if done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                connected[event.data] += 1
+            selector.unregister(done)
+            del started[done]
+            done.close()
+        for sock, at in list(started.items()):
+            if time.monotonic() - at > 1.5:  # the SYN and its first retransmission (1 s)
+                selector.unregister(sock)
+                del started[sock]
+                sock.close()
+    os.write(1, json.dumps({"opened": opened, "connected": connected}).encode())
+
+
+def hammer_code(targets: list[tuple[str, int]], seconds: float, gap: float = 0.01) -> str:
+    """Python source for the guest; prints ``{"opened": {"host:port": n}, "connected":
+    {...}}``."""
+    source = inspect.getsource(_guest_hammer)
+    head = "from __future__ import annotations\n"
+    return f"{head}{source}\n_guest_hammer({targets!r}, {seconds!r}, {gap!r})\n"

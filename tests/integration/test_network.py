@@ -10,6 +10,7 @@ that cannot reach anything fails the test instead of passing it.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import threading
@@ -30,14 +31,13 @@ from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
 from agent_vm.host.accel import Accel
 from agent_vm.host.daemons import ensure_daemons, stop_libvirtd
 from agent_vm.image.store import Image
-from agent_vm.network import ipsets
-from agent_vm.network.firewall import rules_present
+from agent_vm.network import backstop, ipsets
 from agent_vm.network.guard import NetworkGuard, VMNetwork
 from agent_vm.network.nwfilter import filter_name
 from agent_vm.network.orphans import reap_network
 from agent_vm.network.policy import EgressPolicy
 from tests.integration.conftest import TEST_HOST_IP
-from tests.integration.guest_probe import parse, probe_code
+from tests.integration.guest_probe import hammer_code, parse, probe_code
 from tests.integration.helpers import eventually
 from tests.integration.testnet import TestHost
 
@@ -407,24 +407,65 @@ async def test_policy_holds_across_a_libvirtd_restart_and_a_firewall_flush(
     ports = {"p80": ["http", TEST_HOST_IP, 80], "p8080": ["http", TEST_HOST_IP, 8080]}
     async with sandbox() as vm:
         tap = network_of(vm).tap
+
+        def problems() -> list[str]:
+            return guard.enforcement_problems(vm.name)
+
+        assert await asyncio.to_thread(problems) == []
         await asyncio.to_thread(stop_libvirtd)
         await asyncio.to_thread(ensure_daemons)
         after_restart = await probe(executor, vm, ports)
-        # A firewall reload wipes libvirt's rules (8080 would get out); the guard notices
-        # and has libvirt instantiate them again. Flushed and checked without yielding to
-        # the event loop, so the guard cannot repair it in between.
+        # A firewall reload wipes libvirt's rules (8080 would get out) or the backstop; the
+        # guard notices and puts them back. Flushed and checked without yielding to the
+        # event loop, so the guard cannot repair it in between.
         for flush in (
             ["iptables", "-w", "-F", f"FI-{tap}"],
             ["ebtables", "-t", "nat", "-F", f"libvirt-I-{tap}"],
+            ["iptables", "-w", "-t", "mangle", "-F", backstop.vm_chain(tap)],
+            ["iptables", "-w", "-t", "mangle", "-F", backstop.EGRESS],
+            ["ip6tables", "-w", "-t", "mangle", "-F", "INPUT"],
         ):
             subprocess.run(flush, check=True)  # noqa: ASYNC221
-            assert not rules_present(tap), flush
-            await eventually(lambda: rules_present(tap), 20, "the guard to restore the rules")
+            assert problems(), flush
+            await eventually(lambda: not problems(), 20, f"the guard to repair {flush}")
         reconciled = await probe(executor, vm, ports)
     assert after_restart["p80"].startswith("ok:"), after_restart
     assert_blocked(after_restart["p8080"])
     assert reconciled["p80"].startswith("ok:"), reconciled
     assert_blocked(reconciled["p8080"])
+
+
+async def test_no_moment_without_a_filter_while_libvirt_rebuilds_them(
+    sandbox: Callable[..., Any], executor: AgentExecutor, guard: NetworkGuard
+) -> None:
+    """libvirt 9 re-creates its base jumps (delete, then insert) whenever it instantiates a
+    filter: when a VM starts and, for every VM, when libvirtd starts. For those ~50 ms
+    no running VM had a filter (found by CI). A VM opens connections to a blocked port,
+    a host port and an allowed port every 10 ms meanwhile; the backstop must hold."""
+    seconds = 25.0
+    gateway = str(guard.definition.gateway)
+    blocked, host_port, allowed = f"{TEST_HOST_IP}:8080", f"{gateway}:2222", f"{TEST_HOST_IP}:80"
+    async with sandbox() as vm:
+
+        async def churn() -> None:
+            await asyncio.sleep(3)
+            await asyncio.to_thread(stop_libvirtd)
+            await asyncio.to_thread(ensure_daemons)
+            await asyncio.sleep(2)
+            async with sandbox():
+                await asyncio.sleep(1)
+
+        code = hammer_code([(TEST_HOST_IP, 8080), (gateway, 2222), (TEST_HOST_IP, 80)], seconds)
+        with host_listeners((gateway, 2222)):
+            result, _ = await asyncio.gather(
+                executor.execute(vm, code=code, timeout=seconds + 60), churn()
+            )
+    assert result.exit_code == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert counts["opened"][blocked] > 500, counts  # the guest really kept trying
+    assert counts["connected"][allowed] > 500, counts  # and the network worked throughout
+    assert counts["connected"][blocked] == 0, counts
+    assert counts["connected"][host_port] == 0, counts
 
 
 async def test_leftovers_of_a_crashed_process_are_removed(
@@ -439,10 +480,12 @@ async def test_leftovers_of_a_crashed_process_are_removed(
     conn = connection.connection
     assert conn.nwfilterLookupByName(filter_name(network.vm_name)) is not None
     assert ipsets.exists(network.ipset)
+    assert network.tap in backstop.taps_in(backstop.read_tables())
     assert guard.directory.lookup(network.addressing.address) is not None
     removed = await asyncio.to_thread(reap_network, connection, guard.directory, min_age=0)
     assert f"network of {network.vm_name}" in removed
     assert network.vm_name not in {f.name() for f in conn.listAllNWFilters(0)}
+    assert network.tap not in backstop.taps_in(backstop.read_tables())
     assert not ipsets.exists(network.ipset)
     assert guard.directory.lookup(network.addressing.address) is None
 

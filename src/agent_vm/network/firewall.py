@@ -40,7 +40,7 @@ def missing(taps: Iterable[str]) -> set[str]:
     taps = list(taps)
     if not taps:
         return set()
-    iptables = _output(["iptables-save"])
+    iptables = _output(["iptables-save", "-t", "filter"])
     # read through nft: an ebtables-nft listing is a write transaction that can make
     # libvirt's concurrent ebtables commands fail ("RULE_DELETE failed")
     ebtables = _output(["nft", "list", "table", "bridge", "nat"])

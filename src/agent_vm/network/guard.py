@@ -3,11 +3,12 @@
 One ``NetworkGuard`` serves every VM a process starts in NAT_FILTERED mode:
 
 * ``start()``: the project's libvirt network (created or verified), br_netfilter, the
-  network pieces of crashed processes' sandboxes removed, the resolver on the gateway,
-  the blocked-attempt observer, and a watch that reconciles every VM's filter after
-  libvirtd comes back;
+  backstop's shared chains, the network pieces of crashed processes' sandboxes removed,
+  the resolver on the gateway, the blocked-attempt observer, and a watch that
+  reconciles every VM's filter after libvirtd comes back;
 * ``attach(vm, policy)`` before the domain is defined: MAC, reserved address, ipset,
-  per-VM nwfilter, shared sandbox record; ``detach`` after the domain is gone;
+  backstop chain, per-VM nwfilter, shared sandbox record; ``detach`` after the domain
+  is gone;
 * ``set_policy`` on a running VM: the filter is redefined (libvirt applies it to the
   live interface), the record rewritten, resolved addresses dropped if names changed;
 * ``reconcile``: live filter, interface binding, firewall rules and ipset compared with
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -40,7 +40,7 @@ from agent_vm.core.vm import VM
 from agent_vm.errors import AgentVMError, NetworkError
 from agent_vm.host.netfilter import ensure_bridge_netfilter
 from agent_vm.logs import get_logger
-from agent_vm.network import firewall, ipsets
+from agent_vm.network import backstop, firewall, ipsets
 from agent_vm.network.libvirt_net import NetworkDefinition, ensure_network
 from agent_vm.network.nwfilter import LOCAL_SET, filter_name, render_filter, rules_of
 from agent_vm.network.observer import Attempt, KernelLogFollower, install
@@ -48,18 +48,13 @@ from agent_vm.network.orphans import reap_network
 from agent_vm.network.policy import Addressing, EgressPolicy, verdict
 from agent_vm.network.resolver import Resolver, upstreams_from_resolv_conf
 from agent_vm.network.sandboxes import SandboxDirectory, SandboxRecord
+from agent_vm.network.taps import TAP_PREFIX, tap_name
 
 log = get_logger(__name__)
 
-TAP_PREFIX = "agv"
 GLOBAL_UNICAST = IPv6Network("2000::/3")
 WATCH_INTERVAL = 1.0
 FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + nft list: ~10 ms of CPU
-
-
-def tap_name(vm_name: str) -> str:
-    """Host-side interface name (15 characters at most), stable for a VM name."""
-    return TAP_PREFIX + hashlib.sha1(vm_name.encode()).hexdigest()[:10]  # noqa: S324
 
 
 def random_mac() -> str:
@@ -182,6 +177,7 @@ class NetworkGuard:
         await asyncio.to_thread(ensure_bridge_netfilter)
         await asyncio.to_thread(ensure_network, self.connection, self.definition)
         await asyncio.to_thread(install, TAP_PREFIX, self.definition.gateway)
+        await asyncio.to_thread(backstop.ensure_base, TAP_PREFIX)
         await asyncio.to_thread(self._local_set)
         await asyncio.to_thread(reap_network, self.connection, self.directory)
         upstreams = self._upstreams or self.settings.dns_upstreams() or upstreams_from_resolv_conf()
@@ -232,6 +228,7 @@ class NetworkGuard:
         )
         try:
             await asyncio.to_thread(self._prepare_set, vm_network)
+            await asyncio.to_thread(backstop.add_vm, self._backstop(vm_network))
             await asyncio.to_thread(self._define_filter, vm_network)
             await asyncio.to_thread(self.directory.write, vm_network.record())
         except BaseException:
@@ -266,8 +263,20 @@ class NetworkGuard:
         await asyncio.to_thread(self.directory.write, vm_network.record())
         await asyncio.to_thread(self._prepare_set, vm_network)
         if self._render(vm_network) != before:  # IPv6 rules are in the XML, the rest in sets
+            await asyncio.to_thread(backstop.add_vm, self._backstop(vm_network))
             await asyncio.to_thread(self._define_filter, vm_network)
         log.info("egress_policy_changed", vm=vm_name, policy=policy.model_dump())
+
+    def enforcement_problems(self, vm_name: str) -> list[str]:
+        """What is missing from the kernel to enforce a VM's policy (both layers); blocking
+        (runs iptables-save and nft)."""
+        vm_network = self._vms[vm_name]
+        tables = backstop.read_tables()
+        problems = backstop.base_problems(tables, TAP_PREFIX)
+        problems += backstop.vm_problems(tables, self._backstop(vm_network))
+        if not firewall.rules_present(vm_network.tap):
+            problems.append(f"libvirt's filter rules for {vm_network.tap} are incomplete")
+        return problems
 
     def policy(self, vm_name: str) -> EgressPolicy | None:
         vm_network = self._vms.get(vm_name)
@@ -311,6 +320,12 @@ class NetworkGuard:
             self.directory.write(vm_network.record())
             fixes.append("sandbox record rewritten")
         try:
+            if backstop.ensure_base(TAP_PREFIX):
+                fixes.append("backstop chains restored")
+            rules = self._backstop(vm_network)
+            if backstop.vm_problems(backstop.read_tables(), rules):
+                backstop.add_vm(rules)
+                fixes.append("backstop rules of the VM restored")
             if not self._interface_bound(vm, vm_network):
                 raise NetworkError(f"{vm.name}'s interface lost its filter")
             if not firewall.rules_present(vm_network.tap):
@@ -366,8 +381,17 @@ class NetworkGuard:
     async def _check_firewall(self) -> None:
         """A tap counts once its rules were seen complete (libvirt builds them while the
         VM starts); if they are gone later while its VM still runs, reconcile it."""
+        tables = await asyncio.to_thread(backstop.read_tables)
+        if damage := backstop.base_problems(tables, TAP_PREFIX):
+            log.warning("egress_backstop_damaged", problems=damage)
+            await asyncio.to_thread(backstop.ensure_base, TAP_PREFIX)
         taps = {vm_network.tap: name for name, vm_network in self._vms.items()}
         lost = await asyncio.to_thread(firewall.missing, taps)
+        lost |= {
+            tap
+            for tap, name in taps.items()
+            if backstop.vm_problems(tables, self._backstop(self._vms[name]))
+        }
         self._enforced |= set(taps) - lost
         for tap in (lost & self._enforced) - self._closing:
             vm = VM.lookup(self.connection, taps[tap])
@@ -386,6 +410,17 @@ class NetworkGuard:
         ipsets.create(vm_network.ipset)
         policy = vm_network.policy
         ipsets.fill(vm_network.ipset, policy.tcp_ports, policy.allow_domains is not None)
+
+    @staticmethod
+    def _backstop(vm_network: VMNetwork) -> backstop.VMRules:
+        policy = vm_network.policy
+        return backstop.VMRules(
+            tap=vm_network.tap,
+            ipset=vm_network.ipset,
+            local_set=LOCAL_SET,
+            ipv6_ports=tuple(policy.tcp_ports) if policy.allow_ipv6 else None,
+            host_addresses6=vm_network.addressing.host_addresses6,
+        )
 
     @staticmethod
     def _render(vm_network: VMNetwork) -> str:
@@ -413,6 +448,8 @@ class NetworkGuard:
         conn = self.connection.connection
         with contextlib.suppress(libvirt.libvirtError):
             conn.nwfilterLookupByName(filter_name(vm_network.vm_name)).undefine()
+        with contextlib.suppress(NetworkError):
+            backstop.remove_vm(vm_network.tap)  # before the set: its rules refer to it
         with contextlib.suppress(NetworkError):
             ipsets.destroy(vm_network.ipset)
         self.directory.remove(vm_network.addressing.address)

@@ -1,7 +1,7 @@
 """Remove the network pieces of sandboxes whose VM is gone (a crashed process).
 
 A sandbox's pieces are made in this order: address reservation (record file), ipset,
-nwfilter, full record; and removed in the reverse order, record last. So a filter or
+backstop chain, nwfilter, full record; and removed in the reverse order, record last. So a filter or
 set without a record is always a leftover, and a record whose VM has no domain is one
 once it is old enough not to belong to a VM being created right now.
 """
@@ -16,9 +16,10 @@ import libvirt
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import NetworkError
 from agent_vm.logs import get_logger
-from agent_vm.network import ipsets
+from agent_vm.network import backstop, ipsets
 from agent_vm.network.nwfilter import FILTER_PREFIX, LOCAL_SET, filter_name
 from agent_vm.network.sandboxes import SandboxDirectory
+from agent_vm.network.taps import tap_name
 
 log = get_logger(__name__)
 
@@ -45,6 +46,8 @@ def reap_network(
         with contextlib.suppress(libvirt.libvirtError):
             conn.nwfilterLookupByName(filter_name(vm)).undefine()
         with contextlib.suppress(NetworkError):
+            backstop.remove_vm(tap_name(vm))  # before the set: its rules refer to it
+        with contextlib.suppress(NetworkError):
             ipsets.destroy(ipsets.set_name(vm))
         directory.remove(address)
         removed.append(f"network of {vm}")
@@ -55,6 +58,11 @@ def reap_network(
             with contextlib.suppress(libvirt.libvirtError):
                 nwfilter.undefine()
                 removed.append(f"nwfilter {name}")
+    kept_taps = {tap_name(vm) for vm in keep | domains}
+    with contextlib.suppress(NetworkError):
+        for tap in backstop.taps_in(backstop.read_tables()) - kept_taps:
+            backstop.remove_vm(tap)
+            removed.append(f"backstop chain of {tap}")
     kept_sets = {ipsets.set_name(vm) for vm in keep | domains} | {LOCAL_SET}
     for name in ipsets.names():
         owner = ipsets.twin_owner(name)
