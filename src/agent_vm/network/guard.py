@@ -357,7 +357,8 @@ class NetworkGuard:
         conn.nwfilterBindingCreateXML(xml, 0)
 
     async def _watch_libvirt(self) -> None:
-        """Reconcile after libvirtd comes back, and whenever a VM's kernel rules vanish."""
+        """Reconcile after libvirtd comes back, and whenever a VM's kernel rules vanish.
+        A failed round is logged and the next one tried: the watch must outlive errors."""
         generation = self.connection.generation
         checked = time.monotonic()
         while True:
@@ -366,17 +367,19 @@ class NetworkGuard:
                 await asyncio.to_thread(lambda: self.connection.connection)
             except AgentVMError:
                 continue  # libvirtd away: nothing can be checked or fixed now
-            if self.connection.generation != generation:
-                generation = self.connection.generation
-                log.info("libvirt_reconnected_reconciling", vms=len(self._vms))
-                await asyncio.to_thread(ensure_network, self.connection, self.definition)
-                for name in list(self._vms):
-                    with contextlib.suppress(AgentVMError):
-                        await self.reconcile(VM.lookup(self.connection, name))
-            if self._vms and time.monotonic() - checked >= FIREWALL_CHECK_INTERVAL:
-                checked = time.monotonic()
-                with contextlib.suppress(AgentVMError):
+            try:
+                if self.connection.generation != generation:
+                    generation = self.connection.generation
+                    log.info("libvirt_reconnected_reconciling", vms=len(self._vms))
+                    await asyncio.to_thread(ensure_network, self.connection, self.definition)
+                    for name in list(self._vms):
+                        with contextlib.suppress(AgentVMError):
+                            await self.reconcile(VM.lookup(self.connection, name))
+                if self._vms and time.monotonic() - checked >= FIREWALL_CHECK_INTERVAL:
+                    checked = time.monotonic()
                     await self._check_firewall()
+            except Exception as exc:  # logged; the next round tries again
+                log.error("network_guard_round_failed", error=repr(exc))
 
     async def _check_firewall(self) -> None:
         """A tap counts once its rules were seen complete (libvirt builds them while the
@@ -385,12 +388,13 @@ class NetworkGuard:
         if damage := backstop.base_problems(tables, TAP_PREFIX):
             log.warning("egress_backstop_damaged", problems=damage)
             await asyncio.to_thread(backstop.ensure_base, TAP_PREFIX)
-        taps = {vm_network.tap: name for name, vm_network in self._vms.items()}
+        networks = {vm_network.tap: vm_network for vm_network in self._vms.values()}
+        taps = {tap: vm_network.vm_name for tap, vm_network in networks.items()}
         lost = await asyncio.to_thread(firewall.missing, taps)
         lost |= {
             tap
-            for tap, name in taps.items()
-            if backstop.vm_problems(tables, self._backstop(self._vms[name]))
+            for tap, vm_network in networks.items()  # VMs may be detached meanwhile
+            if backstop.vm_problems(tables, self._backstop(vm_network))
         }
         self._enforced |= set(taps) - lost
         for tap in (lost & self._enforced) - self._closing:
