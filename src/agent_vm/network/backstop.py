@@ -6,7 +6,8 @@ libvirt-in``, ``libvirt-out`` and ``libvirt-in-post`` and inserts them again, on
 iptables process each. While ``libvirt-in`` is gone but ``libvirt-in-post`` (which
 accepts everything from a tap whose filter already said yes) is still there, every VM's
 traffic is accepted unfiltered, for ~50 ms; the same happens on INPUT. A VM hammering a
-blocked port got 99 connections out during one libvirtd restart. No rule placed in the
+blocked port got 99 connections out during a libvirtd restart and one VM start (10-25
+during a restart alone). No rule placed in the
 filter table can precede ``libvirt-in-post`` for long, since libvirt re-inserts its jumps
 at the top.
 
