@@ -83,7 +83,11 @@ class VMRules:
         return [*rules, f"-A {chain} -j DROP"]
 
     def dispatch(self) -> str:
-        return f"-A {EGRESS} -m physdev --physdev-in {self.tap} -g {vm_chain(self.tap)}"
+        return _dispatch(self.tap)
+
+
+def _dispatch(tap: str) -> str:
+    return f"-A {EGRESS} -m physdev --physdev-in {tap} -g {vm_chain(tap)}"
 
 
 def shared_rules(tap_prefix: str) -> dict[str, dict[str, list[str]]]:
@@ -162,9 +166,9 @@ def base_problems(tables: Tables, tap_prefix: str) -> list[str]:
     return found
 
 
-def ensure_base(tap_prefix: str) -> list[str]:
+def ensure_base(tap_prefix: str, tables: Tables | None = None) -> list[str]:
     """Create or repair the shared chains, keeping the dispatch rules already there."""
-    tables = read_tables()
+    tables = tables or read_tables()
     problems = base_problems(tables, tap_prefix)
     if not problems:
         return []
@@ -207,7 +211,7 @@ def remove_vm(tap: str) -> None:
 
 def _remove(family: str, tap: str, table: str) -> None:
     chain = vm_chain(tap)
-    dispatch = f"-A {EGRESS} -m physdev --physdev-in {tap} -g {chain}"
+    dispatch = _dispatch(tap)
     lines = [dispatch.replace("-A ", "-D ", 1)] * table.splitlines().count(dispatch)
     if f":{chain} " in table:
         lines += [f"-F {chain}", f"-X {chain}"]

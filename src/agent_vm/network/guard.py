@@ -320,10 +320,11 @@ class NetworkGuard:
             self.directory.write(vm_network.record())
             fixes.append("sandbox record rewritten")
         try:
-            if backstop.ensure_base(TAP_PREFIX):
+            tables = backstop.read_tables()
+            if backstop.ensure_base(TAP_PREFIX, tables):
                 fixes.append("backstop chains restored")
             rules = self._backstop(vm_network)
-            if backstop.vm_problems(backstop.read_tables(), rules):
+            if backstop.vm_problems(tables, rules):
                 backstop.add_vm(rules)
                 fixes.append("backstop rules of the VM restored")
             if not self._interface_bound(vm, vm_network):
@@ -387,7 +388,7 @@ class NetworkGuard:
         tables = await asyncio.to_thread(backstop.read_tables)
         if damage := backstop.base_problems(tables, TAP_PREFIX):
             log.warning("egress_backstop_damaged", problems=damage)
-            await asyncio.to_thread(backstop.ensure_base, TAP_PREFIX)
+            await asyncio.to_thread(backstop.ensure_base, TAP_PREFIX, tables)
         networks = {vm_network.tap: vm_network for vm_network in self._vms.values()}
         taps = {tap: vm_network.vm_name for tap, vm_network in networks.items()}
         lost = await asyncio.to_thread(firewall.missing, taps)
