@@ -17,9 +17,9 @@ from pathlib import Path
 
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.transport import UnixTransport
-from agent_vm.core.template import CHANNEL_NAME
 from agent_vm.image.disk import create_overlay
 from agent_vm.image.store import Image
+from agent_vm.protocol.ports import CHANNEL_NAME
 
 
 def qemu_argv(

@@ -10,13 +10,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from agent_vm.errors import ConfigError
+from agent_vm.models import describe
 
 DEFAULT_CONFIG_FILE = Path("/etc/agent-vm/config.toml")
 
@@ -69,6 +72,11 @@ class Settings(BaseSettings):
         out = []
         for entry in self.dns_upstream or []:
             host, _, port = entry.partition(":")
+            if not host or not (port or "53").isdigit() or not 0 < int(port or 53) < 65536:
+                raise ConfigError(
+                    f"AGENT_VM_DNS_UPSTREAM: {entry!r} is not host[:port]",
+                    hint="e.g. AGENT_VM_DNS_UPSTREAM='[\"192.0.2.53:53\"]'",
+                )
             out.append((host, int(port or 53)))
         return out
 
@@ -95,4 +103,14 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    return Settings()
+    """The settings, or ConfigError naming the bad variable or file entry."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        source = os.environ.get("AGENT_VM_CONFIG", str(DEFAULT_CONFIG_FILE))
+        raise ConfigError(
+            describe(exc, "invalid setting", lambda field: f"AGENT_VM_{field.upper()}"),
+            hint=f"check the AGENT_VM_* environment variables and {source}",
+        ) from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
+        raise ConfigError(f"cannot read the settings: {exc}") from None

@@ -19,6 +19,12 @@ def _add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """Whatever sys.stderr is when an event is logged (not when logging was configured:
+    a test runner or a daemonising caller may replace it, and the old one be closed)."""
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure(level: str = "WARNING", *, json: bool = False) -> None:
     """Route structlog events to stderr; idempotent so libraries and CLI can both call it."""
     global _configured
@@ -36,7 +42,7 @@ def configure(level: str = "WARNING", *, json: bool = False) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     _configured = True

@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from agent_vm.errors import ConfigError
+
 ET = ZoneInfo("America/New_York")
 
 
@@ -26,7 +28,7 @@ def from_timestamp(seconds: float) -> datetime:
 def to_et(moment: datetime) -> datetime:
     """Convert an aware datetime to ET; naive datetimes are refused, not guessed."""
     if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError("naive datetime: agent-vm only accepts timezone-aware datetimes")
+        raise ConfigError("naive datetime: agent-vm only accepts timezone-aware datetimes")
     return moment.astimezone(ET)
 
 

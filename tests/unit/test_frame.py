@@ -8,6 +8,7 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_vm.errors import ProtocolError
 from agent_vm.protocol.frame import (
     HEADER_SIZE,
     MAGIC,
@@ -119,7 +120,7 @@ def test_pure_garbage_is_reported_without_waiting_for_a_magic() -> None:
 def test_encode_refuses_oversized_payloads() -> None:
     try:
         encode(Frame(1, 1, b"\0" * (MAX_PAYLOAD + 1)))
-    except ValueError as exc:
+    except ProtocolError as exc:
         assert "exceeds" in str(exc)
     else:
         raise AssertionError("oversized payload was encoded")

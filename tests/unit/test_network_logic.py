@@ -13,8 +13,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
+from agent_vm.errors import ConfigError
 from agent_vm.network import ipsets
 from agent_vm.network.libvirt_net import NetworkDefinition
 from agent_vm.network.nwfilter import LOCAL_SET, render_filter, rules_of
@@ -39,18 +39,18 @@ def test_policy_defaults_are_the_seed_ports() -> None:
 
 @pytest.mark.parametrize("port", [0, 65536, -1])
 def test_policy_rejects_ports_out_of_range(port: int) -> None:
-    with pytest.raises(ValidationError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         EgressPolicy(tcp_ports=(port,))
 
 
 @pytest.mark.parametrize("bad", ["", "exa mple.com", "*.", "a..b", "http://x.org", "**.x.org"])
 def test_policy_rejects_what_is_not_a_domain(bad: str) -> None:
-    with pytest.raises(ValidationError, match="not a domain"):
+    with pytest.raises(ConfigError, match="not a domain"):
         EgressPolicy(allow_domains=(bad,))
 
 
 def test_policy_refuses_ipv6_with_an_allowlist() -> None:
-    with pytest.raises(ValidationError, match="IPv4 only"):
+    with pytest.raises(ConfigError, match="IPv4 only"):
         EgressPolicy(allow_domains=("pypi.org",), allow_ipv6=True)
 
 

@@ -9,7 +9,6 @@ import pytest
 from pydantic import ValidationError
 
 from agent_vm.core.template import (
-    CHANNEL_NAME,
     BootSpec,
     NetworkAttachment,
     NetworkMode,
@@ -18,7 +17,9 @@ from agent_vm.core.template import (
     channel_socket_path,
     parse_metadata,
 )
+from agent_vm.errors import ConfigError
 from agent_vm.host.accel import Accel
+from agent_vm.protocol.ports import CHANNEL_NAME
 
 BOOT = BootSpec(kernel=Path("/i/vmlinux"), initrd=Path("/i/initrd"), cmdline="console=ttyS0")
 
@@ -85,7 +86,7 @@ def test_modes_need_their_attachment() -> None:
 def test_invalid_names_and_resources_are_rejected() -> None:
     with pytest.raises(ValidationError):
         VMTemplate(name="bad name!", boot=BOOT, disk_path=Path("/d"))
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError, match="memory_mib"):  # users' models: one clear line
         ResourceProfile(memory_mib=16)
 
 

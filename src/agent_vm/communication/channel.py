@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 
 from agent_vm.communication.transport import Transport
 from agent_vm.errors import (
+    AgentRefusedError,
+    AgentReplyTimeout,
     AgentVMError,
     ChannelClosedError,
     ChannelError,
+    ConfigError,
+    FrameTooLargeError,
     HandshakeError,
     ProtocolError,
 )
@@ -208,7 +212,7 @@ class AgentChannel:
         raised if the guest still does not answer.
         """
         if stdin is not None and not request.stdin:
-            raise ValueError("pass Execute(stdin=True) to send stdin")
+            raise ConfigError("pass Execute(stdin=True) to send stdin")
         rid = self._next_id()
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         pending = _Pending(rid, future, on_stdout, on_stderr, self.max_output)
@@ -228,7 +232,7 @@ class AgentChannel:
                 try:
                     result = await asyncio.wait_for(asyncio.shield(future), RESULT_GRACE)
                 except TimeoutError:
-                    raise ChannelError(
+                    raise AgentReplyTimeout(
                         f"{self.name}: no result {wait_timeout} s after starting the command",
                         hint="the guest may be overloaded or hung",
                     ) from None
@@ -262,8 +266,9 @@ class AgentChannel:
             await self._send(Frame(mtype, rid, payload))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise ChannelError(
-                f"{self.name}: agent did not answer {mtype.name} in {timeout} s"
+            raise AgentReplyTimeout(
+                f"{self.name}: agent did not answer {mtype.name} in {timeout} s",
+                hint="the guest may be overloaded or hung",
             ) from None
         finally:
             self._pings.pop(rid, None)
@@ -329,7 +334,9 @@ class AgentChannel:
         if isinstance(event, BadFrame):
             self.bad_frames += 1
             if event.too_large:
-                raise ProtocolError(f"{self.name}: guest sent an oversized frame ({event.reason})")
+                raise FrameTooLargeError(
+                    f"{self.name}: guest sent an oversized frame ({event.reason})"
+                )
             log.warning("bad_frame_from_guest", vm=self.name, reason=event.reason)
             return
         try:
@@ -378,8 +385,9 @@ class AgentChannel:
                 ping.set_result(status)
         elif mtype is MessageType.ERROR:
             error = ErrorMessage.from_payload(frame.payload)
-            refusal = ChannelError(
-                f"{self.name}: agent refused request: {error.code}: {error.message}"
+            refusal = AgentRefusedError(
+                f"{self.name}: agent refused request: {error.code}: {error.message}",
+                code=error.code,
             )
             if (pending := self._pending.get(rid)) is not None and not pending.future.done():
                 pending.future.set_exception(refusal)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-VSOCK_PORT = 9999
+from agent_vm.protocol.ports import VSOCK_PORT
 
 
 class Transport(Protocol):

@@ -20,13 +20,17 @@ import libvirt
 import libvirt_qemu
 
 from agent_vm.core.vm import VM
-from agent_vm.errors import VMError
+from agent_vm.errors import QMPError, VMError
 
 
 def qmp(
     vm: VM, command: str, arguments: dict[str, Any] | None = None, fds: Sequence[int] = ()
 ) -> Any:
-    """Run one QMP command and return its ``return`` value; QMP errors raise VMError."""
+    """Run one QMP command and return its ``return`` value.
+
+    QEMU's refusals raise QMPError carrying QEMU's ``error_class`` (e.g. GenericError,
+    DeviceNotFound); a failure to reach the monitor at all raises VMError.
+    """
     message = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
     try:
         if fds:
@@ -37,7 +41,11 @@ def qmp(
         raise VMError(f"QMP {command} on {vm.name} failed: {exc.get_error_message()}") from exc
     data = json.loads(reply)
     if "error" in data:
-        raise VMError(f"QMP {command} on {vm.name}: {data['error'].get('desc', data['error'])}")
+        error = data["error"] if isinstance(data["error"], dict) else {}
+        raise QMPError(
+            f"QEMU refused {command} on {vm.name}: {error.get('desc', data['error'])}",
+            error_class=str(error.get("class", "GenericError")),
+        )
     return data.get("return")
 
 

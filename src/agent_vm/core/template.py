@@ -25,9 +25,11 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent_vm.errors import ConfigError
 from agent_vm.host.accel import Accel
+from agent_vm.models import Model
+from agent_vm.protocol.ports import CHANNEL_NAME, VSOCK_CMDLINE_FLAG
 
-CHANNEL_NAME = "org.agentvm.control"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 RAM_BACKEND_ID = "agentvm-ram"
 METADATA_URI = "urn:agent-vm:domain:1"
@@ -44,7 +46,7 @@ class NetworkMode(enum.StrEnum):
     BRIDGE = "bridge"  # attached to a host bridge the user names
 
 
-class ResourceProfile(BaseModel):
+class ResourceProfile(Model):
     """CPU and memory of a VM. Presets: ``light``, ``standard``, ``intensive``."""
 
     model_config = ConfigDict(frozen=True)
@@ -64,7 +66,7 @@ class ResourceProfile(BaseModel):
         try:
             vcpu, memory = cls.PRESETS[name]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown profile {name!r}; choose one of {sorted(cls.PRESETS)}"
             ) from None
         return cls(vcpu=vcpu, memory_mib=memory)
@@ -195,7 +197,7 @@ class VMTemplate(BaseModel):
         ET.SubElement(os_el, "initrd").text = str(self.boot.initrd)
         cmdline = self.boot.cmdline
         if self.channel == "vsock":
-            cmdline += " agentvm.transport=vsock"
+            cmdline += f" {VSOCK_CMDLINE_FLAG}"
         ET.SubElement(os_el, "cmdline").text = cmdline
 
     def _devices(self, domain: ET.Element) -> None:
@@ -233,12 +235,12 @@ class VMTemplate(BaseModel):
         net = self.network
         if self.network_mode is NetworkMode.NAT_FILTERED:
             if not net.network:
-                raise ValueError("NAT_FILTERED needs network.network (the libvirt network name)")
+                raise ConfigError("NAT_FILTERED needs network.network (the libvirt network name)")
             iface = ET.SubElement(devices, "interface", type="network")
             ET.SubElement(iface, "source", network=net.network)
         else:
             if not net.bridge:
-                raise ValueError("BRIDGE needs network.bridge (the host bridge name)")
+                raise ConfigError("BRIDGE needs network.bridge (the host bridge name)")
             iface = ET.SubElement(devices, "interface", type="bridge")
             ET.SubElement(iface, "source", bridge=net.bridge)
         if net.mac:

@@ -53,13 +53,12 @@ from agent_vm.protocol.messages import (
     Signal,
     Status,
 )
+from agent_vm.protocol.ports import CHANNEL_NAME, VSOCK_CMDLINE_FLAG, VSOCK_PORT
 
 TYPE_CHECKING = False  # typing/pathlib are avoided here: imports cost boot time under TCG
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-PORT_NAME = "org.agentvm.control"
-VSOCK_PORT = 9999
 CHUNK = 64 * 1024
 DRAIN_GRACE = 1.0
 MAX_EXECUTIONS = 64
@@ -150,7 +149,7 @@ class VsockLink(Link):
                 conn.sendall(data)
 
 
-def find_serial_port(name: str = PORT_NAME) -> str | None:
+def find_serial_port(name: str = CHANNEL_NAME) -> str | None:
     """Without udev there is no /dev/virtio-ports/<name>; the name is in sysfs."""
     base = "/sys/class/virtio-ports"
     try:
@@ -169,7 +168,7 @@ def open_link(wait: float = 30.0) -> Link:
         path = find_serial_port()
         if path is not None and os.path.exists(path):
             return SerialLink(path)
-        if os.path.exists("/dev/vsock") and "agentvm.transport=vsock" in _cmdline():
+        if os.path.exists("/dev/vsock") and VSOCK_CMDLINE_FLAG in _cmdline():
             return VsockLink()
         if time.monotonic() > deadline:
             raise RuntimeError("no control channel: neither virtio-serial port nor vsock")
@@ -524,6 +523,8 @@ class Agent:
             )
         with self.exec_lock:
             stale = [e for e in self.executions.values() if e.session != hello.session]
+            for execution in stale:  # the new session's request ids start again at 1
+                del self.executions[execution.request_id]
         for execution in stale:
             execution.kill()
 

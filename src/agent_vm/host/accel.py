@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent_vm.errors import ConfigError
+
 
 class Accel(enum.StrEnum):
     KVM = "kvm"
@@ -69,7 +71,7 @@ def detect_accel(forced: str = "auto", paths: HostPaths = HostPaths()) -> AccelC
     if forced in ("kvm", "tcg"):
         return AccelChoice(Accel(forced), f"forced by configuration (accel={forced})", True, facts)
     if forced != "auto":
-        raise ValueError(f"accel must be auto, kvm or tcg, not {forced!r}")
+        raise ConfigError(f"accel must be auto, kvm or tcg, not {forced!r}")
     if not facts["dev_kvm"]:
         return AccelChoice(Accel.TCG, "no /dev/kvm on this host", facts=facts)
     hw_intel = facts["vmx"] and facts["kvm_intel"]

@@ -37,6 +37,7 @@ GUEST_SOURCES = [
     "protocol/record.py",
     "protocol/frame.py",
     "protocol/messages.py",
+    "protocol/ports.py",
     "guest/__init__.py",
     "guest/files.py",
     "guest/netconf.py",

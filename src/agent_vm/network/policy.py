@@ -12,13 +12,15 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent_vm.models import Model
+
 DEFAULT_TCP_PORTS = (80, 443, 22, 9418)  # HTTP, HTTPS, SSH (git), git://
 DOMAIN_PATTERN = re.compile(
     r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
 
 
-class EgressPolicy(BaseModel):
+class EgressPolicy(Model):
     """Egress rules of one sandbox.
 
     ``allow_domains``: None means any destination (ports still apply). A list restricts

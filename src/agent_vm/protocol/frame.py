@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+from agent_vm.errors import ProtocolError
 from agent_vm.protocol.record import Record
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs guest boot time
@@ -60,9 +61,9 @@ class BadFrame(Record):
 
 def encode(frame: Frame) -> bytes:
     if len(frame.payload) > MAX_PAYLOAD:
-        raise ValueError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
+        raise ProtocolError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
     if not 0 <= frame.request_id <= MAX_REQUEST_ID:
-        raise ValueError(f"request id {frame.request_id} out of range")
+        raise ProtocolError(f"request id {frame.request_id} out of range")
     head = HEADER.pack(
         MAGIC, VERSION, frame.type, frame.flags, frame.request_id, len(frame.payload), 0
     )[:-4]

@@ -1,0 +1,12 @@
+"""Where the host and the guest agent meet: the names both sides must agree on.
+
+Standard library only and import-free: the guest copies this file, and a mismatch here
+is a guest that boots and is never heard from.
+"""
+
+# virtio-serial port name (libvirt <channel><target name=...>, /sys/class/virtio-ports/*/name)
+CHANNEL_NAME = "org.agentvm.control"
+# AF_VSOCK port the agent listens on (hosts with vhost-vsock only)
+VSOCK_PORT = 9999
+# kernel command line switch that makes the agent use vsock instead of virtio-serial
+VSOCK_CMDLINE_FLAG = "agentvm.transport=vsock"
