@@ -29,13 +29,14 @@ and orphans are removed with their other network pieces.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 
 from agent_vm.errors import NetworkError
 from agent_vm.logs import get_logger
+from agent_vm.network.tools import run_tool
 
 log = get_logger(__name__)
 
@@ -120,23 +121,15 @@ class Tables:
         return self.ipv4 if family == "ipv4" else self.ipv6
 
 
-def _run(argv: list[str], stdin: str | None = None) -> str:
-    try:
-        proc = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, check=False, timeout=30
-        )
-    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-        raise NetworkError(
-            f"cannot run {argv[0]}: {exc}", hint="install iptables (apt-get install iptables)"
-        ) from exc
-    if proc.returncode != 0:
-        raise NetworkError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
-    return proc.stdout
+READ_ATTEMPTS = 5
+WRITE_ATTEMPTS = 5
 
 
 def read_tables() -> Tables:
+    """Both families' mangle tables (reads are retried: see ``tools.py``)."""
     return Tables(
-        ipv4=_run([TOOLS["ipv4"][0], "-t", TABLE]), ipv6=_run([TOOLS["ipv6"][0], "-t", TABLE])
+        ipv4=run_tool([TOOLS["ipv4"][0], "-t", TABLE], attempts=READ_ATTEMPTS),
+        ipv6=run_tool([TOOLS["ipv6"][0], "-t", TABLE], attempts=READ_ATTEMPTS),
     )
 
 
@@ -144,7 +137,7 @@ def _restore(family: str, lines: Iterable[str]) -> None:
     """Apply ``lines`` to the mangle table in one transaction (declared chains are
     created, or flushed and refilled)."""
     script = "\n".join([f"*{TABLE}", *lines, "COMMIT", ""])
-    _run([TOOLS[family][1], "-w", "--noflush"], stdin=script)
+    run_tool([TOOLS[family][1], "-w", "--noflush"], stdin=script)
 
 
 def _rules(table: str, chain: str) -> list[str]:
@@ -185,8 +178,25 @@ def ensure_base(tap_prefix: str, tables: Tables | None = None) -> list[str]:
     return problems
 
 
+def _retried(operation: Callable[[], None]) -> None:
+    """Run a read-then-write operation again (re-reading) when a concurrent writer made
+    it fail: restores build their own view of the table and race like reads do."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            operation()
+            return
+        except NetworkError:
+            if attempt + 1 == WRITE_ATTEMPTS:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def add_vm(vm: VMRules) -> None:
     """Chains before dispatch: until the dispatch rule exists the tap gets nothing."""
+    _retried(lambda: _add_vm(vm))
+
+
+def _add_vm(vm: VMRules) -> None:
     tables = read_tables()
     for family in FAMILIES:
         rules = vm.chain_rules(family)
@@ -204,9 +214,14 @@ def add_vm(vm: VMRules) -> None:
 
 
 def remove_vm(tap: str) -> None:
-    tables = read_tables()
-    for family in FAMILIES:
-        _remove(family, tap, tables.of(family))
+    """Remove a sandbox's dispatch rules and chains (both families); idempotent."""
+
+    def remove() -> None:
+        tables = read_tables()
+        for family in FAMILIES:
+            _remove(family, tap, tables.of(family))
+
+    _retried(remove)
 
 
 def _remove(family: str, tap: str, table: str) -> None:

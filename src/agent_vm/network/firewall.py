@@ -8,11 +8,11 @@ guard polls this and re-instantiates what is gone.
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterable
 
-from agent_vm.errors import NetworkError
+from agent_vm.network.tools import run_tool
+
+READ_ATTEMPTS = 5  # a listing can race with libvirt changing the tables
 
 BASE_RULES = (  # the jumps from the built-in chains into libvirt's nwfilter chains
     "-A FORWARD -j libvirt-in\n",
@@ -22,28 +22,15 @@ BASE_RULES = (  # the jumps from the built-in chains into libvirt's nwfilter cha
 )
 
 
-def _output(argv: list[str], attempts: int = 5) -> str:
-    """Retried: a listing can race with libvirt changing the tables."""
-    for attempt in range(attempts):
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
-        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-            raise NetworkError(f"cannot read the firewall with {argv[0]}: {exc}") from exc
-        if proc.returncode == 0:
-            return proc.stdout
-        time.sleep(0.05 * (attempt + 1))
-    raise NetworkError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
-
-
 def missing(taps: Iterable[str]) -> set[str]:
     """The taps whose rules are (partly) gone from the kernel; one read of each table."""
     taps = list(taps)
     if not taps:
         return set()
-    iptables = _output(["iptables-save", "-t", "filter"])
+    iptables = run_tool(["iptables-save", "-t", "filter"], attempts=READ_ATTEMPTS)
     # read through nft: an ebtables-nft listing is a write transaction that can make
     # libvirt's concurrent ebtables commands fail ("RULE_DELETE failed")
-    ebtables = _output(["nft", "list", "table", "bridge", "nat"])
+    ebtables = run_tool(["nft", "list", "table", "bridge", "nat"], attempts=READ_ATTEMPTS)
     base = all(rule in iptables for rule in BASE_RULES)
     lost = set()
     for tap in taps:

@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
-from agent_vm.errors import NetworkError
+from agent_vm.network.tools import run_tool, succeeds
 
 DEFAULT_TIMEOUT = 3600
 PREFIX = "agentvm-"
@@ -30,15 +29,7 @@ def set_name(vm_name: str) -> str:
 
 
 def _ipset(*args: str, stdin: str | None = None) -> str:
-    try:
-        proc = subprocess.run(
-            ["ipset", *args], input=stdin, capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError as exc:
-        raise NetworkError("ipset is not installed", hint="apt-get install ipset") from exc
-    if proc.returncode != 0:
-        raise NetworkError(f"ipset {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
+    return run_tool(["ipset", *args], stdin=stdin)
 
 
 def twin_name(name: str) -> str:
@@ -115,10 +106,7 @@ def flush(name: str) -> None:
 
 
 def exists(name: str) -> bool:
-    return (
-        subprocess.run(["ipset", "list", "-n", name], capture_output=True, check=False).returncode
-        == 0
-    )
+    return succeeds(["ipset", "list", "-n", name])
 
 
 def names() -> list[str]:
@@ -137,9 +125,4 @@ def allow(name: str, addresses: Iterable[IPv4Address], ports: Iterable[int], tim
 
 
 def contains(name: str, address: IPv4Address, port: int) -> bool:
-    return (
-        subprocess.run(
-            ["ipset", "test", name, f"{address},tcp:{port}"], capture_output=True, check=False
-        ).returncode
-        == 0
-    )
+    return succeeds(["ipset", "test", name, f"{address},tcp:{port}"])

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from agent_vm.errors import NetworkError
 from agent_vm.logs import get_logger
+from agent_vm.network.tools import run_tool
 
 log = get_logger(__name__)
 
@@ -62,14 +61,7 @@ table bridge {TABLE} {{
 
 
 def install(tap_prefix: str, gateway: IPv4Address) -> None:
-    try:
-        proc = subprocess.run(
-            ["nft", "-f", "-"], input=ruleset(tap_prefix, gateway), capture_output=True, text=True
-        )
-    except FileNotFoundError as exc:
-        raise NetworkError("nft is not installed", hint="apt-get install nftables") from exc
-    if proc.returncode != 0:
-        raise NetworkError(f"cannot install the observation table: {proc.stderr.strip()}")
+    run_tool(["nft", "-f", "-"], stdin=ruleset(tap_prefix, gateway))
 
 
 def parse(line: str) -> Attempt | None:

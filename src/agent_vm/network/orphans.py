@@ -9,12 +9,12 @@ once it is old enough not to belong to a VM being created right now.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import libvirt
 
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import NetworkError
+from agent_vm.host.procs import is_alive
 from agent_vm.logs import get_logger
 from agent_vm.network import backstop, ipsets
 from agent_vm.network.nwfilter import FILTER_PREFIX, LOCAL_SET, filter_name
@@ -66,7 +66,7 @@ def reap_network(
     kept_sets = {ipsets.set_name(vm) for vm in keep | domains} | {LOCAL_SET}
     for name in ipsets.names():
         owner = ipsets.twin_owner(name)
-        if owner is not None and Path(f"/proc/{owner}").exists():
+        if owner is not None and is_alive(owner):
             continue  # being refilled by a live process
         if name not in kept_sets:
             with contextlib.suppress(NetworkError):  # still referenced by live rules

@@ -20,6 +20,15 @@ from pydantic import BaseModel, ValidationError
 from agent_vm.errors import NetworkError
 from agent_vm.network.policy import Addressing, EgressPolicy
 
+RUN_DIR = Path("/run/agent-vm/networks")
+
+
+def sandbox_directory(network_name: str) -> SandboxDirectory:
+    """Records live per libvirt network, not per state directory: the network and its
+    addresses are host-wide, so two installations (state dirs) sharing it must see each
+    other's reservations. Under /run, as they are as short-lived as the VMs."""
+    return SandboxDirectory(RUN_DIR / network_name / "sandboxes")
+
 
 class SandboxRecord(BaseModel):
     vm: str
