@@ -15,13 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent_vm.config import Settings, load_settings
-from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import MachineSpec, launch_vm
-from agent_vm.host.accel import detect_accel
-from agent_vm.host.daemons import ensure_daemons
-from agent_vm.image.builder import ImageBuilder
+from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from bench import peers, rawqemu
 from bench.stats import host_info, print_table, summary, write_json
@@ -32,18 +27,13 @@ COMMANDS = {"true": ["true"], "python3 -c pass": ["python3", "-c", "pass"]}
 async def measure_agent_vm(
     settings: Settings, image: Image, boots: int, execs: int
 ) -> dict[str, Any]:
-    accel = detect_accel(settings.accel).accel
     executor = AgentExecutor()
     out: dict[str, list[float]] = {"boot": [], "boot_plus_true": []}
-    with LibvirtConnection(settings.libvirt_uri) as conn:
+    async with Runtime(settings) as runtime:
+        spec = runtime.spec(network="isolated")
         for i in range(boots):
             started = time.perf_counter()
-            vm = await launch_vm(
-                conn,
-                image,
-                vms_dir=settings.vms_dir,
-                spec=MachineSpec(accel=accel, network_mode=NetworkMode.ISOLATED),
-            )
+            vm = await runtime.vm(image=image, spec=spec, cold=True)
             out["boot"].append(time.perf_counter() - started)
             try:
                 await executor.execute(vm, ["true"])
@@ -96,13 +86,13 @@ def measure_peers(runs: int) -> dict[str, Any]:
 def measure_image_build(settings: Settings, scratch: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     started = time.perf_counter()
-    ImageBuilder(settings).build()
+    Runtime(settings).build_image()
     out["cached"] = summary([time.perf_counter() - started])
     if scratch:
         with tempfile.TemporaryDirectory(prefix="agent-vm-scratch-", dir="/var/tmp") as tmp:
             fresh = settings.model_copy(update={"state_dir": Path(tmp)})
             started = time.perf_counter()
-            ImageBuilder(fresh).build()
+            Runtime(fresh).build_image()
             out["from_nothing"] = summary([time.perf_counter() - started])
     return out
 
@@ -117,10 +107,10 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = load_settings()
-    ensure_daemons()
-    image = ImageBuilder(settings).ensure()
+    runtime = Runtime(settings)
+    image = runtime.find_image()
     results: dict[str, Any] = {
-        "host": {**host_info(), "accel": detect_accel(settings.accel).reason},
+        "host": {**host_info(), "accel": runtime.accel.reason},
         "image": {"key": image.key, "kernel": image.manifest.kernel_release},
         "config": vars(args) | {"out": str(args.out) if args.out else None},
     }

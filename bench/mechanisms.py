@@ -27,7 +27,9 @@ from agent_vm.communication.transport import UnixTransport
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import qmp
 from agent_vm.core.snapshot import SnapshotManager
-from agent_vm.execution.machine import MachineSpec, launch_vm, transport_for
+from agent_vm.execution.running import transport_for
+from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.spec import MachineSpec
 from agent_vm.image.disk import create_overlay
 from agent_vm.image.store import Image
 from bench.rawqemu import qemu_argv
@@ -43,11 +45,12 @@ async def handshake(vm_transport: Any, name: str) -> None:
 
 
 async def snapshot_mechanisms(
-    connection: LibvirtConnection, image: Image, vms_dir: Path, spec: MachineSpec, runs: int
+    runtime: Runtime, image: Image, spec: MachineSpec, runs: int
 ) -> dict[str, list[float]]:
     """revert (libvirt), loadvm (in-process) and save/restore on one cold-booted VM."""
     out: dict[str, list[float]] = {"libvirt snapshot-revert": [], "QMP loadvm (in-process)": []}
-    vm = await launch_vm(connection, image, vms_dir=vms_dir, spec=spec)
+    connection = runtime.connection
+    vm = await runtime.vm(image=image, spec=spec, cold=True)
     manager = SnapshotManager()
     try:
         await (await vm.channel()).close()

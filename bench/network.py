@@ -35,17 +35,11 @@ from typing import Any
 
 from tests.integration.testnet import TestHost
 
-from agent_vm.config import Settings, load_settings
-from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode
+from agent_vm.config import load_settings
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
-from agent_vm.host.accel import detect_accel
-from agent_vm.host.daemons import ensure_daemons
-from agent_vm.image.builder import ImageBuilder
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
-from agent_vm.network.guard import NetworkGuard
 from bench.pool import pool_cycles
 from bench.stats import host_info, print_table, summary, write_json
 
@@ -99,73 +93,49 @@ async def in_vm(vm: RunningVM, netbench: str) -> dict[str, list[float]]:
 
 
 async def starts(
-    connection: LibvirtConnection,
-    settings: Settings,
-    image: Image,
-    spec: MachineSpec,
-    guard: NetworkGuard,
-    runs: int,
+    runtime: Runtime, image: Image, runs: int
 ) -> dict[str, list[float]]:
     """What the network costs a sandbox start: clone from a golden state, ISOLATED vs
     NAT_FILTERED (address, ipset, nwfilter binding, interface set-up in the guest)."""
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
     out: dict[str, list[float]] = {}
-    for mode in (NetworkMode.ISOLATED, NetworkMode.NAT_FILTERED):
-        mode_spec = spec.model_copy(update={"network_mode": mode})
-        golden = await store.ensure(
-            connection, image, mode_spec, guard=guard, boot_timeout=settings.boot_timeout
-        )
-        samples = out.setdefault(f"start from golden, {mode.value}", [])
+    for mode in ("isolated", "nat"):
+        mode_spec = runtime.spec(network=mode)
+        await runtime.golden(image, mode_spec)
+        samples = out.setdefault(f"start from golden, {mode_spec.network_mode.value}", [])
         for _ in range(runs):
             started = time.perf_counter()
-            vm = await start_clone(
-                connection, image, golden, mode_spec, vms_dir=settings.vms_dir, guard=guard
-            )
+            vm = await runtime.vm(image=image, spec=mode_spec)
             samples.append(time.perf_counter() - started)
             await vm.close()
     return out
 
 
 async def measure(
-    settings: Settings, image: Image, spec: MachineSpec, netbench: str, rounds: int, start_runs: int
+    runtime: Runtime, image: Image, netbench: str, rounds: int, start_runs: int
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
     """Both VMs run at once and the three clients take turns, round after round, so that
     the machine's background noise falls on all of them alike."""
     out: dict[str, dict[str, list[float]]] = {client: {} for client in CLIENTS}
-    with LibvirtConnection(settings.libvirt_uri) as connection:
-        guard = NetworkGuard(connection, settings)
-        await guard.start()
+    async with runtime:
+        guard = await runtime.guard()
         vms: list[RunningVM] = []
         try:
-            raw_spec = spec.model_copy(
-                update={"network_mode": NetworkMode.BRIDGE, "bridge": guard.definition.bridge}
-            )
-            for vm_spec in (raw_spec, spec):
-                vms.append(
-                    await launch_vm(
-                        connection,
-                        image,
-                        vms_dir=settings.vms_dir,
-                        spec=vm_spec,
-                        guard=guard,
-                        boot_timeout=settings.boot_timeout,
-                    )
-                )
+            # the baseline: a plain port on the same libvirt bridge, no filter at all
+            raw_spec = runtime.spec(network=f"bridge:{guard.definition.bridge}")
+            for vm_spec in (raw_spec, runtime.spec()):
+                vms.append(await runtime.vm(image=image, spec=vm_spec, cold=True))
             for _ in range(rounds):
                 merge(out[CLIENTS[0]], on_host(netbench))
                 merge(out[CLIENTS[1]], await in_vm(vms[0], netbench))
                 merge(out[CLIENTS[2]], await in_vm(vms[1], netbench))
-            for vm in vms:
-                await vm.close()
-            vms.clear()
-            start = await starts(connection, settings, image, spec, guard, start_runs)
         finally:
             for vm in vms:
                 await vm.close()
-            await guard.close()
-    # the pool makes its own guard; acquire/reset of NAT_FILTERED VMs (standby shells)
-    for label, values in (await pool_cycles(settings, image, spec, 3 * start_runs)).items():
-        start[f"pool {label}, nat_filtered"] = values
+        start = await starts(runtime, image, start_runs)
+        # acquire/reset of NAT_FILTERED VMs (standby shells)
+        nat = runtime.spec()
+        for label, values in (await pool_cycles(runtime, image, nat, 3 * start_runs)).items():
+            start[f"pool {label}, nat_filtered"] = values
     return out, start
 
 
@@ -180,10 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     # the sandbox resolver forwards to the test host, never to the host's resolvers
     settings = load_settings().model_copy(update={"dns_upstream": [f"{TEST_HOST}:53"]})
-    ensure_daemons()
-    image = ImageBuilder(settings).ensure()
-    accel = detect_accel(settings.accel)
-    spec = MachineSpec(accel=accel.accel)
+    runtime = Runtime(settings)
+    image = runtime.find_image()
+    accel = runtime.accel
     test_host = TestHost(
         name="agvbench",
         host_side=IPv4Interface("203.0.113.1/24"),
@@ -192,7 +161,7 @@ def main() -> None:
     test_host.start()
     try:
         samples, start = asyncio.run(
-            measure(settings, image, spec, job(args), args.rounds, args.starts)
+            measure(runtime, image, job(args), args.rounds, args.starts)
         )
     finally:
         test_host.stop()

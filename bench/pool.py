@@ -14,16 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent_vm.config import Settings, load_settings
-from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode
+from agent_vm.config import load_settings
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, launch_vm
 from agent_vm.execution.pool import VMPool
-from agent_vm.host.accel import detect_accel
-from agent_vm.host.daemons import ensure_daemons
-from agent_vm.image.builder import ImageBuilder
+from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.spec import MachineSpec
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox
 from bench import mechanisms, peers
@@ -41,13 +36,13 @@ async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 
 
 async def pool_cycles(
-    settings: Settings, image: Image, spec: MachineSpec, cycles: int
+    runtime: Runtime, image: Image, spec: MachineSpec, cycles: int
 ) -> dict[str, list[float]]:
     """acquire from a warm pool; the release call; and reset, timed on a pool of exactly one
     VM (release it, then wait until its clean replacement is idle: nothing is reused)."""
     out: dict[str, list[float]] = {"acquire": [], "release call": [], "reset": []}
     executor = AgentExecutor()
-    async with VMPool(min_size=2, max_size=3, image=image, spec=spec, settings=settings) as pool:
+    async with VMPool(min_size=2, max_size=3, runtime=runtime, network="isolated") as pool:
         for _ in range(cycles):
             await until(lambda: pool.stats().idle >= 2 and pool.stats().starting == 0)
             started = time.perf_counter()
@@ -57,7 +52,7 @@ async def pool_cycles(
             released = time.perf_counter()
             await pool.release(vm)
             out["release call"].append(time.perf_counter() - released)
-    async with VMPool(min_size=1, max_size=1, image=image, spec=spec, settings=settings) as one:
+    async with VMPool(min_size=1, max_size=1, runtime=runtime, network="isolated") as one:
         for _ in range(max(5, cycles // 3)):
             await until(
                 lambda: (
@@ -76,43 +71,39 @@ async def pool_cycles(
 
 
 async def starts(
-    settings: Settings, image: Image, spec: MachineSpec, runs: int, cold_runs: int
+    runtime: Runtime, image: Image, spec: MachineSpec, runs: int, cold_runs: int
 ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"start from golden": [], "cold boot": []}
-    with LibvirtConnection(settings.libvirt_uri) as conn:
-        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-        golden = await store.ensure(conn, image, spec)
-        for _ in range(runs):
-            started = time.perf_counter()
-            vm = await start_clone(conn, image, golden, spec, vms_dir=settings.vms_dir)
-            out["start from golden"].append(time.perf_counter() - started)
-            await vm.close()
-        for _ in range(cold_runs):
-            started = time.perf_counter()
-            vm = await launch_vm(conn, image, vms_dir=settings.vms_dir, spec=spec)
-            out["cold boot"].append(time.perf_counter() - started)
-            await vm.close()
-        mech = await mechanisms.snapshot_mechanisms(
-            conn, image, settings.vms_dir, spec, max(3, cold_runs)
-        )
+    await runtime.golden(image, spec)
+    for _ in range(runs):
+        started = time.perf_counter()
+        vm = await runtime.vm(image=image, spec=spec)
+        out["start from golden"].append(time.perf_counter() - started)
+        await vm.close()
+    for _ in range(cold_runs):
+        started = time.perf_counter()
+        vm = await runtime.vm(image=image, spec=spec, cold=True)
+        out["cold boot"].append(time.perf_counter() - started)
+        await vm.close()
+    mech = await mechanisms.snapshot_mechanisms(runtime, image, spec, max(3, cold_runs))
     out.update(mech)
     out.update(await mechanisms.raw_clones(image, runs))
     return out
 
 
 async def one_liners(
-    settings: Settings, image: Image, spec: MachineSpec, runs: int
+    runtime: Runtime, image: Image, spec: MachineSpec, runs: int
 ) -> dict[str, list[float]]:
     """Fresh sandbox + Python one-liner + gone: agent-vm (fresh and pooled) vs peers."""
     out: dict[str, list[float]] = {"agent-vm fresh sandbox": [], "agent-vm pooled sandbox": []}
     for _ in range(runs):
         started = time.perf_counter()
-        sandbox = await AsyncSandbox.create(settings=settings)
+        sandbox = await AsyncSandbox.create(settings=runtime.settings)
         result = await sandbox.commands.run(ONE_LINER)
         assert result.stdout == "499500\n", result
         await sandbox.kill()
         out["agent-vm fresh sandbox"].append(time.perf_counter() - started)
-    async with VMPool(min_size=2, max_size=3, image=image, spec=spec, settings=settings) as pool:
+    async with VMPool(min_size=2, max_size=3, runtime=runtime, network="isolated") as pool:
         for _ in range(runs):
             await until(lambda: pool.stats().idle >= 2 and pool.stats().starting == 0)
             started = time.perf_counter()
@@ -126,14 +117,14 @@ async def one_liners(
 
 
 async def throughput(
-    settings: Settings, image: Image, spec: MachineSpec, sizes: list[int], seconds: float
+    runtime: Runtime, image: Image, spec: MachineSpec, sizes: list[int], seconds: float
 ) -> dict[str, float]:
     """Executions per minute: N workers, pool of N, acquire -> one-liner -> release."""
     out: dict[str, float] = {}
     executor = AgentExecutor()
     for size in sizes:
         async with VMPool(
-            min_size=size, max_size=size, image=image, spec=spec, settings=settings
+            min_size=size, max_size=size, runtime=runtime, network="isolated"
         ) as pool:
             done = 0
             deadline = time.perf_counter() + seconds
@@ -152,14 +143,14 @@ async def throughput(
     return out
 
 
-async def memory(settings: Settings, image: Image, spec: MachineSpec) -> dict[str, Any]:
+async def memory(runtime: Runtime, image: Image, spec: MachineSpec) -> dict[str, Any]:
     """QEMU memory of idle pooled VMs (the RAM file is shared copy-on-write)."""
-    async with VMPool(min_size=3, max_size=3, image=image, spec=spec, settings=settings) as pool:
+    async with VMPool(min_size=3, max_size=3, runtime=runtime, network="isolated") as pool:
         await asyncio.sleep(3)  # let the clones go idle
         rows = []
         for entry in list(pool._idle):
-            assert entry.qemu_pid is not None
-            rollup = _kib(_read(Path(f"/proc/{entry.qemu_pid}/smaps_rollup")))
+            assert entry.vm.qemu_pid is not None
+            rollup = _kib(_read(Path(f"/proc/{entry.vm.qemu_pid}/smaps_rollup")))
             rows.append(
                 {
                     "rss_mib": rollup["Rss"] / 1024,
@@ -191,20 +182,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    settings = load_settings()
-    ensure_daemons()
-    image = ImageBuilder(settings).ensure()
-    spec = MachineSpec(accel=detect_accel(settings.accel).accel, network_mode=NetworkMode.ISOLATED)
+    runtime = Runtime(load_settings())
+    image = runtime.find_image()
+    spec = runtime.spec(network="isolated")
     results: dict[str, Any] = {
-        "host": {**host_info(), "accel": detect_accel(settings.accel).reason},
+        "host": {**host_info(), "accel": runtime.accel.reason},
         "image": image.key,
         "config": {k: v for k, v in vars(args).items() if k != "out"},
     }
-    pool = asyncio.run(pool_cycles(settings, image, spec, args.cycles))
-    start = asyncio.run(starts(settings, image, spec, args.runs, args.cold_runs))
-    liners = asyncio.run(one_liners(settings, image, spec, args.runs))
-    per_minute = asyncio.run(throughput(settings, image, spec, [1, 2, 4], args.throughput_seconds))
-    mem = asyncio.run(memory(settings, image, spec))
+
+    async def measure() -> tuple[Any, ...]:
+        async with runtime:
+            return (
+                await pool_cycles(runtime, image, spec, args.cycles),
+                await starts(runtime, image, spec, args.runs, args.cold_runs),
+                await one_liners(runtime, image, spec, args.runs),
+                await throughput(runtime, image, spec, [1, 2, 4], args.throughput_seconds),
+                await memory(runtime, image, spec),
+            )
+
+    pool, start, liners, per_minute, mem = asyncio.run(measure())
     raw = summary(start["raw QEMU clone: spawn -> READY"])["p50"]
     summaries = {k: summary(v) for k, v in {**pool, **start, **liners}.items() if v}
     results.update(

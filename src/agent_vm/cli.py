@@ -5,28 +5,25 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from agent_vm import __version__, logs
-from agent_vm.config import Settings, load_settings
-from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode, ResourceProfile
+from agent_vm.config import load_settings
 from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm, parse_network
-from agent_vm.execution.reaper import reap
-from agent_vm.host.accel import detect_accel
-from agent_vm.host.daemons import ensure_daemons
-from agent_vm.image.builder import ImageBuilder
-from agent_vm.image.store import Image, ImageStore
-from agent_vm.network.guard import NetworkGuard, sandbox_directory
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.spec import MachineSpec
+from agent_vm.image.store import Image
 from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
 
 EXIT_TIMEOUT = 124
@@ -45,7 +42,7 @@ golden_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(golden_app, name="golden")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
 
 @app.callback()
@@ -57,25 +54,49 @@ def _global(
 
 
 def _fail(exc: AgentVMError) -> typer.Exit:
-    err.print(f"[bold red]agent-vm:[/] {exc.message}")
+    """One line for what happened, one for what to do; never a traceback."""
+    first, *rest = exc.message.splitlines() or [""]
+    err.print(f"[bold red]agent-vm:[/] {escape(first)}", highlight=False)
+    for line in rest:  # e.g. a console log tail: context, printed as it is
+        err.print(line, markup=False, highlight=False)
     if exc.hint:
-        err.print(f"[yellow]hint:[/] {exc.hint}")
+        err.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False)
     return typer.Exit(EXIT_AGENT_VM_ERROR)
 
 
-def _image(
-    settings: Settings, name: str | None, *, force: bool = False, resolve: bool = True
-) -> Image:
-    """Build (or find) the image with a live status line on stderr."""
-    builder = ImageBuilder(settings)
-    with err.status("image: checking") as status:
+def _runtime() -> Runtime:
+    try:
+        return Runtime(load_settings())
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
 
-        def progress(message: str) -> None:
-            status.update(f"image: {message}")
 
-        if not resolve:
-            return builder.ensure(name, progress=progress)
-        return builder.build(name, force=force, progress=progress)
+class _Progress:
+    """A status line on stderr, shown from the first message on (fast paths show none)."""
+
+    def __init__(self) -> None:
+        self._status: Status | None = None
+
+    def __call__(self, message: str) -> None:
+        if self._status is None:
+            self._status = err.status(message)
+            self._status.start()
+        else:
+            self._status.update(message)
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+@contextmanager
+def _progress() -> Iterator[_Progress]:
+    progress = _Progress()
+    try:
+        yield progress
+    finally:
+        progress.stop()
 
 
 @app.command()
@@ -89,8 +110,11 @@ def doctor() -> None:
     """Check the host: packages, daemons, accelerator (KVM or TCG), libvirt, disk, image."""
     from agent_vm.doctor import run_checks
 
-    settings = load_settings()
-    checks = run_checks(settings)
+    runtime = _runtime()
+    try:
+        checks = run_checks(runtime)
+    finally:
+        runtime.connection.close()
     table = Table(show_header=True, header_style="bold")
     for column in ("check", "status", "detail"):
         table.add_column(column)
@@ -116,9 +140,11 @@ def image_build(
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
 ) -> None:
     """Build the guest image (reused when its inputs did not change)."""
-    settings = load_settings()
+    runtime = _runtime()
     try:
-        image = _image(settings, name, force=force)
+        with _progress() as progress:
+            progress("image: resolving inputs")
+            image = runtime.build_image(name, force=force, progress=progress)
     except AgentVMError as exc:
         raise _fail(exc) from exc
     m = image.manifest
@@ -128,9 +154,8 @@ def image_build(
 @image_app.command("list")
 def image_list() -> None:
     """List built images."""
-    store = ImageStore(load_settings().images_dir)
     table = Table("name", "key", "current", "created", "kernel", "disk MiB", "packages")
-    for image, current in store.all():
+    for image, current in _runtime().images.all():
         m = image.manifest
         table.add_row(
             image.name,
@@ -151,7 +176,7 @@ def image_rm(
 ) -> None:
     """Remove an image (all versions, or one with --key)."""
     try:
-        for path in ImageStore(load_settings().images_dir).remove(name, key):
+        for path in _runtime().images.remove(name, key):
             typer.echo(f"removed {path}")
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -160,9 +185,8 @@ def image_rm(
 @golden_app.command("list")
 def golden_list() -> None:
     """List golden states with their size in shared memory."""
-    settings = load_settings()
     table = Table("digest", "image", "vcpu", "MiB", "created", "RAM in /dev/shm", "status")
-    for golden in GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir).all():
+    for golden in _runtime().golden_store.all():
         meta = golden.meta()
         ram = golden.ram.stat().st_blocks * 512 / 2**20 if golden.ram.exists() else 0
         if meta is None:
@@ -186,11 +210,12 @@ def golden_rm(
     digest: Annotated[str | None, typer.Argument(help="digest (all if omitted)")] = None,
 ) -> None:
     """Remove golden states (they are captured again when next needed)."""
-    settings = load_settings()
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
+    store = _runtime().golden_store
     matched = [g for g in store.all() if digest is None or g.digest.startswith(digest)]
     if digest is not None and not matched:
-        raise _fail(ConfigError(f"no golden state {digest!r}"))
+        raise _fail(
+            ConfigError(f"no golden state {digest!r}", hint="`agent-vm golden list` shows them")
+        )
     for golden in matched:
         store.remove(golden)
         typer.echo(f"removed {golden.digest}")
@@ -203,19 +228,14 @@ def gc(
     ] = False,
 ) -> None:
     """Remove VMs left by agent-vm processes that died, and golden states of removed images."""
-    settings = load_settings()
+    runtime = _runtime()
+
+    async def collect() -> list[str]:
+        async with runtime:
+            return await runtime.collect_garbage(all_owners=all_owners)
+
     try:
-        ensure_daemons()
-        with LibvirtConnection(settings.libvirt_uri) as conn:
-            removed = reap(
-                conn,
-                settings.vms_dir,
-                include_live_owners=all_owners,
-                network_records=sandbox_directory(settings),
-            )
-        live = {image.key for image, _ in ImageStore(settings.images_dir).all()}
-        store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-        removed += [f"golden state {d}" for d in store.prune(live)]
+        removed = asyncio.run(collect())
     except AgentVMError as exc:
         raise _fail(exc) from exc
     typer.echo("\n".join(removed) if removed else "nothing to remove")
@@ -269,121 +289,90 @@ def run(
     a few seconds), or boots cold with --cold. Exits with the command's exit code (124 on
     timeout, 125 on an agent-vm error).
     """
-    settings = load_settings()
+    runtime = _runtime()
     try:
+        # Everything the user typed is checked before any daemon or VM starts.
         if (not command) == (code is None):
             raise ConfigError("give a command after -- or --code FILE.py (not both)")
+        if timeout <= 0:
+            raise ConfigError(f"--timeout must be positive, not {timeout:g}")
         source = code.read_text() if code is not None else None
-        base = ResourceProfile.preset(profile)
-        resources = ResourceProfile(vcpu=cpus or base.vcpu, memory_mib=memory or base.memory_mib)
         variables = _parse_env(env or [])
-        stdin = sys.stdin.buffer.read() if interactive else None
-        ensure_daemons()
-        built = _image(settings, image, resolve=False)
-        mode, bridge = parse_network(network)
-        spec = MachineSpec(
-            profile=resources,
-            accel=detect_accel(settings.accel).accel,
-            network_mode=mode,
-            bridge=bridge,
-        )
+        spec = runtime.spec(profile=profile, network=network, cpus=cpus, memory_mib=memory)
         policy = EgressPolicy(
             tcp_ports=tuple(port) if port else DEFAULT_TCP_PORTS,
             allow_domains=tuple(allow_domain) if allow_domain else None,
             allow_ipv6=ipv6,
         )
-        exit_code = asyncio.run(
-            _run(
-                settings,
-                built,
-                spec,
-                policy,
-                cold,
-                command,
-                source,
-                timeout,
-                variables,
-                cwd,
-                user,
-                stdin,
-            )
-        )
+        with _progress() as progress:
+            built = runtime.find_image(image, progress=progress)
+        stdin = sys.stdin.buffer.read() if interactive else None
+        request = _Request(command, source, timeout, variables, cwd, user, stdin)
+        exit_code = asyncio.run(_run(runtime, built, spec, policy, cold, request))
     except AgentVMError as exc:
         raise _fail(exc) from exc
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # --code FILE unreadable, stdin closed, ...
         raise _fail(ConfigError(str(exc))) from exc
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(exit_code)
 
 
-async def _start(
-    settings: Settings,
-    conn: LibvirtConnection,
-    image: Image,
-    spec: MachineSpec,
-    guard: NetworkGuard | None,
-    policy: EgressPolicy,
-    cold: bool,
-) -> RunningVM:
-    if cold:
-        return await launch_vm(
-            conn, image, vms_dir=settings.vms_dir, spec=spec, guard=guard, policy=policy,
-            boot_timeout=settings.boot_timeout,
-        )  # fmt: skip
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-    golden = store.locate_for(image, spec)
-    if not golden.exists():
-        with err.status("creating the golden state (first start of this image and hardware)"):
-            golden = await store.ensure(
-                conn, image, spec, guard=guard, boot_timeout=settings.boot_timeout
-            )
-    return await start_clone(
-        conn, image, golden, spec, vms_dir=settings.vms_dir, guard=guard, policy=policy
-    )
+class _Request:
+    """What to run, as the user gave it."""
+
+    def __init__(
+        self,
+        command: list[str] | None,
+        code: str | None,
+        timeout: float,
+        env: dict[str, str],
+        cwd: str | None,
+        user: str,
+        stdin: bytes | None,
+    ) -> None:
+        self.command = command
+        self.code = code
+        self.timeout = timeout
+        self.env = env
+        self.cwd = cwd
+        self.user = user
+        self.stdin = stdin
 
 
 async def _run(
-    settings: Settings,
+    runtime: Runtime,
     image: Image,
     spec: MachineSpec,
     policy: EgressPolicy,
     cold: bool,
-    command: list[str] | None,
-    code: str | None,
-    timeout: float,
-    env: dict[str, str],
-    cwd: str | None,
-    user: str,
-    stdin: bytes | None,
+    request: _Request,
 ) -> int:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     vm: RunningVM | None = None
-    conn = LibvirtConnection(settings.libvirt_uri)
-    guard = NetworkGuard(conn, settings) if spec.network_mode is NetworkMode.NAT_FILTERED else None
     try:
-        conn.open()
-        if guard is not None:
-            await guard.start()
-        vm = await _start(settings, conn, image, spec, guard, policy, cold)
+        with _progress() as progress:
+            vm = await runtime.vm(
+                image=image, spec=spec, policy=policy, cold=cold, progress=progress
+            )
         result = await AgentExecutor().execute(
             vm,
-            command,
-            code=code,
-            timeout=timeout,
-            env=env,
-            cwd=cwd,
-            user=user,
-            stdin=stdin,
+            request.command,
+            code=request.code,
+            timeout=request.timeout,
+            env=request.env,
+            cwd=request.cwd,
+            user=request.user,
+            stdin=request.stdin,
             on_stdout=_writer(sys.stdout.buffer),
             on_stderr=_writer(sys.stderr.buffer),
         )
         if result.error:
-            err.print(f"[bold red]agent-vm:[/] {result.error}")
+            err.print(f"[bold red]agent-vm:[/] {escape(result.error)}", highlight=False)
         if result.timed_out:
-            err.print(f"[bold red]agent-vm:[/] command timed out after {timeout:g} s")
+            err.print(f"[bold red]agent-vm:[/] command timed out after {request.timeout:g} s")
             return EXIT_TIMEOUT
         return result.exit_code
     except asyncio.CancelledError:
@@ -391,9 +380,7 @@ async def _run(
     finally:
         if vm is not None:
             await asyncio.shield(vm.close())
-        if guard is not None:
-            await guard.close()
-        conn.close()
+        await asyncio.shield(runtime.close())
 
 
 def _writer(stream: BinaryIO) -> Callable[[bytes], None]:

@@ -6,13 +6,11 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from agent_vm.config import Settings
-from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import AgentVMError
+from agent_vm.execution.runtime import Runtime
 from agent_vm.host import daemons
-from agent_vm.host.accel import detect_accel, vsock_available
+from agent_vm.host.accel import vsock_available
 from agent_vm.host.packages import missing_packages
-from agent_vm.image.store import ImageStore
 
 MIN_FREE_GIB = 3.0
 
@@ -26,7 +24,8 @@ class Check:
     required: bool = True
 
 
-def run_checks(settings: Settings, *, start_daemons: bool = True) -> list[Check]:
+def run_checks(runtime: Runtime, *, start_daemons: bool = True) -> list[Check]:
+    settings = runtime.settings
     checks: list[Check] = []
     root = os.geteuid() == 0
     checks.append(
@@ -53,15 +52,16 @@ def run_checks(settings: Settings, *, start_daemons: bool = True) -> list[Check]
             required=False,
         )
     )
-    choice = detect_accel(settings.accel)
+    choice = runtime.accel
     checks.append(Check("accelerator", True, f"{choice.accel.value.upper()}: {choice.reason}"))
     checks.append(
         Check(
             "vsock",
             True,
-            "available (/dev/vhost-vsock)"
+            "available (/dev/vhost-vsock), but not chosen automatically: the control "
+            "channel is virtio-serial unless a MachineSpec asks for channel='vsock'"
             if vsock_available()
-            else "not available (no /dev/vhost-vsock): control channel uses virtio-serial",
+            else "not available (no /dev/vhost-vsock): the control channel is virtio-serial",
             required=False,
         )
     )
@@ -86,8 +86,8 @@ def run_checks(settings: Settings, *, start_daemons: bool = True) -> list[Check]
         )
     )
     try:
-        with LibvirtConnection(settings.libvirt_uri) as conn:
-            libvirt_version, qemu_version = conn.versions()
+        runtime.connection.open()
+        libvirt_version, qemu_version = runtime.connection.versions()
         checks.append(
             Check(
                 "libvirt",
@@ -107,7 +107,7 @@ def run_checks(settings: Settings, *, start_daemons: bool = True) -> list[Check]
             f"free space: images need ~{MIN_FREE_GIB:.0f} GiB (set AGENT_VM_STATE_DIR elsewhere)",
         )
     )
-    image = ImageStore(settings.images_dir).get(settings.image)
+    image = runtime.images.get(settings.image)
     checks.append(
         Check(
             "image",

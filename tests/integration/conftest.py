@@ -2,8 +2,10 @@
 
 Nothing here is skipped: if the host cannot run VMs the tests fail and say why. The
 first run builds the image (about a minute; needs the package mirror the host uses).
-At the end of the session every domain, work directory and QEMU process this test
-process created must be gone, or the session fails.
+The stack comes from one session ``Runtime``, as it does for users. At the end of the
+session every domain, work directory and QEMU process this test process created must be
+gone, or the session fails. When a test fails, the console logs and domain XML of the
+VMs it used are kept under ``test-results/<test>/`` (printed in the report).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import os
 # resolver started in this session (here or in a CLI subprocess) forwards to the test
 # host's DNS server (see the test_host fixture), never to the host's own resolvers.
 os.environ["AGENT_VM_DNS_UPSTREAM"] = '["198.51.100.10:53"]'  # TEST_HOST_IP
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+import re
+import shutil
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import asynccontextmanager, suppress
 from ipaddress import IPv4Interface
 from pathlib import Path
 
@@ -24,14 +28,14 @@ import pytest_asyncio
 
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode
 from agent_vm.errors import AgentVMError
+from agent_vm.execution import teardown
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
 from agent_vm.execution.reaper import owned_domains
-from agent_vm.host.accel import Accel, detect_accel
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
+from agent_vm.host.accel import Accel
 from agent_vm.host.daemons import ensure_daemons
-from agent_vm.image.builder import ImageBuilder
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
 from tests.integration.helpers import vm_dirs
@@ -44,6 +48,85 @@ TEST_ZONE = {
     "api.allowed.test": TEST_HOST_IP,
     "evil.test": "198.51.100.11",  # the test host's second address
 }
+RESULTS = Path(__file__).resolve().parents[2] / "test-results"
+INTEGRATION = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration boots real VMs: mark it so (``-m integration``)."""
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+# ---------------------------------------------------------------- artefacts of failures
+
+_seen: dict[str, tuple[str, bytes]] = {}  # VM name -> (domain XML, console log tail)
+CONSOLE_KEEP = 256 * 1024
+
+
+def _remember(doomed: teardown.Doomed) -> None:
+    """Teardown observer: keep what a failed test's report needs, before it is deleted."""
+    xml = ""
+    if doomed.vm is not None:
+        try:
+            xml = doomed.vm.xml()
+        except AgentVMError as exc:
+            xml = f"<!-- domain XML unavailable: {exc} -->"
+    console = b""
+    workdir = doomed.workdir or Path(
+        doomed.vm.metadata().get("workdir", "") if doomed.vm is not None else ""
+    )
+    log = workdir / "console.log"
+    try:
+        with log.open("rb") as handle:
+            handle.seek(max(0, log.stat().st_size - CONSOLE_KEEP))
+            console = handle.read()
+    except OSError:
+        pass
+    _seen[doomed.name] = (xml, console)
+
+
+def _live_domains(settings: Settings) -> None:
+    """VMs still running when a test fails: their XML and console logs too."""
+    with LibvirtConnection(settings.libvirt_uri) as conn:
+        for owned in owned_domains(conn):
+            if owned.metadata.get("pid") != str(os.getpid()):
+                continue
+            _remember(teardown.Doomed(owned.vm.name, owned.vm, None, None))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call" and report.failed and INTEGRATION in Path(str(item.fspath)).parents:
+        with suppress(AgentVMError):
+            _live_domains(load_settings())
+    if report.failed and _seen:
+        target = RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)
+        target.mkdir(parents=True, exist_ok=True)
+        for name, (xml, console) in _seen.items():
+            (target / f"{name}.xml").write_text(xml)
+            (target / f"{name}.console.log").write_bytes(console)
+        report.sections.append(("VM artefacts", f"console logs and domain XML in {target}"))
+        print(f"\nVM artefacts of {item.nodeid}: {target}")
+    if report.when == "teardown" or report.failed:
+        _seen.clear()
+    return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keep_vm_artefacts() -> Iterator[None]:
+    if RESULTS.exists():
+        shutil.rmtree(RESULTS)
+    teardown.observers.append(_remember)
+    yield
+    teardown.observers.remove(_remember)
+
+
+# ---------------------------------------------------------------- the stack
 
 
 @pytest.fixture(scope="session")
@@ -61,23 +144,34 @@ def host_ready(settings: Settings) -> None:
         pytest.fail(f"libvirt is not usable on this host: {exc}")
 
 
-@pytest.fixture(scope="session")
-def image(settings: Settings, host_ready: None) -> Image:
+@pytest_asyncio.fixture(scope="session")
+async def runtime(settings: Settings, host_ready: None) -> AsyncIterator[Runtime]:
+    """The session's runtime: connection, guard, golden store, images."""
+    session_runtime = Runtime(settings)
     try:
-        return ImageBuilder(settings).ensure()
+        await session_runtime.start()
+    except AgentVMError as exc:
+        pytest.fail(f"the agent-vm runtime cannot start on this host: {exc}")
+    yield session_runtime
+    await session_runtime.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def image(runtime: Runtime) -> Image:
+    try:
+        return await runtime.image()
     except AgentVMError as exc:
         pytest.fail(f"cannot build the guest image: {exc}")
 
 
 @pytest.fixture(scope="session")
-def accel(settings: Settings) -> Accel:
-    return detect_accel(settings.accel).accel
+def accel(runtime: Runtime) -> Accel:
+    return runtime.accel.accel
 
 
 @pytest.fixture(scope="session")
-def connection(settings: Settings, host_ready: None) -> Iterator[LibvirtConnection]:
-    with LibvirtConnection(settings.libvirt_uri) as conn:
-        yield conn
+def connection(runtime: Runtime) -> LibvirtConnection:
+    return runtime.connection
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -119,16 +213,9 @@ def _qemu_processes_named(names: list[str]) -> list[int]:
 
 
 @asynccontextmanager
-async def booted(
-    connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
-) -> AsyncIterator[RunningVM]:
-    vm = await launch_vm(
-        connection,
-        image,
-        vms_dir=settings.vms_dir,
-        spec=MachineSpec(accel=accel, network_mode=NetworkMode.ISOLATED),
-        boot_timeout=settings.boot_timeout,
-    )
+async def booted(runtime: Runtime, image: Image) -> AsyncIterator[RunningVM]:
+    """A cold-booted VM without network (the bottom rung: no golden state involved)."""
+    vm = await runtime.vm(image=image, spec=runtime.spec(network="isolated"), cold=True)
     try:
         yield vm
     finally:
@@ -136,20 +223,16 @@ async def booted(
 
 
 @pytest_asyncio.fixture
-async def fresh_vm(
-    connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
-) -> AsyncIterator[RunningVM]:
+async def fresh_vm(runtime: Runtime, image: Image) -> AsyncIterator[RunningVM]:
     """A VM of its own, for tests that break or reset it."""
-    async with booted(connection, image, settings, accel) as vm:
+    async with booted(runtime, image) as vm:
         yield vm
 
 
 @pytest_asyncio.fixture(scope="module")
-async def shared_vm(
-    connection: LibvirtConnection, image: Image, settings: Settings, accel: Accel
-) -> AsyncIterator[RunningVM]:
+async def shared_vm(runtime: Runtime, image: Image) -> AsyncIterator[RunningVM]:
     """One VM for a module's non-destructive tests (boots cost seconds under TCG)."""
-    async with booted(connection, image, settings, accel) as vm:
+    async with booted(runtime, image) as vm:
         yield vm
 
 
@@ -172,16 +255,9 @@ def test_host(host_ready: None) -> Iterator[TestHost]:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def guard(
-    connection: LibvirtConnection, settings: Settings, test_host: TestHost
-) -> AsyncIterator[NetworkGuard]:
-    """The session's network guard; its resolver forwards to the test host's DNS."""
-    network_guard = NetworkGuard(connection, settings)
-    await network_guard.start()
-    try:
-        yield network_guard
-    finally:
-        await network_guard.close()
+async def guard(runtime: Runtime, test_host: TestHost) -> NetworkGuard:
+    """The session runtime's network guard; its resolver forwards to the test host's DNS."""
+    return await runtime.guard()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import agent_vm
 from agent_vm.errors import ConfigError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM
+from agent_vm.execution.running import RunningVM
 from agent_vm.protocol.frame import HEADER, MAGIC, Frame, encode
 from agent_vm.protocol.messages import MessageType
 

@@ -6,42 +6,27 @@ import asyncio
 import hashlib
 import time
 
-from agent_vm.config import Settings
-from agent_vm.core.connection import LibvirtConnection
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM
-from agent_vm.host.accel import Accel
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
 
 
 async def test_clones_are_distinct_and_correct(
-    connection: LibvirtConnection,
-    image: Image,
-    settings: Settings,
-    accel: Accel,
-    executor: AgentExecutor,
-    guard: NetworkGuard,
+    runtime: Runtime, image: Image, executor: AgentExecutor, guard: NetworkGuard
 ) -> None:
-    spec = MachineSpec(accel=accel)
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-    golden = await store.ensure(
-        connection, image, spec, guard=guard, boot_timeout=settings.boot_timeout
-    )
+    spec = runtime.spec()
+    golden = await runtime.golden(image, spec)
     first_meta = golden.meta()
     assert first_meta is not None and first_meta.state_bytes < 2 * 2**20
-    again = await store.ensure(connection, image, spec, guard=guard)  # cached: not captured
+    again = await runtime.golden(image, spec)  # cached: not captured
     assert again.meta() == first_meta
 
     clones: list[RunningVM] = []
     try:
         for _ in range(2):
-            clones.append(
-                await start_clone(
-                    connection, image, golden, spec, vms_dir=settings.vms_dir, guard=guard
-                )
-            )
+            clones.append(await runtime.vm(image=image, spec=spec))
         probe = (
             "hostname; cat /etc/machine-id; date +%s.%N; "
             "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
@@ -68,18 +53,9 @@ async def test_clones_are_distinct_and_correct(
 
 
 async def test_clone_runs_software_normally(
-    connection: LibvirtConnection,
-    image: Image,
-    settings: Settings,
-    accel: Accel,
-    executor: AgentExecutor,
-    guard: NetworkGuard,
+    runtime: Runtime, image: Image, executor: AgentExecutor, guard: NetworkGuard
 ) -> None:
-    spec = MachineSpec(accel=accel)
-    golden = await GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir).ensure(
-        connection, image, spec, guard=guard
-    )
-    vm = await start_clone(connection, image, golden, spec, vms_dir=settings.vms_dir, guard=guard)
+    vm = await runtime.vm(image=image)
     try:
         result = await executor.execute(
             vm, "git --version && python3 -c 'import json,ssl; print(ssl.OPENSSL_VERSION)'"

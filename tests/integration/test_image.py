@@ -7,8 +7,8 @@ import pytest
 from agent_vm.config import Settings
 from agent_vm.errors import ImageError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM
-from agent_vm.image.builder import ImageBuilder
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
 from agent_vm.image.rootfs import GUEST_PACKAGES
 from agent_vm.image.store import Image, ImageStore
 
@@ -25,14 +25,14 @@ def test_manifest_describes_the_image(image: Image) -> None:
 
 
 def test_an_unchanged_image_is_not_rebuilt(image: Image, settings: Settings) -> None:
-    again = ImageBuilder(settings).build()  # resolves all inputs, finds the cached image
+    again = Runtime(settings).build_image()  # resolves all inputs, finds the cached image
     assert again.key == image.key
     assert again.manifest.created_at == image.manifest.created_at
 
 
 def test_missing_images_are_clear_errors(settings: Settings) -> None:
     store = ImageStore(settings.images_dir)
-    with pytest.raises(ImageError, match="not built"):
+    with pytest.raises(ImageError, match=r"no image named .* has been built"):
         store.require("no-such-image")
     with pytest.raises(ImageError, match="no image named"):
         store.remove("no-such-image")

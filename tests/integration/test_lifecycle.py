@@ -8,7 +8,7 @@ import pytest
 from agent_vm.core.vm import VM, VMState
 from agent_vm.errors import VMError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM
+from agent_vm.execution.running import RunningVM
 
 
 async def test_pause_resume_and_graceful_stop(fresh_vm: RunningVM, executor: AgentExecutor) -> None:

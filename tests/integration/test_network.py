@@ -24,18 +24,18 @@ import pytest_asyncio
 
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import GoldenState, GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM, launch_vm
-from agent_vm.host.accel import Accel
+from agent_vm.execution.golden import GoldenState
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
 from agent_vm.host.daemons import ensure_daemons, stop_libvirtd
 from agent_vm.image.store import Image
 from agent_vm.network import backstop, ipsets
-from agent_vm.network.guard import NetworkGuard, VMNetwork
-from agent_vm.network.nwfilter import filter_name
+from agent_vm.network.guard import NetworkGuard
+from agent_vm.network.nwfilter import LOCAL_SET, filter_name
 from agent_vm.network.orphans import reap_network
 from agent_vm.network.policy import EgressPolicy
+from agent_vm.network.vmnet import VMNetwork
 from tests.integration.conftest import TEST_HOST_IP
 from tests.integration.guest_probe import hammer_code, parse, probe_code
 from tests.integration.helpers import eventually
@@ -49,36 +49,20 @@ pytestmark = pytest.mark.integration
 
 @pytest_asyncio.fixture(scope="module")
 async def nat_golden(
-    connection: LibvirtConnection,
-    image: Image,
-    settings: Settings,
-    accel: Accel,
-    guard: NetworkGuard,
-    test_host: TestHost,
+    runtime: Runtime, image: Image, guard: NetworkGuard, test_host: TestHost
 ) -> GoldenState:
-    store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-    return await store.ensure(
-        connection, image, MachineSpec(accel=accel), guard=guard, boot_timeout=settings.boot_timeout
-    )
+    return await runtime.golden(image, runtime.spec())
 
 
 @pytest.fixture
 def sandbox(
-    connection: LibvirtConnection,
-    image: Image,
-    settings: Settings,
-    accel: Accel,
-    guard: NetworkGuard,
-    nat_golden: GoldenState,
+    runtime: Runtime, image: Image, guard: NetworkGuard, nat_golden: GoldenState
 ) -> Callable[..., Any]:
     """``async with sandbox(policy) as vm``: a NAT_FILTERED VM, removed afterwards."""
 
     @asynccontextmanager
     async def make(policy: EgressPolicy | None = None) -> AsyncIterator[RunningVM]:
-        vm = await start_clone(
-            connection, image, nat_golden, MachineSpec(accel=accel),
-            vms_dir=settings.vms_dir, guard=guard, policy=policy,
-        )  # fmt: skip
+        vm = await runtime.vm(image=image, policy=policy)
         try:
             yield vm
         finally:
@@ -140,33 +124,35 @@ async def test_default_policy_allows_only_dns_and_web_ports(
                     "host_veth_80": ["tcp", HOST_SIDE_IP, 80],
                 },
             )
-    assert out["http80"] == f"ok:hello from port 80 to {HOST_SIDE_IP}", out  # NATed
-    assert out["ssh22"] == "open:SSH-2.0-agentvm-testhost", out
-    assert out["resolver"] == f"ok:{TEST_HOST_IP}", out
-    assert out["dns_gateway_tcp"] == "answer:1", out
-    for blocked in (
-        "http8080", "udp443", "udp5000", "icmp", "dns_foreign_udp", "dns_foreign_tcp",
-        "host_gateway_80", "host_gateway_2222", "host_veth_80",
-    ):  # fmt: skip
-        assert_blocked(out[blocked])
+        assert out["http80"] == f"ok:hello from port 80 to {HOST_SIDE_IP}", out  # NATed
+        assert out["ssh22"] == "open:SSH-2.0-agentvm-testhost", out
+        assert out["resolver"] == f"ok:{TEST_HOST_IP}", out
+        assert out["dns_gateway_tcp"] == "answer:1", out
+        for blocked in (
+            "http8080", "udp443", "udp5000", "icmp", "dns_foreign_udp", "dns_foreign_tcp",
+            "host_gateway_80", "host_gateway_2222", "host_veth_80",
+        ):  # fmt: skip
+            assert_blocked(out[blocked])
 
-    def seen() -> set[tuple[str, str, int | None]]:
-        return {(b.kind, b.destination, b.port) for b in guard.blocked(vm.name)}
+        def seen() -> set[tuple[str, str, int | None]]:
+            return {(b.kind, b.destination, b.port) for b in guard.blocked(vm.name)}
 
-    expected = {
-        ("tcp", TEST_HOST_IP, 8080),
-        ("udp", TEST_HOST_IP, 443),
-        ("udp", TEST_HOST_IP, 5000),
-        ("udp", TEST_HOST_IP, 53),
-        ("tcp", gateway, 80),
-        ("tcp", HOST_SIDE_IP, 80),
-    }
-    await eventually(lambda: expected <= seen(), 5, f"blocked attempts {expected} in {seen()}")
-    assert ("tcp", TEST_HOST_IP, 80) not in seen()
-    reasons = {b.destination + ":" + str(b.port): b.reason for b in guard.blocked(vm.name)}
-    assert reasons[f"{TEST_HOST_IP}:8080"] == "port 8080 not allowed"
-    assert reasons[f"{gateway}:80"] == "host service"
-    assert guard.blocked_count(vm.name) >= len(expected)
+        expected = {
+            ("tcp", TEST_HOST_IP, 8080),
+            ("udp", TEST_HOST_IP, 443),
+            ("udp", TEST_HOST_IP, 5000),
+            ("udp", TEST_HOST_IP, 53),
+            ("tcp", gateway, 80),
+            ("tcp", HOST_SIDE_IP, 80),
+        }
+        await eventually(lambda: expected <= seen(), 5, f"blocked attempts {expected} in {seen()}")
+        assert ("tcp", TEST_HOST_IP, 80) not in seen()
+        reasons = {b.destination + ":" + str(b.port): b.reason for b in guard.blocked(vm.name)}
+        assert reasons[f"{TEST_HOST_IP}:8080"] == "port 8080 not allowed"
+        assert reasons[f"{gateway}:80"] == "host service"
+        assert guard.blocked_count(vm.name) >= len(expected)
+    # detached with its VM: nothing of a gone sandbox is kept (no per-VM series forever)
+    assert guard.blocked(vm.name) == [] and guard.blocked_count(vm.name) == 0
 
 
 async def test_sandboxes_cannot_reach_each_other(
@@ -329,19 +315,9 @@ async def test_no_ipv6_frame_leaves_unless_allowed(
 
 
 async def test_isolated_has_no_interface_and_no_route(
-    connection: LibvirtConnection,
-    image: Image,
-    settings: Settings,
-    accel: Accel,
-    executor: AgentExecutor,
+    runtime: Runtime, image: Image, executor: AgentExecutor
 ) -> None:
-    vm = await launch_vm(
-        connection,
-        image,
-        vms_dir=settings.vms_dir,
-        spec=MachineSpec(accel=accel, network_mode=NetworkMode.ISOLATED),
-        boot_timeout=settings.boot_timeout,
-    )
+    vm = await runtime.vm(image=image, spec=runtime.spec(network="isolated"), cold=True)
     try:
         links = await executor.execute(vm, "ls /sys/class/net")
         routes = await executor.execute(vm, "ip -4 route; ip -6 route")
@@ -471,10 +447,9 @@ async def test_no_moment_without_a_filter_while_libvirt_rebuilds_them(
 async def test_leftovers_of_a_crashed_process_are_removed(
     connection: LibvirtConnection, settings: Settings, guard: NetworkGuard
 ) -> None:
-    other = NetworkGuard(connection, settings)  # plays a process that then crashed
-    await other.start()
+    other = Runtime(settings)  # plays a process that then crashed
     try:
-        network = await other.attach("agentvm-crashed01")
+        network = await (await other.guard()).attach("agentvm-crashed01")
     finally:
         await other.close()  # no detach: its pieces stay, as after a SIGKILL
     conn = connection.connection
@@ -514,20 +489,9 @@ def test_bridge() -> Iterator[TestHost]:
 
 
 async def test_bridge_mode_joins_a_user_bridge(
-    connection: LibvirtConnection,
-    image: Image,
-    settings: Settings,
-    accel: Accel,
-    executor: AgentExecutor,
-    test_bridge: TestHost,
+    runtime: Runtime, image: Image, executor: AgentExecutor, test_bridge: TestHost
 ) -> None:
-    vm = await launch_vm(
-        connection,
-        image,
-        vms_dir=settings.vms_dir,
-        spec=MachineSpec(accel=accel, network_mode=NetworkMode.BRIDGE, bridge="agvtbr1"),
-        boot_timeout=settings.boot_timeout,
-    )
+    vm = await runtime.vm(image=image, spec=runtime.spec(network="bridge:agvtbr1"), cold=True)
     try:
         address = await executor.execute(vm, "ip -4 -o addr show dev eth0")
         reach = await probe(executor, vm, {"web": ["http", test_bridge.ip, 8080]})
@@ -535,3 +499,56 @@ async def test_bridge_mode_joins_a_user_bridge(
         await vm.close()
     assert " inet 203.0.113.1" in address.stdout, address.stdout  # leased from .100-.150
     assert reach["web"].startswith("ok:hello from port 8080"), reach  # BRIDGE: unfiltered
+
+
+async def test_firewall_reads_survive_sets_coming_and_going(guard: NetworkGuard) -> None:
+    """iptables-save fails ("Set with index N in kernel doesn't exist") when it lists a
+    rule whose ipset another process destroys at that moment: seen as a leaked ipset and
+    backstop chain after 30 pooled VMs were released at once. Here other writers churn
+    chains and sets as fast as they can (raw iptables/ipset, as libvirt and other agent-vm
+    processes would) while agent-vm reads the tables and adds and removes sandbox chains
+    of its own; none of agent-vm's operations may fail or leave anything."""
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def foreign_churn(worker: int) -> None:
+        name, chain = f"agvchurn{worker}", f"AGVCHURN{worker}"
+        rule = f"-A {chain} -p tcp -m set --match-set {name} dst,dst -j RETURN"
+        add = f"*mangle\n:{chain} - [0:0]\n{rule}\nCOMMIT\n"
+        remove = f"*mangle\n-F {chain}\n-X {chain}\nCOMMIT\n"
+        restore = ["iptables-restore", "-w", "--noflush"]
+        while not done.is_set():
+            subprocess.run(["ipset", "create", name, "hash:net,port", "-exist"], check=True)
+            subprocess.run(restore, input=add, text=True, check=True)
+            subprocess.run(restore, input=remove, text=True, check=True)
+            subprocess.run(["ipset", "destroy", name], check=True)
+
+    def ours(worker: int) -> None:
+        for round_ in range(25):
+            name = f"agentvm-churn{worker}{round_:03d}"
+            rules = backstop.VMRules(
+                tap=f"agvm-churn{worker}{round_:02d}",
+                ipset=ipsets.set_name(name),
+                local_set=LOCAL_SET,
+            )
+            try:
+                backstop.read_tables()
+                ipsets.create(rules.ipset)
+                backstop.add_vm(rules)
+                backstop.remove_vm(rules.tap)
+                ipsets.destroy(rules.ipset)
+            except BaseException as exc:
+                errors.append(exc)
+
+    churners = [threading.Thread(target=foreign_churn, args=(w,)) for w in range(3)]
+    for churner in churners:
+        churner.start()
+    try:
+        await asyncio.gather(*(asyncio.to_thread(ours, w) for w in range(2)))
+    finally:
+        done.set()
+        for churner in churners:
+            churner.join()
+    assert errors == []
+    assert [n for n in ipsets.names() if "churn" in n] == []
+    assert [t for t in backstop.taps_in(backstop.read_tables()) if "churn" in t] == []

@@ -17,35 +17,19 @@ from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import PoolExhaustedError, VMDiedError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import MachineSpec, RunningVM
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.reaper import owned_domains
-from agent_vm.host.accel import Accel
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
 from agent_vm.host.daemons import ensure_daemons, stop_libvirtd
+from agent_vm.host.procs import is_alive
 from agent_vm.image.store import Image
-from tests.integration.helpers import domains_of, eventually
-
-
-def exited(pid: int) -> bool:
-    """The process is gone or a zombie (SIGKILL delivery itself takes a moment)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
+from tests.integration.helpers import domains_of, eventually, network_leftovers
 
 
 @pytest_asyncio.fixture
-async def pool(image: Image, settings: Settings, accel: Accel) -> AsyncIterator[VMPool]:
-    vm_pool = VMPool(
-        min_size=2,
-        max_size=3,
-        ttl_seconds=3600,
-        image=image,
-        spec=MachineSpec(accel=accel),
-        settings=settings,
-        health_interval=0.5,
-    )
+async def pool(runtime: Runtime, image: Image) -> AsyncIterator[VMPool]:
+    vm_pool = VMPool(min_size=2, max_size=3, ttl_seconds=3600, runtime=runtime, health_interval=0.5)
     await vm_pool.initialize()
     try:
         yield vm_pool
@@ -93,12 +77,8 @@ async def test_twenty_concurrent_cycles_never_share_a_vm(
     assert pool.stats().in_use == 0
 
 
-async def test_exhausted_pool_raises_a_clear_error(
-    image: Image, settings: Settings, accel: Accel
-) -> None:
-    async with VMPool(
-        min_size=1, max_size=1, image=image, spec=MachineSpec(accel=accel), settings=settings
-    ) as small:
+async def test_exhausted_pool_raises_a_clear_error(runtime: Runtime, image: Image) -> None:
+    async with VMPool(min_size=1, max_size=1, runtime=runtime) as small:
         held = await small.acquire(timeout=5)
         started = time.monotonic()
         with pytest.raises(PoolExhaustedError, match=r"no VM free within 0\.5 s") as caught:
@@ -116,10 +96,10 @@ async def test_killed_idle_vm_is_replaced_and_never_handed_out(
     await eventually(lambda: pool.stats().idle >= 2, 30, "a full pool")
     victim = pool._idle[0]
     before = pool.stats().replaced_dead
-    assert victim.qemu_pid is not None
-    os.kill(victim.qemu_pid, signal.SIGKILL)
-    pid = victim.qemu_pid
-    await eventually(lambda: exited(pid), 5, "QEMU to exit")
+    assert victim.vm.qemu_pid is not None
+    os.kill(victim.vm.qemu_pid, signal.SIGKILL)
+    pid = victim.vm.qemu_pid
+    await eventually(lambda: not is_alive(pid), 5, "QEMU to exit")
     for _ in range(4):  # none of these may be the dead VM
         vm = await pool.acquire(timeout=30)
         assert vm.name != victim.vm.name
@@ -155,23 +135,21 @@ async def test_vm_killed_while_acquired_fails_fast_and_is_replaced(
 async def test_unresponsive_idle_vm_is_replaced(pool: VMPool) -> None:
     await eventually(lambda: pool.stats().idle >= 2, 30, "a full pool")
     frozen = pool._idle[0]
-    assert frozen.qemu_pid is not None
-    os.kill(frozen.qemu_pid, signal.SIGSTOP)  # QEMU alive, agent silent
+    assert frozen.vm.qemu_pid is not None
+    os.kill(frozen.vm.qemu_pid, signal.SIGSTOP)  # QEMU alive, agent silent
     try:
         await eventually(lambda: frozen not in pool._idle, 20, "the frozen VM to be dropped")
     finally:
-        os.kill(frozen.qemu_pid, signal.SIGCONT)  # lets the discard finish quickly
+        os.kill(frozen.vm.qemu_pid, signal.SIGCONT)  # lets the discard finish quickly
     await eventually(lambda: pool.stats().idle >= 2, 30, "the pool to refill")
 
 
-async def test_ttl_evicts_idle_vms(image: Image, settings: Settings, accel: Accel) -> None:
+async def test_ttl_evicts_idle_vms(runtime: Runtime, image: Image) -> None:
     async with VMPool(
         min_size=1,
         max_size=2,
         ttl_seconds=1.0,
-        image=image,
-        spec=MachineSpec(accel=accel),
-        settings=settings,
+        runtime=runtime,
         health_interval=0.3,
     ) as short_lived:
         first = {e.vm.name for e in short_lived._idle}
@@ -200,7 +178,7 @@ async def test_pool_survives_a_libvirtd_restart(pool: VMPool, executor: AgentExe
 
 
 async def test_start_up_reaps_leftovers_of_a_crashed_process(
-    image: Image, settings: Settings, accel: Accel, connection: LibvirtConnection
+    settings: Settings, image: Image, connection: LibvirtConnection
 ) -> None:
     crashed = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent_vm", "run", "--", "sh", "-c", "echo booted; sleep 120",
@@ -211,24 +189,43 @@ async def test_start_up_reaps_leftovers_of_a_crashed_process(
     await crashed.wait()
     leftover = sorted(domains_of(connection, crashed.pid))
     assert len(leftover) == 1
-    async with VMPool(
-        min_size=1, max_size=1, image=image, spec=MachineSpec(accel=accel), settings=settings
-    ):
+    async with VMPool(min_size=1, max_size=1, settings=settings):  # a runtime of its own
         remaining = {d.vm.name for d in owned_domains(connection)}
         assert leftover[0] not in remaining
         assert not (settings.vms_dir / leftover[0]).exists()
 
 
 async def test_shutdown_leaves_nothing(
-    image: Image, settings: Settings, accel: Accel, connection: LibvirtConnection
+    runtime: Runtime, image: Image, connection: LibvirtConnection
 ) -> None:
     before = domains_of(connection, os.getpid())
-    pool = VMPool(
-        min_size=2, max_size=3, image=image, spec=MachineSpec(accel=accel), settings=settings
-    )
+    pool = VMPool(min_size=2, max_size=3, runtime=runtime)
     await pool.initialize()
     held: RunningVM = await pool.acquire(timeout=5)
     assert domains_of(connection, os.getpid()) - before
     await pool.shutdown()  # also destroys the acquired VM
     assert domains_of(connection, os.getpid()) == before
     assert not held.workdir.exists()
+
+
+async def test_a_full_nat_pool_cycled_once_leaves_no_network_behind(
+    runtime: Runtime, image: Image, executor: AgentExecutor, settings: Settings
+) -> None:
+    """Seen as a new user: 30 NAT VMs acquired, used, released, the pool closed; one VM's
+    ipset and backstop chain stayed until `agent-vm gc` (an iptables-save racing with
+    another VM's ipset removal failed, and the failure was swallowed)."""
+    names: set[str] = set()
+    async with VMPool(min_size=30, max_size=30, runtime=runtime, standby=2) as big:
+        vms = [await big.acquire(timeout=300) for _ in range(30)]
+        names |= {vm.name for vm in vms}
+        results = await asyncio.gather(*(executor.execute(vm, "echo hi") for vm in vms))
+        assert all(r.stdout == "hi\n" for r in results)
+        for vm in vms:
+            await big.release(vm)
+        names |= {entry.vm.name for entry in big._idle}
+        names |= {shell.name for shell in big._shells}
+    assert len(names) >= 30
+    assert network_leftovers(settings, names) == []
+    guard = await runtime.guard()
+    assert not names & set(guard.attached()), "the guard still tracks detached VMs"
+    assert not any(guard.blocked_log.recent(name) for name in names)

@@ -7,10 +7,9 @@ import os
 
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.execution.machine import MachineSpec
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.reaper import owned_domains
-from agent_vm.host.accel import Accel
+from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox, Sandbox, shared_loop
 
@@ -64,23 +63,18 @@ async def test_async_twin_has_the_same_names(
     assert my_domains(connection) == before
 
 
-async def test_sandboxes_over_a_pool_return_their_vm(
-    image: Image, settings: Settings, accel: Accel
-) -> None:
-    async with VMPool(
-        min_size=1, max_size=2, image=image, spec=MachineSpec(accel=accel), settings=settings
-    ) as pool:
+async def test_sandboxes_over_a_pool_return_their_vm(runtime: Runtime) -> None:
+    async with VMPool(min_size=1, max_size=2, runtime=runtime) as pool:
         async with AsyncSandbox(pool=pool) as sb:
             assert (await sb.commands.run("echo pooled")).stdout == "pooled\n"
             assert pool.stats().in_use == 1
         assert pool.stats().in_use == 0
 
 
-def test_blocking_sandbox_over_a_pool(image: Image, settings: Settings, accel: Accel) -> None:
+def test_blocking_sandbox_over_a_pool(settings: Settings) -> None:
     loop = shared_loop()
-    pool = VMPool(
-        min_size=1, max_size=1, image=image, spec=MachineSpec(accel=accel), settings=settings
-    )
+    # A runtime lives on one event loop: this pool gets its own, on the sandboxes' loop.
+    pool = VMPool(min_size=1, max_size=1, settings=settings)
     loop.run(pool.initialize())
     try:
         with Sandbox(pool=pool) as sb:

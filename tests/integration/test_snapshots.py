@@ -10,7 +10,7 @@ from agent_vm import timeutil
 from agent_vm.core.snapshot import SnapshotManager
 from agent_vm.errors import SnapshotError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM
+from agent_vm.execution.running import RunningVM
 
 
 async def test_create_list_restore_delete(fresh_vm: RunningVM, executor: AgentExecutor) -> None:

@@ -12,7 +12,7 @@ import pytest
 from agent_vm.core.vm import VMState
 from agent_vm.errors import VMDiedError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.machine import RunningVM
+from agent_vm.execution.running import RunningVM
 
 
 async def test_kill_9_of_qemu_mid_execution_raises_within_two_seconds(

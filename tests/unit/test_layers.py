@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ LAYERS = {
     "protocol": 0,
     "logs": 1,
     "config": 1,
+    "models": 1,
+    "asyncutil": 1,
     "guest": 1,
     "host": 2,
     "image": 3,
@@ -30,7 +33,7 @@ LAYERS = {
     "cli": 5,
     "api": 5,
     "__main__": 5,
-    "__init__": 0,
+    "__init__": 5,  # the package face: names every layer, imports them only on first use
 }
 STDLIB_ONLY = ("guest", "protocol", "errors", "timeutil")
 
@@ -66,3 +69,20 @@ def test_imports_respect_layers(path: Path) -> None:
             assert LAYERS[target] <= LAYERS[own], f"{rel} (layer {own}) imports {name}"
         elif own in STDLIB_ONLY:
             assert top in sys.stdlib_module_names, f"{rel} must use the stdlib only: {name}"
+
+
+def test_importing_the_package_imports_nothing_else() -> None:
+    """``import agent_vm`` (done by everything, the guest's copy included) stays free:
+    the public names are resolved on first use."""
+    code = "import sys, agent_vm; print(sorted(m for m in sys.modules if 'agent_vm' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['agent_vm']"
+
+
+def test_the_public_names_resolve() -> None:
+    import agent_vm
+
+    for name in agent_vm.__all__:
+        assert getattr(agent_vm, name) is not None, name
+    with pytest.raises(AttributeError):
+        _ = agent_vm.NoSuchThing

@@ -1,7 +1,7 @@
-"""Blocking access to the asyncio client, for code that is not async.
+"""An asyncio event loop in a daemon thread, for blocking callers (the sync Sandbox).
 
-One event loop runs in a daemon thread; each call submits a coroutine to it and waits.
-Output callbacks therefore run on that loop's thread.
+Each call submits a coroutine to the loop and waits; callbacks therefore run on that
+loop's thread.
 """
 
 from __future__ import annotations
@@ -10,10 +10,6 @@ import asyncio
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
-
-from agent_vm.communication.channel import AgentChannel, OutputCallback, RawExecution
-from agent_vm.communication.transport import Transport
-from agent_vm.protocol.messages import Execute, Ready, Status
 
 T = TypeVar("T")
 
@@ -35,46 +31,3 @@ class BackgroundLoop:
             self._thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
-
-
-class SyncAgentChannel:
-    """The same operations as :class:`AgentChannel`, blocking."""
-
-    def __init__(self, transport: Transport, *, name: str = "vm") -> None:
-        self._loop = BackgroundLoop(f"agent-{name}")
-        self._channel = self._loop.run(self._create(transport, name))
-
-    @staticmethod
-    async def _create(transport: Transport, name: str) -> AgentChannel:
-        return AgentChannel(transport, name=name)  # bound to the background loop
-
-    def connect(self, timeout: float = 30.0) -> Ready:
-        return self._loop.run(self._channel.connect(timeout))
-
-    def execute(
-        self,
-        request: Execute,
-        *,
-        stdin: bytes | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        wait_timeout: float | None = None,
-    ) -> RawExecution:
-        return self._loop.run(
-            self._channel.execute(
-                request,
-                stdin=stdin,
-                on_stdout=on_stdout,
-                on_stderr=on_stderr,
-                wait_timeout=wait_timeout,
-            )
-        )
-
-    def ping(self, timeout: float = 5.0) -> Status:
-        return self._loop.run(self._channel.ping(timeout))
-
-    def close(self) -> None:
-        try:
-            self._loop.run(self._channel.close(), timeout=10)
-        finally:
-            self._loop.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import libvirt
@@ -40,14 +41,25 @@ def ensure_event_loop() -> None:
         _started = True
 
 
-LifecycleCallback = Callable[[str, int, int], None]
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One domain lifecycle event with libvirt's VIR_DOMAIN_EVENT_* values."""
+
+    uuid: str
+    name: str
+    event: int
+    detail: int
+
+
+LifecycleCallback = Callable[[LifecycleEvent], None]
 
 
 class LifecycleEvents:
-    """Domain lifecycle events (started, stopped, crashed, ...) delivered on an asyncio loop.
+    """Domain lifecycle events (started, stopped, crashed, ...) delivered on asyncio loops.
 
-    Callbacks get (domain UUID, event, detail) with libvirt's VIR_DOMAIN_EVENT_* values.
-    They run on the loop given at subscription, never on libvirt's event thread.
+    Callbacks run on the loop that was running at subscription, never on libvirt's event
+    thread. One instance per connection (the runtime's): registrations are renewed on
+    every reconnect, because they die with the connection that made them.
     """
 
     def __init__(self, connection: LibvirtConnection) -> None:
@@ -68,12 +80,12 @@ class LifecycleEvents:
         detail: int,
         _: object,
     ) -> None:
-        uuid = domain.UUIDString()
+        delivered = LifecycleEvent(domain.UUIDString(), domain.name(), event, detail)
         with self._lock:
             subscribers = list(self._subscribers)
         for loop, callback in subscribers:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(callback, uuid, event, detail)
+                loop.call_soon_threadsafe(callback, delivered)
 
     def subscribe(self, callback: LifecycleCallback) -> Callable[[], None]:
         """Deliver events to ``callback`` on the running loop; returns an unsubscribe."""

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from agent_vm.communication.channel import RESULT_GRACE, OutputCallback
 from agent_vm.errors import ChannelClosedError, ConfigError, ProtocolError
-from agent_vm.execution.machine import RunningVM
 from agent_vm.execution.result import ExecutionResult
+from agent_vm.execution.running import RunningVM
 from agent_vm.protocol.messages import Execute
 
 DEFAULT_TIMEOUT = 600.0

@@ -30,24 +30,25 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent_vm import timeutil
+from agent_vm.asyncutil import finish_in_thread
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import load_device_state, save_device_state
 from agent_vm.core.template import MemoryFile
 from agent_vm.core.vm import VM
-from agent_vm.execution.machine import (
+from agent_vm.execution.launch import (
     Held,
-    MachineSpec,
     Nic,
-    RunningVM,
-    cleanup_or_defer,
     connect_agent,
     creating,
     define_vm,
-    finish_in_thread,
     new_vm_name,
     wait_settled,
 )
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.spec import MachineSpec
+from agent_vm.execution.teardown import teardown
+from agent_vm.host.procs import is_alive
 from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
@@ -106,6 +107,10 @@ class GoldenState:
     def exists(self) -> bool:
         return all(p.exists() for p in (self.disk, self.state, self.meta_path, self.ram))
 
+    def ready(self) -> bool:
+        """Complete and readable (blocking: stats and reads files)."""
+        return self.exists() and self.meta() is not None
+
     def meta(self) -> GoldenMeta | None:
         try:
             return GoldenMeta.model_validate_json(self.meta_path.read_text())
@@ -160,22 +165,26 @@ class GoldenStore:
         guard: NetworkGuard | None = None,
         boot_timeout: float = 60.0,
     ) -> GoldenState:
-        """The golden state for (image, spec), captured now if it does not exist yet."""
+        """The golden state for (image, spec), captured now if it does not exist yet.
+        File system work runs in threads (the event loop keeps serving other VMs)."""
         key = GoldenKey(image_key=image.key, spec=spec)
         golden = self.locate(key)
-        if golden.exists() and golden.meta() is not None:
+        if await asyncio.to_thread(golden.ready):
             return golden
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = await asyncio.to_thread(_lock, self.root / f"{golden.digest}.lock")
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        lock = await finish_in_thread(_lock, self.root / f"{golden.digest}.lock")
         try:
-            if golden.exists() and golden.meta() is not None:
+            if await asyncio.to_thread(golden.ready):
                 return golden  # captured by another process while we waited
             await self._capture(connection, image, key, golden, guard, boot_timeout)
-            live = {img.key for img, _ in ImageStore(self.root.parent / "images").all()}
-            self.prune(live | {image.key})
+            await asyncio.to_thread(self._prune_after_capture, image)
             return golden
         finally:
             os.close(lock)
+
+    def _prune_after_capture(self, image: Image) -> None:
+        live = {img.key for img, _ in ImageStore(self.root.parent / "images").all()}
+        self.prune(live | {image.key})
 
     async def _capture(
         self,
@@ -194,31 +203,24 @@ class GoldenStore:
         )
         name = new_vm_name(f"agentvm-golden-{golden.digest[:8]}")
         try:
-            async with creating(self.vms_dir, name) as held:
+            async with creating(self.vms_dir, name, guard) as held:
                 vm = await define_vm(
-                    connection, image, key.spec, held, backing_disk=image.disk, guard=guard,
+                    connection, image, key.spec, held, backing_disk=image.disk,
                     memory_file=MemoryFile(path=golden.ram, shared=True),
                 )  # fmt: skip
-                await asyncio.to_thread(vm.start)
+                await finish_in_thread(vm.start)
                 agent = await connect_agent(held, boot_timeout)
                 booted = time.monotonic() - started
                 await _settle(agent)
-                await agent.close()
                 capture_started = time.monotonic()
                 golden.directory.mkdir(parents=True)
                 state_bytes = await asyncio.to_thread(save_device_state, vm, golden.state)
                 capture = time.monotonic() - capture_started
-                if guard is not None:
-                    guard.closing(name)
-                await asyncio.to_thread(vm.destroy)
-                await asyncio.to_thread(vm.undefine)
-                held.vm = None
-                if guard is not None:
-                    await guard.detach(name)  # clones get addresses of their own
-                    held.nic = None
-                (held.workdir / "disk.qcow2").rename(golden.disk)
-                golden.disk.chmod(0o444)
-                shutil.rmtree(held.workdir, ignore_errors=True)
+                # The template goes like any VM, but its disk is kept: it becomes the
+                # golden disk. Clones get network addresses of their own.
+                await teardown(name, vm=vm, workdir=None, guard=guard, channel=agent)
+                held.vm = held.agent = None
+                await asyncio.to_thread(_keep_disk, held.workdir, golden.disk)
         except BaseException:
             self.remove(golden)
             raise
@@ -238,6 +240,12 @@ async def _settle(agent: AgentChannel) -> None:
     await wait_settled(agent, SETTLE_TIMEOUT)
     for argv in WARM_UP:
         await agent.execute(Execute(argv=argv, timeout=60))
+
+
+def _keep_disk(workdir: Path, disk: Path) -> None:
+    (workdir / "disk.qcow2").rename(disk)
+    disk.chmod(0o444)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _lock(path: Path) -> int:
@@ -269,15 +277,15 @@ class CloneShell:
     nic: Nic | None = None
     guard: NetworkGuard | None = None
 
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
     def alive(self) -> bool:
-        return self.qemu_pid is not None and Path(f"/proc/{self.qemu_pid}").exists()
+        return is_alive(self.qemu_pid)
 
     async def discard(self) -> None:
-        if self.guard is not None:
-            self.guard.closing(self.vm.name)
-        await asyncio.to_thread(cleanup_or_defer, self.vm, self.workdir)
-        if self.guard is not None:
-            await self.guard.detach(self.vm.name)
+        await teardown(self.vm.name, vm=self.vm, workdir=self.workdir, guard=self.guard)
 
 
 async def prepare_shell(
@@ -292,10 +300,10 @@ async def prepare_shell(
     name: str | None = None,
 ) -> CloneShell:
     """Define and start a clone that waits for its state (~0.4 s here, mostly libvirt)."""
-    async with creating(vms_dir, name or new_vm_name()) as held:
+    async with creating(vms_dir, name or new_vm_name(), guard) as held:
         vm = await define_vm(
-            connection, image, spec, held, backing_disk=golden.disk, guard=guard,
-            policy=policy, memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
+            connection, image, spec, held, backing_disk=golden.disk, policy=policy,
+            memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
         )  # fmt: skip
         await finish_in_thread(vm.start)
         pid = await asyncio.to_thread(vm.qemu_pid)
@@ -306,7 +314,7 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
     """Load the golden state into the shell and give the VM its own clock, entropy and
     identity. On failure the shell is destroyed."""
     started = time.monotonic()
-    held = Held(shell.workdir, shell.vm)
+    held = Held(shell.workdir, shell.guard, shell.vm)
     try:
         await asyncio.to_thread(load_device_state, shell.vm, shell.golden.state, timeout)
         agent = await connect_agent(held, timeout)
@@ -320,12 +328,19 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
             )
         )
     except BaseException:
-        if held.agent is not None:
-            await held.agent.close()
-        await asyncio.shield(shell.discard())
+        await teardown(
+            shell.name, vm=shell.vm, workdir=shell.workdir, guard=shell.guard, channel=held.agent
+        )
         raise
     return RunningVM(
-        shell.vm, shell.workdir, image, agent, time.monotonic() - started, shell.nic, shell.guard
+        shell.vm,
+        shell.workdir,
+        image,
+        agent,
+        time.monotonic() - started,
+        shell.nic,
+        shell.guard,
+        shell.qemu_pid,
     )
 
 

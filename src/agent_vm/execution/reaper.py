@@ -19,7 +19,9 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.template import parse_metadata
 from agent_vm.core.vm import VM
 from agent_vm.errors import VMError
-from agent_vm.execution.machine import OWNER, destroy_and_remove, process_start_time
+from agent_vm.execution.launch import OWNER
+from agent_vm.execution.teardown import destroy_and_remove
+from agent_vm.host.procs import same_process
 from agent_vm.logs import get_logger
 from agent_vm.network.orphans import reap_network
 from agent_vm.network.sandboxes import SandboxDirectory
@@ -37,8 +39,7 @@ class OwnedDomain:
         pid = self.metadata.get("pid", "")
         if not pid.isdigit():
             return False
-        start = process_start_time(int(pid))
-        return bool(start) and start == self.metadata.get("pid_start", start)
+        return same_process(int(pid), self.metadata.get("pid_start", ""))
 
 
 def owned_domains(connection: LibvirtConnection) -> list[OwnedDomain]:

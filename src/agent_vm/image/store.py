@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent_vm.errors import ImageError
+from agent_vm.errors import ImageError, ImageNotFoundError
 from agent_vm.image.manifest import ImageManifest
 from agent_vm.logs import get_logger
 
@@ -72,11 +72,12 @@ class ImageStore:
         return self._load(name, path.resolve())
 
     def require(self, name: str) -> Image:
+        """The current image called ``name``; ImageNotFoundError naming the build command."""
         image = self.get(name)
         if image is None:
-            raise ImageError(
-                f"image {name!r} is not built",
-                hint=f"run `agent-vm image build --name {name}` (agent-vm run builds it too)",
+            raise ImageNotFoundError(
+                f"no image named {name!r} has been built",
+                hint=f"build it first: agent-vm image build --name {name}",
             )
         return image
 

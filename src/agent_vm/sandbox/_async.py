@@ -10,18 +10,16 @@ import codecs
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from agent_vm.config import Settings, load_settings
-from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.template import NetworkMode, ResourceProfile
+from agent_vm.config import Settings
+from agent_vm.core.template import ResourceProfile
 from agent_vm.errors import AgentVMError
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import GoldenStore, start_clone
-from agent_vm.execution.machine import MachineSpec, RunningVM, parse_network
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.result import ExecutionResult
-from agent_vm.host.accel import detect_accel
-from agent_vm.image.builder import ImageBuilder
-from agent_vm.network.guard import Blocked, NetworkGuard
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.spec import NetworkChoice
+from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
 
 CommandResult = ExecutionResult
@@ -79,7 +77,9 @@ class AsyncSandbox:
     """One isolated VM: ``create()`` it, or use it as a context manager.
 
     With ``pool=`` the VM comes from that pool and goes back to it on ``kill()``;
-    otherwise a fresh VM is started from the golden state and destroyed on ``kill()``.
+    otherwise a fresh VM is started from the golden state and destroyed on ``kill()``,
+    by ``runtime`` when given (one runtime can serve many sandboxes) or by a runtime of
+    the sandbox's own. Arguments are checked here, before any VM starts.
     """
 
     def __init__(
@@ -87,22 +87,22 @@ class AsyncSandbox:
         *,
         pool: VMPool | None = None,
         image: str | None = None,
-        profile: str = "light",
-        network: str = "nat",
+        profile: str | ResourceProfile = "light",
+        network: NetworkChoice = "nat",
         policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self._pool = pool
         self._image = image
-        self._profile = profile
-        self._network = network
         self._policy = policy
         self._timeout = timeout
         self._settings = settings
+        self._own_runtime = pool is None and runtime is None
+        self._runtime = pool.runtime if pool is not None else runtime or Runtime(settings)
+        self._spec = self._runtime.spec(profile=profile, network=network)
         self._vm: RunningVM | None = None
-        self._connection: LibvirtConnection | None = None
-        self._guard: NetworkGuard | None = None
         self.commands = AsyncCommands(self)
 
     @classmethod
@@ -111,11 +111,12 @@ class AsyncSandbox:
         *,
         pool: VMPool | None = None,
         image: str | None = None,
-        profile: str = "light",
-        network: str = "nat",
+        profile: str | ResourceProfile = "light",
+        network: NetworkChoice = "nat",
         policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
+        runtime: Runtime | None = None,
     ) -> AsyncSandbox:
         """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
         sandbox = cls(
@@ -126,6 +127,7 @@ class AsyncSandbox:
             policy=policy,
             timeout=timeout,
             settings=settings,
+            runtime=runtime,
         )
         await sandbox.start()
         return sandbox
@@ -158,37 +160,23 @@ class AsyncSandbox:
             vm = await self._pool.acquire(self._timeout)
             self._vm = vm
             if self._policy is not None:
-                await vm.set_policy(self._policy)
+                try:
+                    await vm.set_policy(self._policy)
+                except BaseException:
+                    self._vm = None
+                    await self._pool.release(vm)
+                    raise
             return
-        settings = self._settings or load_settings()
-        image = ImageBuilder(settings).ensure(self._image)
-        mode, bridge = parse_network(self._network)
-        spec = MachineSpec(
-            profile=ResourceProfile.preset(self._profile),
-            accel=detect_accel(settings.accel).accel,
-            network_mode=mode,
-            bridge=bridge,
-        )
-        connection = LibvirtConnection(settings.libvirt_uri)
-        guard = NetworkGuard(connection, settings) if mode is NetworkMode.NAT_FILTERED else None
+        if self._own_runtime and self._runtime.closed:  # started again after kill()
+            self._runtime = Runtime(self._settings)
         try:
-            connection.open()
-            if guard is not None:
-                await guard.start()
-            store = GoldenStore(settings.state_dir, settings.vms_dir, settings.ram_dir)
-            golden = await store.ensure(
-                connection, image, spec, guard=guard, boot_timeout=settings.boot_timeout
+            self._vm = await self._runtime.vm(
+                image=self._image, spec=self._spec, policy=self._policy
             )
-            self._vm = await start_clone(
-                connection, image, golden, spec, vms_dir=settings.vms_dir, guard=guard,
-                policy=self._policy, timeout=self._timeout,
-            )  # fmt: skip
         except BaseException:
-            if guard is not None:
-                await guard.close()
-            connection.close()
+            if self._own_runtime:
+                await self._runtime.close()
             raise
-        self._connection, self._guard = connection, guard
 
     async def kill(self) -> None:
         """Destroy the sandbox (or hand it back to its pool). Idempotent."""
@@ -201,12 +189,8 @@ class AsyncSandbox:
         try:
             await vm.close()
         finally:
-            if self._guard is not None:
-                await self._guard.close()
-                self._guard = None
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+            if self._own_runtime:
+                await self._runtime.close()
 
     async def __aenter__(self) -> AsyncSandbox:
         await self.start()

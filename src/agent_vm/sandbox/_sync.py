@@ -14,9 +14,12 @@ from types import TracebackType
 
 from agent_vm.communication.sync import BackgroundLoop
 from agent_vm.config import Settings
-from agent_vm.execution.machine import RunningVM
+from agent_vm.core.template import ResourceProfile
 from agent_vm.execution.pool import VMPool
-from agent_vm.network.guard import Blocked
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.spec import NetworkChoice
+from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.sandbox._async import AsyncCommands, AsyncSandbox, CommandResult, TextCallback
 
@@ -68,7 +71,9 @@ class Sandbox:
     """One isolated VM: ``create()`` it, or use it as a context manager.
 
     With ``pool=`` the VM comes from that pool and goes back to it on ``kill()``;
-    otherwise a fresh VM is started from the golden state and destroyed on ``kill()``.
+    otherwise a fresh VM is started from the golden state and destroyed on ``kill()``,
+    by ``runtime`` when given (one runtime can serve many sandboxes) or by a runtime of
+    the sandbox's own. Arguments are checked here, before any VM starts.
     """
 
     def __init__(
@@ -76,11 +81,12 @@ class Sandbox:
         *,
         pool: VMPool | None = None,
         image: str | None = None,
-        profile: str = "light",
-        network: str = "nat",
+        profile: str | ResourceProfile = "light",
+        network: NetworkChoice = "nat",
         policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self._core = AsyncSandbox(
             pool=pool,
@@ -90,6 +96,7 @@ class Sandbox:
             policy=policy,
             timeout=timeout,
             settings=settings,
+            runtime=runtime,
         )
         self.commands = Commands(self._core.commands)
         shared_loop().run(self._core.start())
@@ -100,11 +107,12 @@ class Sandbox:
         *,
         pool: VMPool | None = None,
         image: str | None = None,
-        profile: str = "light",
-        network: str = "nat",
+        profile: str | ResourceProfile = "light",
+        network: NetworkChoice = "nat",
         policy: EgressPolicy | None = None,
         timeout: float = 60.0,
         settings: Settings | None = None,
+        runtime: Runtime | None = None,
     ) -> Sandbox:
         """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
         return cls(
@@ -115,6 +123,7 @@ class Sandbox:
             policy=policy,
             timeout=timeout,
             settings=settings,
+            runtime=runtime,
         )
 
     @property

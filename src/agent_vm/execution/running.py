@@ -1,0 +1,161 @@
+"""A booted VM whose guest agent answered: what callers hold while they use a sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent_vm.communication.channel import AgentChannel
+from agent_vm.communication.transport import Transport, UnixTransport, VsockTransport
+from agent_vm.core.template import channel_socket_path, vsock_cid
+from agent_vm.core.vm import VM, VMState
+from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError
+from agent_vm.execution.teardown import teardown
+from agent_vm.host.procs import is_alive
+from agent_vm.image.store import Image
+from agent_vm.network.guard import NetworkGuard
+from agent_vm.network.policy import EgressPolicy
+
+if TYPE_CHECKING:
+    from agent_vm.execution.launch import Nic
+
+ALIVE_STATES = (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED)
+
+
+def transport_for(vm: VM) -> Transport:
+    """How to reach the agent of ``vm`` (its channel's socket path changes per start)."""
+    xml = vm.xml()
+    path = channel_socket_path(xml)
+    if path is not None:
+        return UnixTransport(path)
+    cid = vsock_cid(xml)
+    if cid is not None:
+        return VsockTransport(cid)
+    raise VMError(f"{vm.name} has no agent channel in its domain XML")
+
+
+def console_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` of a console log ("" when there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class RunningVM:
+    """A VM that booted and whose guest agent answered the handshake."""
+
+    def __init__(
+        self,
+        vm: VM,
+        workdir: Path,
+        image: Image,
+        channel: AgentChannel,
+        boot_seconds: float,
+        nic: Nic | None = None,
+        guard: NetworkGuard | None = None,
+        qemu_pid: int | None = None,
+    ) -> None:
+        self.vm = vm
+        self.workdir = workdir
+        self.image = image
+        self.boot_seconds = boot_seconds
+        self.nic = nic
+        self.guard = guard
+        self.qemu_pid = qemu_pid
+        self._channel = channel
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self.vm.name
+
+    @property
+    def address(self) -> str | None:
+        """The VM's IPv4 address on the project's network (NAT_FILTERED only)."""
+        if self.nic is None or self.nic.vm_network is None:
+            return None
+        return str(self.nic.vm_network.addressing.address)
+
+    @property
+    def connected(self) -> bool:
+        """False once the agent channel closed (QEMU gone, agent restarted, or closed)."""
+        return not self._channel.closed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def alive(self) -> bool:
+        """Cheap checks only (no libvirt call, no guest round trip): the channel is open
+        and QEMU's process exists and is not a zombie."""
+        return self.connected and (self.qemu_pid is None or is_alive(self.qemu_pid))
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    def console_tail(self, lines: int = 30) -> str:
+        return console_tail(self.console_log, lines)
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        """Change this VM's egress policy while it runs."""
+        if self.guard is None or self.nic is None or self.nic.vm_network is None:
+            raise ConfigError(f"{self.name} has no filtered network (mode is not NAT_FILTERED)")
+        await self.guard.set_policy(self.name, policy)
+
+    async def channel(self, timeout: float = 30.0) -> AgentChannel:
+        """The agent channel, reconnected first if it closed (e.g. after a snapshot restore)."""
+        if self._closed:
+            raise VMError(f"{self.name} was closed")
+        if self._channel.closed:
+            await self.reconnect(timeout)
+        return self._channel
+
+    async def reconnect(self, timeout: float = 30.0) -> None:
+        await self._channel.close()
+        transport = await asyncio.to_thread(transport_for, self.vm)
+        channel = AgentChannel(transport, name=self.name)
+        await channel.connect(timeout)
+        self._channel = channel
+
+    async def healthy(self, timeout: float = 5.0) -> bool:
+        """Does the agent answer a PING within ``timeout``?"""
+        try:
+            await (await self.channel(timeout=timeout)).ping(timeout=timeout)
+        except AgentVMError:
+            return False
+        return True
+
+    async def explain_failure(self, exc: BaseException, wait: float = 1.5) -> BaseException:
+        """Turn a channel failure into VMDiedError when the VM itself is gone.
+
+        The channel notices QEMU's death first (the socket closes at once); libvirt's
+        state follows within a moment, so it is polled briefly.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            state = await asyncio.to_thread(self.vm.get_state)
+            if state not in ALIVE_STATES:
+                tail = self.console_tail(10)
+                return VMDiedError(
+                    f"VM {self.name} stopped while in use (libvirt state: {state.value})"
+                    + (f"; console:\n{tail}" if tail else ""),
+                    hint="QEMU was killed or the guest crashed",
+                )
+            if time.monotonic() >= deadline:
+                return exc
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Destroy the domain and remove everything it left on disk and on the network.
+        Idempotent. If libvirtd is unreachable the rest is retried later."""
+        if self._closed:
+            return
+        self._closed = True
+        await teardown(
+            self.name, vm=self.vm, workdir=self.workdir, guard=self.guard, channel=self._channel
+        )
