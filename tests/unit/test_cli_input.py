@@ -1,0 +1,93 @@
+"""Bad command lines are refused with one clear line, before any daemon or VM starts.
+
+``Runtime.start`` (daemons, libvirt) and image builds are replaced by tripwires: a
+refusal that got as far as either would fail these tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent_vm import cli
+from agent_vm.errors import AgentVMError
+from agent_vm.execution.runtime import Runtime
+from agent_vm.image.builder import ImageBuilder
+
+
+@pytest.fixture
+def tripwires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENT_VM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("AGENT_VM_CONFIG", str(tmp_path / "none.toml"))
+
+    async def no_start(self: Runtime) -> None:
+        raise AssertionError("the runtime was started for a command line that is invalid")
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an image build was started for a command line that is invalid")
+
+    monkeypatch.setattr(Runtime, "start", no_start)
+    monkeypatch.setattr(ImageBuilder, "build", no_build)
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "hint"),
+    [
+        (["--image", "nope"], "no image named 'nope' has been built", "--name nope"),
+        (["--cpus", "0"], "--cpus must be at least 1, not 0", None),
+        (["--cpus", "-2"], "--cpus must be at least 1", None),
+        (["--cpus", "100000"], "vCPUs asked for, but this host has", "--cpus"),
+        (["--memory", "100000000"], "MiB of guest memory asked for, but this host has", "--memory"),
+        (["--memory", "16"], "--memory must be at least 128 MiB", None),
+        (["--profile", "huge"], "unknown profile 'huge'", None),
+        (["--timeout", "-1"], "--timeout must be positive", None),
+        (["--port", "70000"], "port 70000 out of range", None),
+        (["--allow-domain", "not a name"], "not a domain name", None),
+        (["--allow-domain", "a.test", "--ipv6"], "IPv4 only", None),
+        (["--network", "wifi"], "network must be nat, isolated or bridge:NAME", None),
+        (["--env", "NOEQUALS"], "--env expects KEY=VALUE", None),
+    ],
+)
+def test_refused_before_anything_starts(
+    tripwires: None, args: list[str], message: str, hint: str | None
+) -> None:
+    result = CliRunner().invoke(cli.app, ["run", *args, "--", "true"])
+    assert result.exit_code == cli.EXIT_AGENT_VM_ERROR, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("agent-vm: ") and message in lines[0], result.output
+    assert "Traceback" not in result.output and "pydantic" not in result.output
+    assert "errors.pydantic.dev" not in result.output
+    if hint is not None:
+        assert len(lines) == 2 and lines[1].startswith("hint: ") and hint in lines[1]
+    else:
+        assert len(lines) <= 2
+
+
+def test_a_bad_setting_names_the_variable(
+    tripwires: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_VM_BOOT_TIMEOUT", "soon")
+    result = CliRunner().invoke(cli.app, ["run", "--", "true"])
+    assert result.exit_code == cli.EXIT_AGENT_VM_ERROR
+    assert "AGENT_VM_BOOT_TIMEOUT" in result.output.splitlines()[0]
+
+
+def test_fail_prints_markup_free_text() -> None:
+    """A message with brackets (a list, a path) is printed as it is, not as rich markup."""
+    error = AgentVMError("unknown fields ['x', 'y'] in [bold]", hint="see [docs]")
+    runner_output = CliRunner().invoke(_AppRaising(error).app, []).output
+    assert "agent-vm: unknown fields ['x', 'y'] in [bold]" in runner_output
+    assert "hint: see [docs]" in runner_output
+
+
+class _AppRaising:
+    def __init__(self, error: AgentVMError) -> None:
+        import typer
+
+        self.app = typer.Typer()
+
+        @self.app.command()
+        def fail() -> None:
+            raise cli._fail(error)
