@@ -149,7 +149,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     # the sandbox resolver forwards to the test host, never to the host's resolvers
-    settings = load_settings().model_copy(update={"dns_upstream": [f"{TEST_HOST}:53"]})
+    settings = load_settings().model_copy(
+        update={"dns_upstream": [f"{TEST_HOST}:53"], "network_public_subnets": ["203.0.113.0/24"]}
+    )
     runtime = Runtime(settings)
     image = runtime.find_image()
     accel = runtime.accel

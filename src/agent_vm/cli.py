@@ -282,6 +282,10 @@ def run(
         list[int] | None, typer.Option("--port", help="allowed TCP ports (default 80 443 22 9418)")
     ] = None,
     ipv6: Annotated[bool, typer.Option("--ipv6", help="allow IPv6")] = False,
+    allow_cidr: Annotated[
+        list[str] | None,
+        typer.Option("--allow-cidr", help="a non-public IPv4 range to open (10.1.2.0/24)"),
+    ] = None,
 ) -> None:
     """Start a fresh VM, run a command in it with live output, remove the VM.
 
@@ -303,6 +307,7 @@ def run(
             tcp_ports=tuple(port) if port else DEFAULT_TCP_PORTS,
             allow_domains=tuple(allow_domain) if allow_domain else None,
             allow_ipv6=ipv6,
+            allow_cidrs=tuple(allow_cidr or ()),
         )
         with _progress() as progress:
             built = runtime.find_image(image, progress=progress)

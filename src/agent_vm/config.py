@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +46,15 @@ class Settings(BaseSettings):
     boot_timeout: float = Field(default=60.0, description="Seconds to wait for agent READY.")
     network_name: str = Field(default="agentvm-nat", description="libvirt NAT network name.")
     network_bridge: str = Field(default="agvbr0", description="Its bridge device.")
-    network_subnet: str = Field(default="10.213.0.0/24", description="Its IPv4 subnet.")
+    network_subnet: str = Field(
+        default="10.213.0.0/21", description="Its IPv4 subnet (a /21: ~1,500 sandboxes)."
+    )
+    network_public_subnets: list[str] = Field(
+        default_factory=list,
+        description="Subnets of the host's own routes that sandboxes may reach as if they "
+        "were the internet (every other routed subnet counts as the host's LAN and is "
+        "refused), e.g. a test network.",
+    )
     dns_upstream: list[str] | None = Field(
         default=None,
         description="Resolvers the sandbox resolver forwards to (host[:port]); "
@@ -67,6 +76,12 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         path = Path(os.environ.get("AGENT_VM_CONFIG", DEFAULT_CONFIG_FILE))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+
+    def public_subnets(self) -> list[IPv4Network]:
+        try:
+            return [IPv4Network(s, strict=False) for s in self.network_public_subnets]
+        except ValueError as exc:
+            raise ConfigError(f"AGENT_VM_NETWORK_PUBLIC_SUBNETS: {exc}") from None
 
     def dns_upstreams(self) -> list[tuple[str, int]]:
         out = []

@@ -16,6 +16,9 @@ import os
 # resolver started in this session (here or in a CLI subprocess) forwards to the test
 # host's DNS server (see the test_host fixture), never to the host's own resolvers.
 os.environ["AGENT_VM_DNS_UPSTREAM"] = '["198.51.100.10:53"]'  # TEST_HOST_IP
+# The test host's network is reached through a host route, which makes it "the host's LAN"
+# (refused by default); it stands for the internet here, so it is declared public.
+os.environ["AGENT_VM_NETWORK_PUBLIC_SUBNETS"] = '["198.51.100.0/24"]'
 import re
 import shutil
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -47,6 +50,9 @@ TEST_ZONE = {
     "web.allowed.test": TEST_HOST_IP,
     "api.allowed.test": TEST_HOST_IP,
     "evil.test": "198.51.100.11",  # the test host's second address
+    # DNS rebinding: allowed names whose answers point into non-public ranges
+    "meta.allowed.test": "169.254.77.77",  # a test host standing for a metadata service
+    "lan.allowed.test": "192.168.213.10",  # a test host standing for the host's LAN
 }
 RESULTS = Path(__file__).resolve().parents[2] / "test-results"
 INTEGRATION = Path(__file__).resolve().parent

@@ -7,8 +7,7 @@ from pathlib import Path
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.execution.reaper import owned_domains
-from agent_vm.network import backstop, ipsets
-from agent_vm.network.nwfilter import filter_name
+from agent_vm.network import ipsets, l2filter, l3filter
 from agent_vm.network.sandboxes import sandbox_directory
 from agent_vm.network.taps import tap_name
 from tests.waiting import eventually
@@ -27,14 +26,19 @@ def domains_of(connection: LibvirtConnection, pid: int) -> set[str]:
 
 
 def network_leftovers(settings: Settings, names: set[str]) -> list[str]:
-    """Every network piece of the VMs ``names`` still on the host: ipsets, backstop
-    chains, address records and nwfilters."""
-    found = [f"ipset {ipsets.set_name(vm)}" for vm in names if ipsets.exists(ipsets.set_name(vm))]
-    chains = backstop.taps_in(backstop.read_tables())
-    found += [f"backstop chain of {vm}" for vm in names if tap_name(vm) in chains]
+    """Every network piece of the VMs ``names`` still on the host: ipsets, both layers'
+    chains and address records."""
+    sets = set(ipsets.names())
+    found = [
+        f"ipset {name}"
+        for vm in names
+        for name in (ipsets.set_name(vm), ipsets.cidr_set_name(vm))
+        if name in sets
+    ]
+    l3 = l3filter.taps_in(l3filter.read_tables())
+    found += [f"layer-3 chain of {vm}" for vm in names if tap_name(vm) in l3]
+    l2 = l2filter.taps_in(l2filter.read_table())
+    found += [f"layer-2 chain of {vm}" for vm in names if tap_name(vm) in l2]
     records = sandbox_directory(settings.network_name).owners()
     found += [f"record of {vm}" for _, vm, _ in records if vm in names]
-    with LibvirtConnection(settings.libvirt_uri) as conn:
-        filters = {f.name() for f in conn.connection.listAllNWFilters(0)}
-    found += [f"nwfilter of {vm}" for vm in names if filter_name(vm) in filters]
     return found

@@ -12,9 +12,7 @@ from pathlib import Path
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.image.store import Image
-from agent_vm.network import ipsets
-from agent_vm.network.nwfilter import filter_name
-from tests.integration.helpers import domains_of, vm_dirs
+from tests.integration.helpers import domains_of, network_leftovers, vm_dirs
 from tests.integration.testnet import TestHost
 
 CLI = [sys.executable, "-m", "agent_vm"]
@@ -128,9 +126,7 @@ def test_gc_reaps_the_vm_of_a_killed_process(
         time.sleep(0.1)
     assert domains_of(connection, proc.pid) == set()
     assert not (settings.vms_dir / leftover[0]).exists()
-    filters = {f.name() for f in connection.connection.listAllNWFilters(0)}
-    assert filter_name(leftover[0]) not in filters  # its network pieces went too
-    assert ipsets.set_name(leftover[0]) not in ipsets.names()
+    assert network_leftovers(settings, {leftover[0]}) == []  # its network pieces went too
 
 
 def test_run_starts_from_golden_state_unless_cold(image: Image) -> None:

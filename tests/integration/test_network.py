@@ -30,15 +30,15 @@ from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.host.daemons import ensure_daemons, stop_libvirtd
 from agent_vm.image.store import Image
-from agent_vm.network import backstop, ipsets
+from agent_vm.network import ipsets, l2filter, l3filter
 from agent_vm.network.guard import NetworkGuard
-from agent_vm.network.nwfilter import LOCAL_SET, filter_name
+from agent_vm.network.ipsets import LOCAL_SET
 from agent_vm.network.orphans import reap_network
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.network.vmnet import VMNetwork
 from tests.integration.conftest import TEST_HOST_IP
 from tests.integration.guest_probe import hammer_code, parse, probe_code
-from tests.integration.helpers import eventually
+from tests.integration.helpers import eventually, network_leftovers
 from tests.integration.testnet import TestHost
 
 OTHER_IP = "198.51.100.11"  # the test host's second address
@@ -382,7 +382,8 @@ async def test_policy_holds_across_a_libvirtd_restart_and_a_firewall_flush(
 ) -> None:
     ports = {"p80": ["http", TEST_HOST_IP, 80], "p8080": ["http", TEST_HOST_IP, 8080]}
     async with sandbox() as vm:
-        tap = network_of(vm).tap
+        network = network_of(vm)
+        tap = network.tap
 
         def problems() -> list[str]:
             return guard.enforcement_problems(vm.name)
@@ -391,15 +392,16 @@ async def test_policy_holds_across_a_libvirtd_restart_and_a_firewall_flush(
         await asyncio.to_thread(stop_libvirtd)
         await asyncio.to_thread(ensure_daemons)
         after_restart = await probe(executor, vm, ports)
-        # A firewall reload wipes libvirt's rules (8080 would get out) or the backstop; the
-        # guard notices and puts them back. Flushed and checked without yielding to the
-        # event loop, so the guard cannot repair it in between.
+        # A firewall reload or a flush wipes one layer or a shared part; the guard notices
+        # and writes it again. Flushed and checked without yielding to the event loop, so
+        # the guard cannot repair it in between.
         for flush in (
-            ["iptables", "-w", "-F", f"FI-{tap}"],
-            ["ebtables", "-t", "nat", "-F", f"libvirt-I-{tap}"],
-            ["iptables", "-w", "-t", "mangle", "-F", backstop.vm_chain(tap)],
-            ["iptables", "-w", "-t", "mangle", "-F", backstop.EGRESS],
+            ["iptables", "-w", "-t", "mangle", "-F", l3filter.vm_chain(tap)],
+            ["iptables", "-w", "-t", "mangle", "-F", l3filter.EGRESS],
             ["ip6tables", "-w", "-t", "mangle", "-F", "INPUT"],
+            ["nft", "flush", "chain", "bridge", l2filter.TABLE, l2filter.vm_chain(tap)],
+            ["nft", "flush", "chain", "bridge", l2filter.TABLE, "prerouting"],
+            ["nft", "delete", "table", "bridge", l2filter.TABLE],
         ):
             subprocess.run(flush, check=True)  # noqa: ASYNC221
             assert problems(), flush
@@ -411,13 +413,44 @@ async def test_policy_holds_across_a_libvirtd_restart_and_a_firewall_flush(
     assert_blocked(reconciled["p8080"])
 
 
+async def test_each_layer_holds_when_the_other_is_flushed(
+    sandbox: Callable[..., Any], executor: AgentExecutor, guard: NetworkGuard
+) -> None:
+    """With repairs paused: layer 3 flushed, layer 2 still allows only the policy's ports;
+    layer 2 flushed, the sandbox gets nothing out at all (it fails closed)."""
+    ports = {"p80": ["http", TEST_HOST_IP, 80], "p8080": ["http", TEST_HOST_IP, 8080]}
+    watch = guard._watch
+    assert watch is not None
+    watch.cancel()
+    try:
+        async with sandbox() as vm:
+            tap = network_of(vm).tap
+            flush_l3 = ["iptables", "-w", "-t", "mangle", "-F", l3filter.vm_chain(tap)]
+            await asyncio.to_thread(subprocess.run, flush_l3, check=True)
+            without_l3 = await probe(executor, vm, ports)
+            await guard.reconcile(vm.name)
+            flush_l2 = ["nft", "flush", "chain", "bridge", l2filter.TABLE, l2filter.vm_chain(tap)]
+            await asyncio.to_thread(subprocess.run, flush_l2, check=True)
+            without_l2 = await probe(executor, vm, ports)
+            await guard.reconcile(vm.name)
+            restored = await probe(executor, vm, ports)
+    finally:
+        guard._watch = asyncio.create_task(guard.reconciler.watch())
+    assert without_l3["p80"].startswith("ok:"), without_l3
+    assert_blocked(without_l3["p8080"])
+    assert_blocked(without_l2["p80"])
+    assert_blocked(without_l2["p8080"])
+    assert restored["p80"].startswith("ok:") and not restored["p8080"].startswith("ok:")
+
+
 async def test_no_moment_without_a_filter_while_libvirt_rebuilds_them(
     sandbox: Callable[..., Any], executor: AgentExecutor, guard: NetworkGuard
 ) -> None:
     """libvirt 9 re-creates its base jumps (delete, then insert) whenever it instantiates a
     filter: when a VM starts and, for every VM, when libvirtd starts. For those ~50 ms
     no running VM had a filter (found by CI). A VM opens connections to a blocked port,
-    a host port and an allowed port every 10 ms meanwhile; the backstop must hold."""
+    a host port and an allowed port every 10 ms meanwhile. agent-vm no longer uses
+    libvirt's filters, but libvirtd restarts and VM starts must still change nothing."""
     seconds = 25.0
     gateway = str(guard.definition.gateway)
     blocked, host_port, allowed = f"{TEST_HOST_IP}:8080", f"{gateway}:2222", f"{TEST_HOST_IP}:80"
@@ -452,16 +485,13 @@ async def test_leftovers_of_a_crashed_process_are_removed(
         network = await (await other.guard()).attach("agentvm-crashed01")
     finally:
         await other.close()  # no detach: its pieces stay, as after a SIGKILL
-    conn = connection.connection
-    assert conn.nwfilterLookupByName(filter_name(network.vm_name)) is not None
-    assert ipsets.exists(network.ipset)
-    assert network.tap in backstop.taps_in(backstop.read_tables())
+    assert ipsets.exists(network.ipset) and ipsets.exists(network.cidr_set)
+    assert network.tap in l3filter.taps_in(l3filter.read_tables())
+    assert network.tap in l2filter.taps_in(l2filter.read_table())
     assert guard.directory.lookup(network.addressing.address) is not None
     removed = await asyncio.to_thread(reap_network, connection, guard.directory, min_age=0)
     assert f"network of {network.vm_name}" in removed
-    assert network.vm_name not in {f.name() for f in conn.listAllNWFilters(0)}
-    assert network.tap not in backstop.taps_in(backstop.read_tables())
-    assert not ipsets.exists(network.ipset)
+    assert network_leftovers(settings, {network.vm_name}) == []
     assert guard.directory.lookup(network.addressing.address) is None
 
 
@@ -526,17 +556,20 @@ async def test_firewall_reads_survive_sets_coming_and_going(guard: NetworkGuard)
     def ours(worker: int) -> None:
         for round_ in range(25):
             name = f"agentvm-churn{worker}{round_:03d}"
-            rules = backstop.VMRules(
+            rules = l3filter.VMRules(
                 tap=f"agvm-churn{worker}{round_:02d}",
                 ipset=ipsets.set_name(name),
+                cidr_set=ipsets.cidr_set_name(name),
                 local_set=LOCAL_SET,
             )
             try:
-                backstop.read_tables()
+                l3filter.read_tables()
                 ipsets.create(rules.ipset)
-                backstop.add_vm(rules)
-                backstop.remove_vm(rules.tap)
+                ipsets.create(rules.cidr_set)
+                l3filter.add_vm(rules)
+                l3filter.remove_vm(rules.tap)
                 ipsets.destroy(rules.ipset)
+                ipsets.destroy(rules.cidr_set)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -551,4 +584,4 @@ async def test_firewall_reads_survive_sets_coming_and_going(guard: NetworkGuard)
             churner.join()
     assert errors == []
     assert [n for n in ipsets.names() if "churn" in n] == []
-    assert [t for t in backstop.taps_in(backstop.read_tables()) if "churn" in t] == []
+    assert [t for t in l3filter.taps_in(l3filter.read_tables()) if "churn" in t] == []

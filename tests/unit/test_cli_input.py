@@ -47,6 +47,7 @@ def tripwires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (["--allow-domain", "not a name"], "not a domain name", None),
         (["--allow-domain", "a.test", "--ipv6"], "IPv4 only", None),
         (["--network", "wifi"], "network must be nat, isolated or bridge:NAME", None),
+        (["--allow-cidr", "fe80::/10"], "allow_cidrs is IPv4 only", None),
         (["--env", "NOEQUALS"], "--env expects KEY=VALUE", None),
     ],
 )

@@ -15,11 +15,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_vm.errors import ConfigError
-from agent_vm.network import ipsets
+from agent_vm.network import ipsets, l2filter, l3filter
+from agent_vm.network.hostnet import nonpublic_networks
 from agent_vm.network.libvirt_net import NetworkDefinition
-from agent_vm.network.nwfilter import LOCAL_SET, render_filter, rules_of
 from agent_vm.network.observer import PREFIX, parse
-from agent_vm.network.policy import DEFAULT_TCP_PORTS, Addressing, EgressPolicy, verdict
+from agent_vm.network.policy import (
+    DEFAULT_TCP_PORTS,
+    NONPUBLIC_V4,
+    Addressing,
+    EgressPolicy,
+    verdict,
+)
 
 ADDRESSING = Addressing(
     mac="52:54:00:12:34:56",
@@ -109,47 +115,79 @@ def test_verdict_with_allowlist_needs_a_resolved_address() -> None:
     )
 
 
-def _rules(policy: EgressPolicy) -> list[ET.Element]:
-    return list(ET.fromstring(render_filter("agentvm-x-1", policy, ADDRESSING, "agentvm-1")))
+def l2(policy: EgressPolicy) -> list[str]:
+    return l2filter.VMRules(
+        tap="agvm-0123456789",
+        mac=ADDRESSING.mac,
+        address=ADDRESSING.address,
+        gateway=ADDRESSING.gateway,
+        tcp_ports=policy.tcp_ports,
+        allow_cidrs=policy.allow_cidrs,
+        allow_ipv6=policy.allow_ipv6,
+    ).rules()
 
 
-def test_filter_pins_mac_and_ip_and_ends_in_drops() -> None:
-    rules = _rules(EgressPolicy())
-    text = rules_of(render_filter("agentvm-x-1", EgressPolicy(), ADDRESSING, "agentvm-1"))
-    assert any("mac[match=no srcmacaddr=52:54:00:12:34:56]" in r for r in text)
-    assert any("ip[match=no srcipaddr=10.213.0.10]" in r for r in text)
-    assert any("arp[arpsrcipaddr=10.213.0.10 match=no]" in r for r in text)
-    assert any(r.startswith("action=drop direction=inout priority=30 mac[]") for r in text)
-    last = max(rules, key=lambda r: int(r.get("priority", "0")))
-    assert (last.get("action"), last.get("direction"), last[0].tag) == ("drop", "inout", "all")
-    # DNS only to the gateway, the local set dropped before the allowed set is accepted
-    dns = [r for r in text if "dstportstart=53" in r]
-    assert len(dns) == 2 and all("dstipaddr=10.213.0.1" in r for r in dns)
-    local = next(r for r in rules if r[0].get("ipset") == LOCAL_SET)
-    allowed = next(r for r in rules if r[0].get("ipset") == "agentvm-1")
-    assert local.get("action") == "drop" and allowed.get("action") == "accept"
-    assert int(local.get("priority", "0")) < int(allowed.get("priority", "0"))
-    assert not any("ipv6" in r for r in text)
+def test_layer2_pins_mac_and_ip_and_ends_in_a_drop() -> None:
+    rules = l2(EgressPolicy())
+    assert rules[0] == "ether saddr != 52:54:00:12:34:56 drop"
+    assert "ether type arp arp saddr ether != 52:54:00:12:34:56 drop" in rules
+    assert "ether type arp arp saddr ip != 10.213.0.10 drop" in rules
+    assert "ether type ip ip saddr != 10.213.0.10 drop" in rules
+    assert rules[-1].startswith('drop comment "agvm ')
+    assert not any("ip6" in r for r in rules)  # IPv6 and every other ethertype: the drop
+    # DNS only to the gateway; local and non-public dropped before the ports are accepted
+    dns = [r for r in rules if "dport 53" in r]
+    assert len(dns) == 2 and all("ip daddr 10.213.0.1 " in r for r in dns)
+    local = rules.index("ether type ip ip daddr @local4 drop")
+    nonpublic = rules.index("ether type ip ip daddr @nonpublic4 drop")
+    ports = rules.index("ether type ip tcp dport { 22, 80, 443, 9418 } accept")
+    assert local < nonpublic < ports
 
 
-def test_filter_with_ipv6_accepts_global_tcp_only_and_blocks_the_host() -> None:
-    text = rules_of(
-        render_filter("agentvm-x-1", EgressPolicy(allow_ipv6=True), ADDRESSING, "agentvm-1")
+def test_layer2_opens_allowed_cidrs_before_the_nonpublic_drop_and_ipv6_when_asked() -> None:
+    rules = l2(EgressPolicy(allow_cidrs=("10.9.0.0/16",), tcp_ports=(3128,)))
+    cidr = rules.index("ether type ip ip daddr { 10.9.0.0/16 } tcp dport { 3128 } accept")
+    assert rules.index("ether type ip ip daddr @local4 drop") < cidr
+    assert cidr < rules.index("ether type ip ip daddr @nonpublic4 drop")
+    assert "ether type ip6 accept" in l2(EgressPolicy(allow_ipv6=True))
+    assert l2(EgressPolicy())[-1] != l2(EgressPolicy(tcp_ports=(443,)))[-1]  # the digest
+
+
+def test_nonpublic_ranges_cover_all_of_link_local_and_the_metadata_service() -> None:
+    nonpublic = nonpublic_networks(IPv4Network("10.213.0.0/21"), addresses=[])
+    link_local = IPv4Network("169.254.0.0/16")
+    assert any(link_local.subnet_of(n) for n in nonpublic)
+    for address in ("169.254.169.254", "169.254.77.77", "169.254.0.1", "169.254.255.254"):
+        assert any(IPv4Address(address) in n for n in nonpublic), address
+    for private in ("10.1.2.3", "172.20.0.1", "192.168.213.10", "100.64.0.1", "127.0.0.1"):
+        assert any(IPv4Address(private) in n for n in nonpublic), private
+    # what the rendered rules drop is exactly these sets (layer 2 and layer 3)
+    base = l2filter.base_script("agvm-", [], nonpublic)
+    assert "169.254.0.0/16" in base and "add element bridge agentvm_l2 nonpublic4" in base
+    l3 = l3filter.VMRules(tap="agvm-0123456789", ipset="a", cidr_set="c").chain_rules("ipv4")
+    assert l3 is not None
+    drop = "-m set --match-set agentvm-nonpublic dst -j DROP"
+    assert any(rule.endswith(drop) for rule in l3)
+
+
+def test_the_documentation_ranges_stay_public() -> None:
+    """Test hosts live there; nothing a user owns does."""
+    for address in ("192.0.2.1", "198.51.100.10", "203.0.113.10"):
+        assert not any(IPv4Address(address) in n for n in NONPUBLIC_V4)
+
+
+def test_verdict_blocks_nonpublic_unless_an_allowed_cidr() -> None:
+    addressing = ADDRESSING.model_copy(update={"nonpublic": NONPUBLIC_V4})
+    args = {"protocol": "tcp", "port": 80, "resolved": False}
+    metadata = IPv4Address("169.254.169.254")
+    assert verdict(EgressPolicy(), addressing, destination=metadata, **args) == (  # type: ignore[arg-type]
+        "non-public destination"
     )
-    assert any("mac[protocolid=ipv6]" in r and "accept" in r for r in text)
-    v6 = [r for r in text if "tcp-ipv6" in r]
-    assert len(v6) == len(DEFAULT_TCP_PORTS)
-    assert all("dstipaddr=2000::" in r and "dstipmask=3" in r for r in v6)
-    assert any("all-ipv6[dstipaddr=2001:db8::5]" in r and "drop" in r for r in text)
-    assert any(r.startswith("action=drop direction=inout") and "all-ipv6[]" in r for r in text)
-
-
-def test_rules_of_ignores_attribute_order_and_uuid() -> None:
-    a = '<filter name="f" chain="root"><uuid>1</uuid><rule action="drop" direction="out" \
-priority="5"><tcp dstportstart="1" srcipaddr="x"/></rule></filter>'
-    b = '<filter chain="root" name="f"><rule priority="5" direction="out" action="drop">\
-<tcp srcipaddr="x" dstportstart="1"/></rule></filter>'
-    assert rules_of(a) == rules_of(b)
+    opened = EgressPolicy(allow_cidrs=("169.254.0.0/16",))
+    assert verdict(opened, addressing, destination=metadata, **args) is None  # type: ignore[arg-type]
+    assert verdict(opened, addressing, destination=IPv4Address("10.213.0.1"), **args) == (  # type: ignore[arg-type]
+        "host service"
+    )  # never the host itself, whatever the CIDRs
 
 
 def test_parse_kernel_log_lines() -> None:

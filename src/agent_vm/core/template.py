@@ -99,8 +99,6 @@ class NetworkAttachment(BaseModel):
 
     network: str | None = None  # libvirt network name (NAT_FILTERED)
     bridge: str | None = None  # host bridge (BRIDGE)
-    filter: str | None = None  # nwfilter name
-    filter_params: dict[str, str] = Field(default_factory=dict)
     mac: str | None = None
     target_dev: str | None = None  # host-side tap name
 
@@ -248,10 +246,6 @@ class VMTemplate(BaseModel):
         if net.target_dev:
             ET.SubElement(iface, "target", dev=net.target_dev)
         ET.SubElement(iface, "model", type="virtio")
-        if net.filter:
-            ref = ET.SubElement(iface, "filterref", filter=net.filter)
-            for key, value in sorted(net.filter_params.items()):
-                ET.SubElement(ref, "parameter", name=key, value=value)
 
 
 def parse_metadata(domain_xml: str) -> dict[str, str]:

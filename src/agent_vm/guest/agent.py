@@ -598,8 +598,16 @@ def _ask_init_to_power_off() -> None:
 
 def main() -> None:
     link = open_link()
-    if "agentvm.debug=1" in _cmdline():
+    cmdline = _cmdline()
+    if "agentvm.debug=1" in cmdline:
         log(f"control channel open at uptime {_uptime():.3f}")
+    for token in cmdline.split():
+        if token.startswith("agentvm.net="):
+            # init applies these settings at boot; knowing them lets a clone's CONFIGURE
+            # change only what differs (clones start with the template's memory).
+            from agent_vm.guest import netconf
+
+            netconf.remember(netconf.from_cmdline(token.partition("=")[2]))
     Agent(link).serve_forever()
 
 

@@ -104,9 +104,12 @@ class BlockedLog:
         counters.total += 1
         counters.recent.append(blocked)
 
-    def name_refused(self, vm_name: str, kind: str, destination: str, port: int) -> None:
-        """From the resolver (on the event loop): a name outside the allowlist."""
-        self._count(vm_name, Blocked(timeutil.now(), kind, destination, port, "name not allowed"))
+    def name_refused(
+        self, vm_name: str, kind: str, destination: str, port: int, reason: str = "name not allowed"
+    ) -> None:
+        """From the resolver (on the event loop): a name outside the allowlist, or an
+        answer with only non-public addresses."""
+        self._count(vm_name, Blocked(timeutil.now(), kind, destination, port, reason))
 
     def observed(self, attempt: Attempt) -> None:
         """From the kernel-log thread: classify and count attempts of our own VMs."""

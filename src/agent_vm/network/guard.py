@@ -4,13 +4,14 @@ One ``NetworkGuard`` (held by the runtime) serves every VM a process starts in
 NAT_FILTERED mode:
 
 * ``start()``: the project's libvirt network (created or verified), br_netfilter, the
-  backstop's shared chains, the network pieces of crashed processes' sandboxes removed,
-  the resolver on the gateway, the blocked-attempt observer, and the reconciler's watch;
+  shared parts of both filter layers and the shared sets (host, non-public ranges), the
+  network pieces of crashed processes' sandboxes removed, the resolver on the gateway,
+  the blocked-attempt observer, and the reconciler's watch;
 * ``attach(vm, policy)`` before the domain is defined: MAC, reserved address, then the
-  pieces of ``vmnet.py``; ``detach`` after the domain is gone removes them and the VM's
-  blocked-attempt counters;
-* ``set_policy`` on a running VM: the sets are swapped (atomic), the filter is redefined
-  only when IPv6 changes, the record rewritten.
+  pieces of ``vmnet.py`` (a few ms: no libvirt nwfilter is involved); ``detach`` after
+  the domain is gone removes them and the VM's blocked-attempt counters;
+* ``set_policy`` on a running VM: sets swapped and both layers' chains replaced, each
+  atomically; the record rewritten.
 
 Reconciliation lives in ``reconcile.py``, accounting of blocked attempts in
 ``blocked.py``; this module only wires them to the VMs it attached.
@@ -20,20 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from ipaddress import IPv4Network
+import threading
+from ipaddress import IPv4Address, IPv4Network
 
 from agent_vm.asyncutil import finish_in_thread, finish_then_undo
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.core.vm import VM
 from agent_vm.errors import NetworkError
 from agent_vm.host.netfilter import ensure_bridge_netfilter
 from agent_vm.logs import get_logger
-from agent_vm.network import backstop, ipsets
+from agent_vm.network import ipsets, l2filter, l3filter
 from agent_vm.network.blocked import Blocked, BlockedLog
-from agent_vm.network.hostnet import host_addresses, host_addresses6, random_mac
+from agent_vm.network.hostnet import (
+    host_addresses,
+    host_addresses6,
+    nonpublic_networks,
+    random_mac,
+)
 from agent_vm.network.libvirt_net import NetworkDefinition, ensure_network
-from agent_vm.network.nwfilter import LOCAL_SET
 from agent_vm.network.observer import KernelLogFollower, install
 from agent_vm.network.orphans import reap_network
 from agent_vm.network.policy import Addressing, EgressPolicy
@@ -41,7 +46,7 @@ from agent_vm.network.reconcile import Reconciler
 from agent_vm.network.resolver import Resolver, upstreams_from_resolv_conf
 from agent_vm.network.sandboxes import sandbox_directory
 from agent_vm.network.taps import TAP_PREFIX, tap_name
-from agent_vm.network.vmnet import VMNetwork, define_filter, fill_set, remove_pieces, write_pieces
+from agent_vm.network.vmnet import VMNetwork, fill_sets, remove_pieces, write_pieces, write_rules
 
 log = get_logger(__name__)
 
@@ -69,12 +74,19 @@ class NetworkGuard:
         self._by_tap: dict[str, VMNetwork] = {}
         self.blocked_log = BlockedLog(self._by_tap.get)
         self.reconciler = Reconciler(
-            connection, self.definition, self.directory, self._vms, self._local_set
+            connection,
+            self.definition,
+            self.directory,
+            self._vms,
+            self.refresh_shared,
+            lambda: self._shared,
         )
         self._resolver: Resolver | None = None
         self._follower: KernelLogFollower | None = None
         self._watch: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
+        self._shared_lock = threading.Lock()
+        self._shared: tuple[tuple[IPv4Network, ...], tuple[IPv4Network, ...]] | None = None
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -104,8 +116,8 @@ class NetworkGuard:
         ensure_bridge_netfilter()
         ensure_network(self.connection, self.definition)
         install(TAP_PREFIX, self.definition.gateway)
-        backstop.ensure_base(TAP_PREFIX)
-        self._local_set()
+        self.refresh_shared()
+        l3filter.ensure_base(TAP_PREFIX)
         reap_network(self.connection, self.directory)
 
     async def close(self) -> None:
@@ -125,7 +137,7 @@ class NetworkGuard:
     # ------------------------------------------------------------------ per VM
 
     async def attach(self, vm_name: str, policy: EgressPolicy | None = None) -> VMNetwork:
-        """Address, ipset, backstop chain, filter and record for a VM about to be defined.
+        """Address, ipsets, both layers' chains and record for a VM about to be defined.
         On failure (or cancellation) nothing of it stays."""
         await self.start()
         chosen = policy or EgressPolicy()
@@ -136,15 +148,17 @@ class NetworkGuard:
 
         vm_network = await finish_then_undo(lambda: self._reserve(vm_name, chosen), release)
         self._track(vm_network)  # from here on detach() finds and removes it
+        self.reconciler.hold(vm_network.tap)
         try:
-            await finish_in_thread(write_pieces, self.connection, self.directory, vm_network)
+            await finish_in_thread(write_pieces, self.directory, vm_network)
         except BaseException:
             await asyncio.shield(self.detach(vm_name))
             raise
+        self.reconciler.release(vm_network.tap)
         return vm_network
 
     def _reserve(self, vm_name: str, policy: EgressPolicy) -> VMNetwork:
-        self._local_set()  # the host may have gained addresses
+        addresses, nonpublic = self.refresh_shared()  # the host may have gained some
         address = self.directory.reserve(self.definition.static_addresses(), vm_name)
         return VMNetwork(
             vm_name=vm_name,
@@ -153,8 +167,9 @@ class NetworkGuard:
                 address=address,
                 network=self.definition.subnet,
                 gateway=self.definition.gateway,
-                host_addresses=host_addresses(),
+                host_addresses=addresses,
                 host_addresses6=host_addresses6(),
+                nonpublic=nonpublic,
             ),
             policy=policy,
             ipset=ipsets.set_name(vm_name),
@@ -166,7 +181,7 @@ class NetworkGuard:
         """The VM is about to be destroyed: its kernel rules will vanish, on purpose."""
         vm_network = self._vms.get(vm_name)
         if vm_network is not None:
-            self.reconciler.closing(vm_network.tap)
+            self.reconciler.hold(vm_network.tap)
 
     async def detach(self, vm_name: str) -> list[str]:
         """Remove what attach made (call after the domain is destroyed and undefined);
@@ -175,28 +190,23 @@ class NetworkGuard:
         if vm_network is None:
             return []
         self._by_tap.pop(vm_network.tap, None)
-        self.reconciler.forget(vm_network.tap)
+        self.reconciler.release(vm_network.tap)
         self.blocked_log.drop(vm_name)
-        return await asyncio.shield(
-            asyncio.to_thread(remove_pieces, self.connection, self.directory, vm_network)
-        )
+        return await asyncio.shield(asyncio.to_thread(remove_pieces, self.directory, vm_network))
 
     async def set_policy(self, vm_name: str, policy: EgressPolicy) -> None:
         """Change a running VM's policy; in force when this returns."""
         vm_network = self._vms.get(vm_name)
         if vm_network is None:
             raise NetworkError(f"{vm_name} has no network managed by this process")
-        before = vm_network.render()
         vm_network.policy = policy
         await asyncio.to_thread(self.directory.write, vm_network.record())
-        await asyncio.to_thread(fill_set, vm_network)
-        if vm_network.render() != before:  # IPv6 rules are in the XML, the rest in sets
-            await asyncio.to_thread(backstop.add_vm, vm_network.backstop_rules())
-            await asyncio.to_thread(define_filter, self.connection, vm_network)
+        await asyncio.to_thread(fill_sets, vm_network)
+        await asyncio.to_thread(write_rules, vm_network)
         log.info("egress_policy_changed", vm=vm_name, policy=policy.model_dump())
 
-    async def reconcile(self, vm: VM) -> list[str]:
-        return await self.reconciler.reconcile(vm)
+    async def reconcile(self, vm_name: str) -> list[str]:
+        return await self.reconciler.reconcile(vm_name)
 
     def enforcement_problems(self, vm_name: str) -> list[str]:
         """What is missing from the kernel to enforce a VM's policy; blocking."""
@@ -218,9 +228,28 @@ class NetworkGuard:
 
     # ------------------------------------------------------------------ internals
 
-    def _local_set(self) -> None:
-        local = [f"{a}/32" for a in (self.definition.gateway, *host_addresses())]
-        ipsets.ensure_local(LOCAL_SET, [*local, str(self.definition.subnet)])
+    def refresh_shared(
+        self, *, force: bool = False
+    ) -> tuple[tuple[IPv4Address, ...], tuple[IPv4Network, ...]]:
+        """The shared sets of both layers from the host as it is now (blocking); returns
+        the host's addresses and the non-public ranges. Local: gateway, host addresses,
+        sandbox subnet; non-public:
+        special-purpose ranges and the host's routed subnets. Written only when they
+        changed since this process last wrote them (the reconciler checks the kernel's
+        copy and passes ``force`` when it differs)."""
+        subnet = self.definition.subnet
+        addresses = host_addresses()
+        local = (*(IPv4Network(f"{a}/32") for a in (self.definition.gateway, *addresses)), subnet)
+        nonpublic = nonpublic_networks(subnet, self.settings.public_subnets(), addresses)
+        with self._shared_lock:
+            if force or self._shared != (local, nonpublic):
+                ipsets.ensure_shared(ipsets.LOCAL_SET, [str(n) for n in local])
+                ipsets.ensure_shared(ipsets.NONPUBLIC_SET, [str(n) for n in nonpublic])
+                gateway = str(self.definition.gateway)
+                ipsets.ensure_shared(ipsets.GATEWAYS_SET, [gateway], "hash:ip")
+                l2filter.ensure_base(TAP_PREFIX, local, nonpublic)
+                self._shared = (local, nonpublic)
+        return addresses, nonpublic
 
     def _track(self, vm_network: VMNetwork) -> None:
         self._vms[vm_network.vm_name] = vm_network

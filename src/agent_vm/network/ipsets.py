@@ -1,10 +1,19 @@
-"""The ipsets the egress filters match on.
+"""The ipsets the layer-3 filter (``l3filter.py``) matches on.
 
-* the shared local set (``hash:net``): gateway, host addresses, sandbox subnet;
-* one ``hash:net,port`` set per sandbox: (destination, tcp:port) pairs it may open
-  connections to. Without an allowlist that is 0.0.0.0/1 and 128.0.0.0/1 (hash:net
-  refuses /0) for each allowed port, permanently; with one, the resolver adds
-  (address/32, tcp:port) pairs with the answer's TTL.
+Shared by every sandbox on the host:
+
+* ``agentvm-local`` (hash:net): gateway, host addresses, sandbox subnet: never reachable
+  (DNS and DHCP to the gateway are let through before it);
+* ``agentvm-nonpublic`` (hash:net): special-purpose ranges and the host's routed subnets;
+* ``agentvm-gateways`` (hash:ip): where DNS and DHCP may go on the host.
+
+Per sandbox (``hash:net,port``, (destination, tcp:port) pairs):
+
+* ``agentvm-<vm>``: what it may open connections to. Without an allowlist that is
+  0.0.0.0/1 and 128.0.0.0/1 (hash:net refuses /0) per allowed port, permanently; with
+  one, the resolver adds (address/32, tcp:port) pairs with the answer's TTL;
+* ``agvcidr-<vm>``: its ``allow_cidrs`` per allowed port (checked before the non-public
+  drop, so that a named range is reachable).
 """
 
 from __future__ import annotations
@@ -18,7 +27,12 @@ from agent_vm.network.tools import run_tool, succeeds
 
 DEFAULT_TIMEOUT = 3600
 PREFIX = "agentvm-"
+CIDR_PREFIX = "agvcidr-"
 TWIN_PREFIX = "agvtwin"
+LOCAL_SET = "agentvm-local"
+NONPUBLIC_SET = "agentvm-nonpublic"
+GATEWAYS_SET = "agentvm-gateways"
+SHARED_SETS = (LOCAL_SET, NONPUBLIC_SET, GATEWAYS_SET)
 MAX_NAME = 31
 _TWINS = threading.Lock()  # twin sets are named per process, so threads take turns
 
@@ -26,6 +40,10 @@ _TWINS = threading.Lock()  # twin sets are named per process, so threads take tu
 def set_name(vm_name: str) -> str:
     """ipset names are limited to 31 characters; VM names end in a unique hex id."""
     return f"{PREFIX}{vm_name[-20:]}"
+
+
+def cidr_set_name(vm_name: str) -> str:
+    return f"{CIDR_PREFIX}{vm_name[-20:]}"
 
 
 def _ipset(*args: str, stdin: str | None = None) -> str:
@@ -52,57 +70,60 @@ def create(name: str) -> None:
     )  # fmt: skip
 
 
-def ensure_local(name: str, networks: Iterable[str]) -> None:
-    """The shared set of destinations no sandbox may reach (besides DNS/DHCP), replaced
-    atomically so that addresses the host no longer has drop out."""
+def ensure_shared(name: str, networks: Iterable[str], kind: str = "hash:net") -> None:
+    """A shared set (local, non-public, gateways), replaced atomically so that what the
+    host no longer has drops out."""
+    create = f"{kind} family inet"
+    lines = [f"add {{twin}} {network} -exist" for network in networks]
     with _TWINS:  # concurrent attaches of one process would share the twin set
-        _ensure_local(name, networks)
+        _refill({name: (create, lines)})
 
 
-def _ensure_local(name: str, networks: Iterable[str]) -> None:
-    twin = twin_name(name)
-    _ipset("create", name, "hash:net", "family", "inet", "-exist")
-    _ipset("create", twin, "hash:net", "family", "inet", "-exist")
-    lines = [f"flush {twin}", *(f"add {twin} {network} -exist" for network in networks)]
-    _ipset("-exist", "restore", stdin="\n".join(lines) + "\n")
-    _ipset("swap", twin, name)
-    _ipset("destroy", twin)
+EVERYWHERE = ("0.0.0.0/1", "128.0.0.0/1")  # hash:net refuses /0
+SANDBOX_SET = f"hash:net,port family inet timeout {DEFAULT_TIMEOUT}"
 
 
-def fill(name: str, ports: Iterable[int], allowlist: bool) -> None:
-    """Reset a sandbox set for its policy: without an allowlist every destination on the
-    allowed ports (two /1 halves; hash:net refuses /0), with one nothing until the
-    resolver adds addresses. Replaced atomically by swapping in a filled twin set."""
+def fill(sets: dict[str, tuple[Iterable[int], Iterable[str]]]) -> None:
+    """Reset sandbox sets, ``{name: (ports, networks)}``, to (network, tcp:port) for every
+    network and port, as permanent entries (the resolver adds expiring ones to
+    allowlisted sandboxes' sets). Each is replaced atomically by swapping in a filled
+    twin, and all of it is one ``ipset restore`` (one process: ~2 ms, not ~20)."""
+    work = {
+        name: (
+            SANDBOX_SET,
+            [
+                f"add {{twin}} {network},tcp:{port} timeout 0 -exist"
+                for network in networks
+                for port in ports
+            ],
+        )
+        for name, (ports, networks) in sets.items()
+    }
     with _TWINS:
-        _fill(name, ports, allowlist)
+        _refill(work)
 
 
-def _fill(name: str, ports: Iterable[int], allowlist: bool) -> None:
-    twin = twin_name(name)
-    _ipset(
-        "create", twin, "hash:net,port", "family", "inet",
-        "timeout", str(DEFAULT_TIMEOUT), "-exist",
-    )  # fmt: skip
-    _ipset("flush", twin)
-    if not allowlist:
-        lines = [
-            f"add {twin} {half},tcp:{port} timeout 0 -exist"
-            for half in ("0.0.0.0/1", "128.0.0.0/1")
-            for port in ports
+def _refill(sets: dict[str, tuple[str, list[str]]]) -> None:
+    script = []
+    for name, (create, adds) in sets.items():
+        twin = twin_name(name)
+        script += [
+            f"create {name} {create} -exist",
+            f"create {twin} {create} -exist",
+            f"flush {twin}",
+            *(line.format(twin=twin) for line in adds),
+            f"swap {twin} {name}",
+            f"destroy {twin}",
         ]
-        if lines:
-            _ipset("-exist", "restore", stdin="\n".join(lines) + "\n")
-    _ipset("swap", twin, name)
-    _ipset("destroy", twin)
+    _ipset("-exist", "restore", stdin="\n".join(script) + "\n")
 
 
-def destroy(name: str) -> None:
-    if exists(name):
-        _ipset("destroy", name)
-
-
-def flush(name: str) -> None:
-    _ipset("flush", name)
+def destroy(*names: str) -> None:
+    """Destroy the sets that exist (one process to list, one to destroy)."""
+    present = set(_ipset("list", "-n").split())
+    doomed = [name for name in names if name in present]
+    if doomed:
+        _ipset("restore", stdin="".join(f"destroy {name}\n" for name in doomed))
 
 
 def exists(name: str) -> bool:
@@ -110,7 +131,8 @@ def exists(name: str) -> bool:
 
 
 def names() -> list[str]:
-    return [n for n in _ipset("list", "-n").split() if n.startswith((PREFIX, TWIN_PREFIX))]
+    prefixes = (PREFIX, CIDR_PREFIX, TWIN_PREFIX)
+    return [n for n in _ipset("list", "-n").split() if n.startswith(prefixes)]
 
 
 def allow(name: str, addresses: Iterable[IPv4Address], ports: Iterable[int], timeout: int) -> None:

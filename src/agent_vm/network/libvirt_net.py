@@ -19,6 +19,9 @@ import libvirt
 
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import NetworkError
+from agent_vm.logs import get_logger
+
+log = get_logger(__name__)
 
 DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
 ET.register_namespace("dnsmasq", DNSMASQ_NS)
@@ -115,6 +118,10 @@ def ensure_network(
                 f"libvirt refused network {definition.name}: {exc.get_error_message()}"
             ) from exc
     problems = verify(network, definition)
+    if problems and _unused(network) and conflicting_route(definition) is None:
+        log.info("network_redefined", network=definition.name, differences=problems)
+        network = _redefine(conn, network, definition)
+        problems = verify(network, definition)
     if problems:
         raise NetworkError(
             f"libvirt network {definition.name} exists but differs: {'; '.join(problems)}",
@@ -133,6 +140,29 @@ def ensure_network(
     return network
 
 
+def _unused(network: libvirt.virNetwork) -> bool:
+    """No VM is attached (its definition can then change under nobody's feet)."""
+    try:
+        return not network.isActive() or not network.listAllPorts(0)
+    except libvirt.libvirtError:
+        return False
+
+
+def _redefine(
+    conn: libvirt.virConnect, network: libvirt.virNetwork, definition: NetworkDefinition
+) -> libvirt.virNetwork:
+    """Replace our own network's definition (e.g. a subnet grown for more sandboxes)."""
+    try:
+        if network.isActive():
+            network.destroy()
+        network.undefine()
+        return conn.networkDefineXML(definition.render())
+    except libvirt.libvirtError as exc:
+        raise NetworkError(
+            f"cannot redefine network {definition.name}: {exc.get_error_message()}"
+        ) from exc
+
+
 def verify(network: libvirt.virNetwork, definition: NetworkDefinition) -> list[str]:
     root = ET.fromstring(network.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
     problems = []
@@ -145,6 +175,8 @@ def verify(network: libvirt.virNetwork, definition: NetworkDefinition) -> list[s
     ip = root.find("ip")
     if ip is None or ip.get("address") != str(definition.gateway):
         problems.append(f"gateway is not {definition.gateway}")
+    elif ip.get("netmask") != str(definition.subnet.netmask):
+        problems.append(f"netmask is not {definition.subnet.netmask}")
     dns = root.find("dns")
     if dns is None or dns.get("enable") != "no":
         problems.append("libvirt's DNS is enabled (agent-vm's resolver needs port 53)")

@@ -1,9 +1,10 @@
 """Remove the network pieces of sandboxes whose VM is gone (a crashed process).
 
-A sandbox's pieces are made in this order: address reservation (record file), ipset,
-backstop chain, nwfilter, full record; and removed in the reverse order, record last. So a filter or
-set without a record is always a leftover, and a record whose VM has no domain is one
-once it is old enough not to belong to a VM being created right now.
+A sandbox's pieces are made in this order: address reservation (record file), ipsets,
+layer-3 chain, layer-2 chain, full record; and removed in the reverse order, record
+last. So a chain or set without a record is always a leftover, and a record whose VM has
+no domain is one once it is old enough not to belong to a VM being created right now.
+Filters of agent-vm versions that used libvirt's nwfilter are removed too.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import NetworkError
 from agent_vm.host.procs import is_alive
 from agent_vm.logs import get_logger
-from agent_vm.network import backstop, ipsets
-from agent_vm.network.nwfilter import FILTER_PREFIX, LOCAL_SET, filter_name
+from agent_vm.network import ipsets, l2filter, l3filter
 from agent_vm.network.sandboxes import SandboxDirectory
 from agent_vm.network.taps import tap_name
+from agent_vm.network.vmnet import remove_rules_and_sets
 
 log = get_logger(__name__)
+
+LEGACY_FILTER_PREFIX = "agentvm-egress-"  # libvirt nwfilters of agent-vm before 0.2
 
 
 def reap_network(
@@ -31,7 +34,7 @@ def reap_network(
     min_age: float = 60.0,
     gone: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Remove leftover records, nwfilters and ipsets; returns what was removed.
+    """Remove leftover records, chains and ipsets; returns what was removed.
 
     ``gone``: VMs known to be dead (just reaped), whose pieces go whatever their age.
     """
@@ -43,27 +46,26 @@ def reap_network(
         if vm in domains or (age < min_age and vm not in gone):
             keep.add(vm)
             continue
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.nwfilterLookupByName(filter_name(vm)).undefine()
-        with contextlib.suppress(NetworkError):
-            backstop.remove_vm(tap_name(vm))  # before the set: its rules refer to it
-        with contextlib.suppress(NetworkError):
-            ipsets.destroy(ipsets.set_name(vm))
-        directory.remove(address)
-        removed.append(f"network of {vm}")
+        sets = (ipsets.set_name(vm), ipsets.cidr_set_name(vm))
+        if not remove_rules_and_sets(tap_name(vm), sets):
+            directory.remove(address)
+            removed.append(f"network of {vm}")
     for nwfilter in conn.listAllNWFilters(0):
-        name = nwfilter.name()
-        vm = name.removeprefix(FILTER_PREFIX)
-        if name.startswith(FILTER_PREFIX) and vm not in keep and vm not in domains:
+        if nwfilter.name().startswith(LEGACY_FILTER_PREFIX):
             with contextlib.suppress(libvirt.libvirtError):
                 nwfilter.undefine()
-                removed.append(f"nwfilter {name}")
-    kept_taps = {tap_name(vm) for vm in keep | domains}
+                removed.append(f"nwfilter {nwfilter.name()}")
+    alive = keep | domains
+    kept_taps = {tap_name(vm) for vm in alive}
     with contextlib.suppress(NetworkError):
-        for tap in backstop.taps_in(backstop.read_tables()) - kept_taps:
-            backstop.remove_vm(tap)
-            removed.append(f"backstop chain of {tap}")
-    kept_sets = {ipsets.set_name(vm) for vm in keep | domains} | {LOCAL_SET}
+        for tap in l2filter.taps_in(l2filter.read_table()) - kept_taps:
+            l2filter.remove_vm(tap)
+            removed.append(f"layer-2 chain of {tap}")
+        for tap in l3filter.taps_in(l3filter.read_tables()) - kept_taps:
+            l3filter.remove_vm(tap)
+            removed.append(f"layer-3 chain of {tap}")
+    kept_sets = {f(vm) for vm in alive for f in (ipsets.set_name, ipsets.cidr_set_name)}
+    kept_sets |= set(ipsets.SHARED_SETS)
     for name in ipsets.names():
         owner = ipsets.twin_owner(name)
         if owner is not None and is_alive(owner):

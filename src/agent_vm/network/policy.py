@@ -8,13 +8,27 @@ observed connection attempts as blocked (``observer.py``), so the three cannot d
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent_vm.models import Model
 
 DEFAULT_TCP_PORTS = (80, 443, 22, 9418)  # HTTP, HTTPS, SSH (git), git://
+# Destinations that are never "the internet" (RFC 6890 special-purpose ranges a sandbox
+# could use to reach the host's LAN, a cloud's metadata service or the host itself).
+# The documentation ranges (192.0.2/24, 198.51.100/24, 203.0.113/24) are not among them.
+NONPUBLIC_V4 = tuple(
+    IPv4Network(n)
+    for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
+)  # fmt: skip
+NONPUBLIC_V6 = tuple(
+    IPv6Network(n) for n in ("::1/128", "::/128", "fe80::/10", "fc00::/7", "ff00::/8")
+)
 DOMAIN_PATTERN = re.compile(
     r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
@@ -26,6 +40,10 @@ class EgressPolicy(Model):
     ``allow_domains``: None means any destination (ports still apply). A list restricts
     TCP to addresses that the project's resolver returned for those names: ``pypi.org``
     matches that name only, ``*.github.com`` matches its subdomains (not github.com).
+    ``allow_cidrs``: non-public IPv4 ranges opened deliberately (a company proxy, a
+    package mirror on the LAN), on the allowed TCP ports; everything non-public (private,
+    link-local, loopback, CGNAT, multicast, the host's other routes) is refused otherwise.
+    Never the host itself or other sandboxes.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -33,6 +51,7 @@ class EgressPolicy(Model):
     tcp_ports: tuple[int, ...] = Field(default=DEFAULT_TCP_PORTS, validate_default=True)
     allow_domains: tuple[str, ...] | None = None
     allow_ipv6: bool = False
+    allow_cidrs: tuple[IPv4Network, ...] = ()
 
     @field_validator("tcp_ports")
     @classmethod
@@ -54,6 +73,26 @@ class EgressPolicy(Model):
                 raise ValueError(f"not a domain name or *.domain pattern: {domain!r}")
             cleaned.append(name)
         return tuple(sorted(set(cleaned)))
+
+    @field_validator("allow_cidrs", mode="before")
+    @classmethod
+    def _cidrs(cls, cidrs: object) -> tuple[IPv4Network, ...]:
+        if isinstance(cidrs, str):
+            cidrs = (cidrs,)
+        if not isinstance(cidrs, (list, tuple)):
+            raise ValueError("allow_cidrs must be a list of IPv4 networks such as 10.1.2.0/24")
+        networks = []
+        for cidr in cidrs:
+            try:
+                networks.append(IPv4Network(cidr, strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{cidr!r} is not an IPv4 network (allow_cidrs is IPv4 only, e.g. 10.1.2.0/24)"
+                ) from None
+        return tuple(sorted(set(networks)))
+
+    def allows_cidr(self, destination: IPv4Address) -> bool:
+        return any(destination in network for network in self.allow_cidrs)
 
     @model_validator(mode="after")
     def _ipv6_without_allowlist(self) -> EgressPolicy:
@@ -88,6 +127,11 @@ class Addressing(BaseModel):
     gateway: IPv4Address
     host_addresses: tuple[IPv4Address, ...] = ()  # every address of the host itself
     host_addresses6: tuple[IPv6Address, ...] = ()  # the host's global IPv6 addresses
+    # non-public ranges: NONPUBLIC_V4 plus the subnets of the host's non-default routes
+    nonpublic: tuple[IPv4Network, ...] = NONPUBLIC_V4
+
+    def is_nonpublic(self, destination: IPv4Address) -> bool:
+        return any(destination in network for network in self.nonpublic)
 
     @property
     def cidr(self) -> str:
@@ -121,6 +165,10 @@ def verdict(
         return f"{protocol} not allowed"
     if port not in policy.tcp_ports:
         return f"port {port} not allowed"
+    if policy.allows_cidr(destination):
+        return None
+    if addressing.is_nonpublic(destination):
+        return "non-public destination"
     if policy.allow_domains is not None and not resolved:
         return "address not resolved from an allowed name"
     return None

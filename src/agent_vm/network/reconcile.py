@@ -1,38 +1,37 @@
-"""Keeping what is live equal to what each sandbox's policy says.
+"""Keeping what is in the kernel equal to what each sandbox's policy says.
 
-libvirt writes a filter into the kernel once and never looks again; libvirtd restarts,
-firewall reloads and ``iptables -F`` silently undo it. The reconciler compares, for a
-VM, the live nwfilter with the rendered one, its ipsets, its record, its backstop chain,
-its interface binding and libvirt's kernel rules, and repairs what differs; what cannot
-be repaired stops the VM (a sandbox never runs unfiltered). The watch loop runs it after
-every libvirt reconnect and whenever a periodic check finds a VM's rules gone.
+Both filter layers are agent-vm's own tables, which nothing else rebuilds; but a
+firewall reload, ``iptables -t mangle -F``, ``nft flush ruleset`` or an ``ipset destroy``
+can still remove them. Every ``FIREWALL_CHECK_INTERVAL`` the watch reads both layers once
+and compares the shared parts and every VM's chain with its policy; what differs is
+written again. What cannot be repaired stops the VM: a sandbox never runs unfiltered.
+After libvirtd comes back, the network is verified (libvirt owns it and its NAT).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
-
-import libvirt
+from ipaddress import IPv4Network
+from typing import Any, Literal
 
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.vm import VM
-from agent_vm.errors import AgentVMError, NetworkError
+from agent_vm.errors import AgentVMError
 from agent_vm.logs import get_logger
-from agent_vm.network import backstop, firewall, ipsets
+from agent_vm.network import ipsets, l2filter, l3filter
 from agent_vm.network.libvirt_net import NetworkDefinition, ensure_network
-from agent_vm.network.nwfilter import LOCAL_SET, filter_name, rules_of
 from agent_vm.network.sandboxes import SandboxDirectory
 from agent_vm.network.taps import TAP_PREFIX
-from agent_vm.network.vmnet import VMNetwork, define_filter, fill_set
+from agent_vm.network.vmnet import VMNetwork, fill_sets, write_rules
 
 log = get_logger(__name__)
 
 WATCH_INTERVAL = 1.0
-FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + nft list: ~10 ms of CPU
+FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + nft list: ~15 ms of CPU
+REPAIR_ATTEMPTS = 3
+SharedSets = tuple[tuple[IPv4Network, ...], tuple[IPv4Network, ...]]  # local, non-public
 
 
 class Reconciler:
@@ -44,120 +43,125 @@ class Reconciler:
         definition: NetworkDefinition,
         directory: SandboxDirectory,
         vms: dict[str, VMNetwork],
-        refresh_local_set: Callable[[], None],
+        refresh_shared: Callable[..., object],
+        shared: Callable[[], SharedSets | None],
     ) -> None:
         self.connection = connection
         self.definition = definition
         self.directory = directory
         self._vms = vms
-        self._refresh_local_set = refresh_local_set
-        self._enforced: set[str] = set()  # taps whose rules were once seen complete
-        self._closing: set[str] = set()  # taps of VMs being destroyed
+        self._refresh_shared = refresh_shared
+        self._shared = shared  # what the shared sets were last written as
+        self._busy: set[str] = set()  # taps whose pieces are being written or removed
 
-    def closing(self, tap: str) -> None:
-        """The VM is about to be destroyed: its kernel rules will vanish, on purpose."""
-        self._closing.add(tap)
+    def hold(self, tap: str) -> None:
+        """Leave this VM's pieces alone: they are being written (attach) or are about to
+        go with the VM (teardown); checking them now would be a false alarm."""
+        self._busy.add(tap)
 
-    def forget(self, tap: str) -> None:
-        self._enforced.discard(tap)
-        self._closing.discard(tap)
-
-    async def reconcile(self, vm: VM) -> list[str]:
-        """Compare what is live for ``vm`` with its policy; fix it, or stop the VM."""
-        vm_network = self._vms.get(vm.name)
-        if vm_network is None:
-            return []
-        fixes = await asyncio.to_thread(self._reconcile, vm, vm_network)
-        if fixes:
-            log.warning("egress_reconciled", vm=vm.name, fixes=fixes)
-        return fixes
+    def release(self, tap: str) -> None:
+        self._busy.discard(tap)
 
     def problems(self, vm_network: VMNetwork) -> list[str]:
-        """What is missing from the kernel to enforce a VM's policy (both layers);
-        blocking (runs iptables-save and nft)."""
-        tables = backstop.read_tables()
-        found = backstop.base_problems(tables, TAP_PREFIX)
-        found += backstop.vm_problems(tables, vm_network.backstop_rules())
-        if not firewall.rules_present(vm_network.tap):
-            found.append(f"libvirt's filter rules for {vm_network.tap} are incomplete")
+        """What is missing from the kernel to enforce a VM's policy (both layers and the
+        sets); blocking."""
+        found = self._shared_problems()
+        found += l3filter.vm_problems(l3filter.read_tables(), vm_network.l3_rules())
+        found += l2filter.vm_problems(l2filter.read_table(), vm_network.l2_rules())
+        found += [
+            f"ipset {name} is missing"
+            for name in (vm_network.ipset, vm_network.cidr_set)
+            if not ipsets.exists(name)
+        ]
         return found
 
-    def _reconcile(self, vm: VM, vm_network: VMNetwork) -> list[str]:
-        if not vm.is_active():
-            return []  # being destroyed (or gone): its rules go with it
-        fixes = []
-        try:
-            live = self.connection.connection.nwfilterLookupByName(filter_name(vm.name)).XMLDesc(0)
-        except libvirt.libvirtError:
-            live = None
-        if live is None or rules_of(live) != rules_of(vm_network.render()):
-            define_filter(self.connection, vm_network)
-            fixes.append("filter redefined")
-        if not ipsets.exists(vm_network.ipset) or not ipsets.exists(LOCAL_SET):
-            self._refresh_local_set()
-            fill_set(vm_network)
-            fixes.append("ipsets recreated")
-        if self.directory.lookup(vm_network.addressing.address) is None:
-            self.directory.write(vm_network.record())
-            fixes.append("sandbox record rewritten")
-        try:
-            tables = backstop.read_tables()
-            if backstop.ensure_base(TAP_PREFIX, tables):
-                fixes.append("backstop chains restored")
-            rules = vm_network.backstop_rules()
-            if backstop.vm_problems(tables, rules):
-                backstop.add_vm(rules)
-                fixes.append("backstop rules of the VM restored")
-            if not self._interface_bound(vm, vm_network):
-                raise NetworkError(f"{vm.name}'s interface lost its filter")
-            if not firewall.rules_present(vm_network.tap):
-                self._rebind(vm_network.tap)
-                fixes.append("firewall rules re-instantiated")
-        except (AgentVMError, libvirt.libvirtError) as exc:
-            if not vm.is_active():
-                return fixes  # destroyed meanwhile: nothing left to enforce
-            log.error("egress_unenforceable", vm=vm.name, error=str(exc), action="stopping VM")
-            vm.destroy()
-            fixes.append(f"VM stopped: {exc}")
+    def _shared_problems(
+        self,
+        l3_tables: l3filter.Tables | None = None,
+        l2_table: dict[str, Any] | Literal[False] | None = False,
+    ) -> list[str]:
+        """What is wrong with the parts every sandbox shares (blocking)."""
+        found = l3filter.base_problems(l3_tables or l3filter.read_tables(), TAP_PREFIX)
+        table = l2filter.read_table() if l2_table is False else l2_table
+        shared = self._shared()
+        local, nonpublic = shared if shared is not None else ((), ())
+        problems = l2filter.base_problems(table, local, nonpublic)
+        if shared is None:  # nothing written yet: only the structure can be checked
+            problems = [p for p in problems if not p.endswith("differs")]
+        found += problems
+        found += [
+            f"ipset {name} is missing" for name in ipsets.SHARED_SETS if not ipsets.exists(name)
+        ]
+        return found
+
+    async def reconcile(self, vm_name: str) -> list[str]:
+        """Repair what is missing for a VM; stop it when that fails."""
+        vm_network = self._vms.get(vm_name)
+        if vm_network is None:
+            return []
+        fixes = await asyncio.to_thread(self._reconcile_one, vm_network)
+        if fixes:
+            log.warning("egress_reconciled", vm=vm_name, fixes=fixes)
         return fixes
 
-    @staticmethod
-    def _interface_bound(vm: VM, vm_network: VMNetwork) -> bool:
-        root = ET.fromstring(vm.xml())
-        for iface in root.findall("devices/interface"):
-            ref = iface.find("filterref")
-            if ref is not None and ref.get("filter") == filter_name(vm.name):
-                ips = [p.get("value") for p in ref.findall("parameter") if p.get("name") == "IP"]
-                return ips == [str(vm_network.addressing.address)]
-        return False
+    def _reconcile_one(self, vm_network: VMNetwork) -> list[str]:
+        """Rewrite what differs, re-check, and again if something else was damaged
+        meanwhile; stop the VM only when writing fails or the damage keeps coming."""
+        fixes: list[str] = []
+        problems: list[str] = []
+        for _ in range(REPAIR_ATTEMPTS):
+            fixes += self._repair_shared()
+            problems = self.problems(vm_network)
+            if not problems:
+                return fixes
+            try:
+                fill_sets(vm_network)
+                write_rules(vm_network)
+                if self.directory.lookup(vm_network.addressing.address) is None:
+                    self.directory.write(vm_network.record())
+            except AgentVMError as exc:
+                fixes.append(self._stop(vm_network, exc))
+                return fixes
+            fixes.append(f"rewritten: {'; '.join(problems)}")
+        problems = self.problems(vm_network)
+        if problems:
+            damage = AgentVMError(f"still damaged after {REPAIR_ATTEMPTS} rewrites: {problems}")
+            fixes.append(self._stop(vm_network, damage))
+        return fixes
 
-    def _rebind(self, tap: str) -> None:
-        """Make libvirt instantiate the filter's rules again (e.g. after an iptables flush)."""
-        conn = self.connection.connection
-        binding = conn.nwfilterBindingLookupByPortDev(tap)
-        xml = binding.XMLDesc(0)
-        binding.delete()
-        conn.nwfilterBindingCreateXML(xml, 0)
+    def _stop(self, vm_network: VMNetwork, exc: AgentVMError) -> str:
+        """The last resort: a VM whose policy cannot be enforced does not run."""
+        try:
+            vm = VM.lookup(self.connection, vm_network.vm_name)
+            if vm.is_active():
+                log.error("egress_unenforceable", vm=vm.name, error=str(exc), action="stopping VM")
+                vm.destroy()
+                return f"VM stopped: {exc}"
+        except AgentVMError:
+            pass  # not defined yet or gone: it sends nothing
+        return f"unrepaired, VM not running: {exc}"
+
+    def _repair_shared(self) -> list[str]:
+        problems = self._shared_problems()
+        if not problems:
+            return []
+        self._refresh_shared(force=True)
+        l3filter.ensure_base(TAP_PREFIX)
+        return [f"shared parts restored: {'; '.join(problems)}"]
 
     async def watch(self) -> None:
-        """Reconcile after libvirtd comes back, and whenever a VM's kernel rules vanish.
-        A failed round is logged and the next one tried: the watch must outlive errors."""
+        """Check both layers every FIREWALL_CHECK_INTERVAL and repair what vanished;
+        verify the network after libvirtd comes back. A failed round is logged and the
+        next one tried: the watch must outlive errors."""
         generation = self.connection.generation
         checked = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
-                await asyncio.to_thread(lambda: self.connection.connection)
-            except AgentVMError:
-                continue  # libvirtd away: nothing can be checked or fixed now
-            try:
                 if self.connection.generation != generation:
                     generation = self.connection.generation
-                    log.info("libvirt_reconnected_reconciling", vms=len(self._vms))
+                    log.info("libvirt_reconnected_verifying_network", vms=len(self._vms))
                     await asyncio.to_thread(ensure_network, self.connection, self.definition)
-                    for name in list(self._vms):
-                        with contextlib.suppress(AgentVMError):
-                            await self.reconcile(VM.lookup(self.connection, name))
                 if self._vms and time.monotonic() - checked >= FIREWALL_CHECK_INTERVAL:
                     checked = time.monotonic()
                     await self.check_firewall()
@@ -165,26 +169,23 @@ class Reconciler:
                 log.error("network_guard_round_failed", error=repr(exc))
 
     async def check_firewall(self) -> None:
-        """A tap counts once its rules were seen complete (libvirt builds them while the
-        VM starts); if they are gone later while its VM still runs, reconcile it."""
-        tables = await asyncio.to_thread(backstop.read_tables)
-        if damage := backstop.base_problems(tables, TAP_PREFIX):
-            log.warning("egress_backstop_damaged", problems=damage)
-            await asyncio.to_thread(backstop.ensure_base, TAP_PREFIX, tables)
-        networks = {vm_network.tap: vm_network for vm_network in list(self._vms.values())}
-        taps = {tap: vm_network.vm_name for tap, vm_network in networks.items()}
-        lost = await asyncio.to_thread(firewall.missing, taps)
-        lost |= {
-            tap
-            for tap, vm_network in networks.items()  # VMs may be detached meanwhile
-            if backstop.vm_problems(tables, vm_network.backstop_rules())
-        }
-        self._enforced |= set(taps) - lost
-        for tap in (lost & self._enforced) - self._closing:
-            name = taps[tap]
-            if name not in self._vms:
+        """One read of each layer; VMs whose pieces are damaged are repaired."""
+        l3_tables, l2_table = await asyncio.to_thread(
+            lambda: (l3filter.read_tables(), l2filter.read_table())
+        )
+        damaged = []
+        for vm_network in list(self._vms.values()):
+            if vm_network.tap in self._busy:
+                continue
+            if l3filter.vm_problems(l3_tables, vm_network.l3_rules()) or l2filter.vm_problems(
+                l2_table, vm_network.l2_rules()
+            ):
+                damaged.append(vm_network)
+        shared = self._shared_problems(l3_tables, l2_table)
+        if shared and not damaged:
+            await asyncio.to_thread(self._repair_shared)
+        for vm_network in damaged:
+            if vm_network.vm_name not in self._vms:
                 continue  # detached while we looked
-            vm = VM.lookup(self.connection, name)
-            if await asyncio.to_thread(vm.is_active):
-                log.warning("egress_rules_vanished", vm=vm.name, tap=tap)
-                await self.reconcile(vm)
+            log.warning("egress_rules_vanished", vm=vm_network.vm_name, tap=vm_network.tap)
+            await self.reconcile(vm_network.vm_name)

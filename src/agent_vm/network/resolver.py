@@ -5,7 +5,10 @@ For each query it finds the asking sandbox by source address and its policy:
 * AAAA questions get an empty answer unless the policy allows IPv6;
 * anything else is forwarded to the upstream resolvers, and for a sandbox with an
   allowlist every IPv4 address in the answer is added to its (address, tcp:port) set
-  *before* the answer is returned, so the connection that follows is allowed.
+  *before* the answer is returned, so the connection that follows is allowed;
+* DNS rebinding: for a sandbox with an allowlist, A records pointing at non-public
+  addresses (private, link-local, the host, other sandboxes; not its ``allow_cidrs``)
+  are removed from the answer; if nothing is left the answer is REFUSED and counted.
 
 Limits, by design of DNS-based allowlists: several names can share an address (a CDN),
 so allowing one name allows that address for its other names too; a program that reuses
@@ -25,13 +28,13 @@ from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 
 from agent_vm.logs import get_logger
 from agent_vm.network import ipsets
-from agent_vm.network.sandboxes import SandboxDirectory
+from agent_vm.network.sandboxes import SandboxDirectory, SandboxRecord
 
 log = get_logger(__name__)
 
 MIN_TTL = 300
 UPSTREAM_TIMEOUT = 3.0
-BlockedCallback = Callable[[str, str, str, int], None]  # vm, kind, destination, port
+BlockedCallback = Callable[..., None]  # (vm, kind, destination, port[, reason])
 
 
 class _UDP(asyncio.DatagramProtocol):
@@ -129,6 +132,13 @@ class Resolver:
         if upstream is None:
             return _reply(request, RCODE.SERVFAIL)
         if record.policy.allow_domains is not None and record.ipset is not None:
+            upstream, refused = public_only(upstream, record)
+            if refused:
+                log.info("dns_rebinding_refused", vm=record.vm, name=name, addresses=refused)
+                if self.on_blocked is not None:
+                    self.on_blocked(record.vm, "dns", name, 53, "non-public answer")
+            if upstream is None:
+                return _reply(request, RCODE.REFUSED)
             await asyncio.to_thread(self._remember, upstream, record.ipset, record.policy.tcp_ports)
         return upstream
 
@@ -151,6 +161,37 @@ class Resolver:
         if addresses:
             ttl = max(MIN_TTL, max(rr.ttl for rr in reply.rr if rr.rtype == QTYPE.A))
             ipsets.allow(ipset, addresses, ports, ttl)
+
+
+def public_only(upstream: bytes, record: SandboxRecord) -> tuple[bytes | None, list[str]]:
+    """The answer without A records a sandbox must not be handed (see the module
+    docstring), the addresses removed; None when it had A records and none is left."""
+    try:
+        reply = DNSRecord.parse(upstream)
+    except (DNSError, struct.error):
+        return None, []
+    addressing, policy = record.addressing, record.policy
+    kept, refused = [], []
+    for rr in reply.rr:
+        if rr.rtype != QTYPE.A:
+            kept.append(rr)
+            continue
+        address = IPv4Address(str(rr.rdata))
+        local = (
+            address == addressing.gateway
+            or address in addressing.network
+            or address in addressing.host_addresses
+        )
+        if local or (addressing.is_nonpublic(address) and not policy.allows_cidr(address)):
+            refused.append(str(address))
+        else:
+            kept.append(rr)
+    if not refused:
+        return upstream, []
+    if not any(rr.rtype == QTYPE.A for rr in kept):
+        return None, refused
+    reply.rr = kept
+    return bytes(reply.pack()), refused
 
 
 def _reply(request: DNSRecord, rcode: int) -> bytes:

@@ -1,14 +1,14 @@
-"""The backstop's rule rendering and its checks against iptables-save text."""
+"""Layer 3's rule rendering and its checks against iptables-save text."""
 
 from __future__ import annotations
 
 from ipaddress import IPv6Address
 
-from agent_vm.network import backstop
-from agent_vm.network.backstop import EGRESS, HOST, Tables, VMRules
+from agent_vm.network import l3filter as backstop
+from agent_vm.network.l3filter import EGRESS, HOST, Tables, VMRules
 
 TAP = "agvm-0123456789"
-VM = VMRules(tap=TAP, ipset="agentvm-x", local_set="agentvm-local")
+VM = VMRules(tap=TAP, ipset="agentvm-x", cidr_set="agvcidr-x")
 
 
 def save(*rules: str, chains: tuple[str, ...] = (EGRESS, HOST)) -> str:
@@ -32,9 +32,12 @@ def complete(vm: VMRules | None = None) -> Tables:
     return Tables(ipv4=per_family["ipv4"], ipv6=per_family["ipv6"])
 
 
-def test_ipv4_chain_drops_local_then_allows_only_the_set() -> None:
+def test_ipv4_chain_order_replies_local_cidrs_nonpublic_allowed_drop() -> None:
     assert VM.chain_rules("ipv4") == [
+        f"-A E-{TAP} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         f"-A E-{TAP} -m set --match-set agentvm-local dst -j DROP",
+        f"-A E-{TAP} -p tcp -m set --match-set agvcidr-x dst,dst -j RETURN",
+        f"-A E-{TAP} -m set --match-set agentvm-nonpublic dst -j DROP",
         f"-A E-{TAP} -p tcp -m set --match-set agentvm-x dst,dst -j RETURN",
         f"-A E-{TAP} -j DROP",
     ]
@@ -42,8 +45,11 @@ def test_ipv4_chain_drops_local_then_allows_only_the_set() -> None:
 
 def test_no_ipv6_chain_unless_allowed_and_then_only_global_tcp_ports() -> None:
     assert VM.chain_rules("ipv6") is None
-    vm6 = VMRules(TAP, "s", "l", ipv6_ports=(443,), host_addresses6=(IPv6Address("2001:db8::1"),))
+    vm6 = VMRules(
+        TAP, "s", "c", ipv6_ports=(443,), host_addresses6=(IPv6Address("2001:db8::1"),)
+    )
     assert vm6.chain_rules("ipv6") == [
+        f"-A E-{TAP} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         f"-A E-{TAP} -d 2001:db8::1/128 -j DROP",
         f"-A E-{TAP} -d 2000::/3 -p tcp -m tcp --dport 443 -j RETURN",
         f"-A E-{TAP} -j DROP",

@@ -1,30 +1,24 @@
-"""A second, independent enforcement of each sandbox's egress policy, in the mangle table.
+"""Layer 3: each sandbox's egress policy, stateful, in the mangle table (iptables).
 
-libvirt 9 re-creates its nwfilter base jumps each time it instantiates a filter (when
-any VM starts and, for every VM, when libvirtd starts): it deletes ``FORWARD -j
-libvirt-in``, ``libvirt-out`` and ``libvirt-in-post`` and inserts them again, one
-iptables process each. While ``libvirt-in`` is gone but ``libvirt-in-post`` (which
-accepts everything from a tap whose filter already said yes) is still there, every VM's
-traffic is accepted unfiltered, for ~50 ms; the same happens on INPUT. A VM hammering a
-blocked port got 99 connections out during a libvirtd restart and one VM start (10-25
-during a restart alone). No rule placed in the
-filter table can precede ``libvirt-in-post`` for long, since libvirt re-inserts its jumps
-at the top.
-
-So the policy is enforced a second time where libvirt never writes: the mangle table's
-FORWARD and INPUT, which run before the filter table. The rules only drop, and they use
-the same ipsets as the filter, so a policy change takes effect in both at once. Sandboxes
-are told apart by their tap (``physdev``), which a guest cannot spoof:
+agent-vm writes these rules itself, in one ``iptables-restore --noflush`` transaction
+per sandbox (~8 ms), instead of having libvirt instantiate an nwfilter (one iptables or
+ebtables process per rule inside libvirtd, ~1 s per VM start). Nothing but agent-vm
+writes to these chains, so libvirt's rule rebuilds (which used to leave every sandbox
+unfiltered for ~50 ms) cannot touch them. The mangle table runs before the filter table
+and sees bridged traffic through br_netfilter; sandboxes are told apart by their tap
+(``physdev``), which a guest cannot spoof. Layer 2 and a stateless copy of this policy
+are in ``l2filter.py``, so flushing either table leaves the other in force.
 
 * ``AGENTVM_EGRESS`` (mangle FORWARD): one ``-g E-<tap>`` per sandbox, then a drop for
   every other sandbox tap (a VM whose chain is not there yet, or any more, gets nothing);
-* ``E-<tap>``: drop to ``agentvm-local`` (host, subnet), let the VM's (address, port)
-  pairs through, drop the rest; in IPv6 only for VMs that allow it;
-* ``AGENTVM_HOST`` (mangle INPUT): DHCP and DNS through, drop anything else from a tap.
+* ``E-<tap>``: replies of allowed connections; drop to ``agentvm-local`` (host, subnet);
+  the VM's ``allow_cidrs`` on its ports; drop to ``agentvm-nonpublic``; the VM's
+  (address, port) pairs; drop the rest. In IPv6 only for VMs that allow it;
+* ``AGENTVM_HOST`` (mangle INPUT): DHCP, and DNS to a sandbox gateway, through; anything
+  else from a sandbox tap dropped.
 
-Each chain is written with one ``iptables-restore --noflush`` (atomic). Host-wide and
-persistent like the network: every agent-vm process adds and removes its own VMs' chains,
-and orphans are removed with their other network pieces.
+Host-wide and persistent like the network: every agent-vm process adds and removes its
+own VMs' chains, and orphans are removed with their other network pieces.
 """
 
 from __future__ import annotations
@@ -36,6 +30,7 @@ from ipaddress import IPv6Address
 
 from agent_vm.errors import NetworkError
 from agent_vm.logs import get_logger
+from agent_vm.network.ipsets import GATEWAYS_SET, LOCAL_SET, NONPUBLIC_SET
 from agent_vm.network.tools import run_tool
 
 log = get_logger(__name__)
@@ -55,13 +50,18 @@ def vm_chain(tap: str) -> str:
     return f"E-{tap}"
 
 
+ESTABLISHED = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+
+
 @dataclass(frozen=True)
 class VMRules:
-    """What the backstop enforces for one sandbox (mirrors its nwfilter)."""
+    """What layer 3 enforces for one sandbox."""
 
     tap: str
     ipset: str  # hash:net,port of allowed (destination, tcp port) pairs
-    local_set: str  # host addresses and the sandbox subnet
+    cidr_set: str  # hash:net,port of its allow_cidrs per allowed port
+    local_set: str = LOCAL_SET  # host addresses and the sandbox subnet
+    nonpublic_set: str = NONPUBLIC_SET
     ipv6_ports: tuple[int, ...] | None = None  # TCP ports to 2000::/3, None: no IPv6
     host_addresses6: tuple[IPv6Address, ...] = ()
 
@@ -70,13 +70,17 @@ class VMRules:
         chain = vm_chain(self.tap)
         if family == "ipv4":
             return [
+                f"-A {chain} {ESTABLISHED}",
                 f"-A {chain} -m set --match-set {self.local_set} dst -j DROP",
+                f"-A {chain} -p tcp -m set --match-set {self.cidr_set} dst,dst -j RETURN",
+                f"-A {chain} -m set --match-set {self.nonpublic_set} dst -j DROP",
                 f"-A {chain} -p tcp -m set --match-set {self.ipset} dst,dst -j RETURN",
                 f"-A {chain} -j DROP",
             ]
         if self.ipv6_ports is None:
             return None
-        rules = [f"-A {chain} -d {host}/128 -j DROP" for host in self.host_addresses6]
+        rules = [f"-A {chain} {ESTABLISHED}"]
+        rules += [f"-A {chain} -d {host}/128 -j DROP" for host in self.host_addresses6]
         rules += [
             f"-A {chain} -d {GLOBAL_UNICAST6} -p tcp -m tcp --dport {port} -j RETURN"
             for port in self.ipv6_ports
@@ -96,10 +100,11 @@ def shared_rules(tap_prefix: str) -> dict[str, dict[str, list[str]]]:
     rules come before these)."""
     physdev = f"-m physdev --physdev-in {tap_prefix}+"
     drop = {EGRESS: [f"-A {EGRESS} {physdev} -j DROP"], HOST: [f"-A {HOST} {physdev} -j DROP"]}
+    gateways = f"-m set --match-set {GATEWAYS_SET} dst"
     host4 = [
         f"-A {HOST} -p udp {physdev} -m udp --dport 67 -j RETURN",
-        f"-A {HOST} -p udp {physdev} -m udp --dport 53 -j RETURN",
-        f"-A {HOST} -p tcp {physdev} -m tcp --dport 53 -j RETURN",
+        f"-A {HOST} -p udp {physdev} -m udp --dport 53 {gateways} -j RETURN",
+        f"-A {HOST} -p tcp {physdev} -m tcp --dport 53 {gateways} -j RETURN",
     ]
     return {
         "ipv4": {EGRESS: drop[EGRESS], HOST: [*host4, *drop[HOST]]},
@@ -174,7 +179,7 @@ def ensure_base(tap_prefix: str, tables: Tables | None = None) -> list[str]:
             lines += [f"-D {builtin} -j {target}"] * table.splitlines().count(jump)
             lines.append(f"-I {builtin} 1 -j {target}")
         _restore(family, lines)
-    log.info("egress_backstop_installed", repaired=problems)
+    log.info("egress_l3_base_installed", repaired=problems)
     return problems
 
 
@@ -249,7 +254,7 @@ def vm_problems(tables: Tables, vm: VMRules) -> list[str]:
 
 
 def taps_in(tables: Tables) -> set[str]:
-    """Taps that have a backstop chain (to find orphans)."""
+    """Taps that have a layer-3 chain (to find orphans)."""
     return {
         line[1:].split(" ")[0].removeprefix("E-")
         for family in FAMILIES
