@@ -57,9 +57,9 @@ def _guest_attack(seconds: float) -> None:  # pragma: no cover
     if agent is None:
         os._exit(2)
     port_fd = None
-    for fd in (proc / str(agent) / "fd").iterdir():
-        if str(fd.readlink()).startswith("/dev/vport"):
-            port_fd = int(fd.name)
+    for link in (proc / str(agent) / "fd").iterdir():
+        if str(link.readlink()).startswith("/dev/vport"):
+            port_fd = int(link.name)
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = libc.syscall(434, agent, 0)  # pidfd_open
     port = libc.syscall(438, pidfd, port_fd, 0)  # pidfd_getfd
