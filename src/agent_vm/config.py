@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="Resolvers the sandbox resolver forwards to (host[:port]); "
         "default: the host's /etc/resolv.conf.",
     )
+    uid_base: int = Field(
+        default=2_000_000_000,
+        description="Sandbox QEMUs run as users agvm-N with uid = gid = uid_base + N; group "
+        "agentvm gets uid_base - 1.",
+    )
     shm_dir: Path | None = Field(
         default=None,
         description="Golden-state RAM files (tmpfs); default: one directory per state_dir.",
@@ -108,13 +113,21 @@ class Settings(BaseSettings):
         return self.state_dir / "vms"
 
     @property
+    def images_view(self) -> Path:
+        """The read-only bind mount of images_dir that libvirt reads kernels through."""
+        return Path("/run/agent-vm/images") / self.state_tag
+
+    @property
+    def state_tag(self) -> str:
+        return hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
+
+    @property
     def ram_dir(self) -> Path:
         """Where golden RAM lives. Per state directory, so that two installations on one
         host never share (and overwrite) each other's golden RAM files."""
         if self.shm_dir is not None:
             return self.shm_dir
-        tag = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:8]
-        return Path("/dev/shm/agent-vm") / tag
+        return Path("/dev/shm/agent-vm") / self.state_tag
 
 
 def load_settings() -> Settings:

@@ -97,6 +97,7 @@ def run_checks(runtime: Runtime, *, start_daemons: bool = True) -> list[Check]:
         )
     except AgentVMError as exc:
         checks.append(Check("libvirt", False, exc.message, exc.hint or ""))
+    checks += confinement_checks(runtime)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(settings.state_dir).free / 2**30
     checks.append(
@@ -119,3 +120,53 @@ def run_checks(runtime: Runtime, *, start_daemons: bool = True) -> list[Check]:
         )
     )
     return checks
+
+
+def confinement_checks(runtime: Runtime) -> list[Check]:
+    """How sandboxes' QEMUs are confined on this host (after the runtime started)."""
+    try:
+        confinement = runtime.confine()
+    except AgentVMError as exc:
+        return [Check("confinement", False, exc.message, exc.hint or "")]
+    base = confinement.identities.base
+    ram = (
+        "read-only to them"
+        if confinement.ram_read_only
+        else "writable by them (QEMU < 8.2 opens private RAM files read-write; every clone "
+        "checks the file's ctime against the capture's first)"
+    )
+    checks = [
+        Check(
+            "confinement",
+            True,
+            f"each QEMU runs as its own user agvm-N (uid = gid = {base} + N; groups kvm, "
+            f"libvirt-qemu, agentvm), capabilities dropped, seccomp and no_new_privs on "
+            f"(libvirt's sandbox); base images and golden disks root's, read-only; "
+            f"kernels through a read-only view; golden RAM {ram}",
+        )
+    ]
+    models = security_models(runtime)
+    mac = [m for m in models if m not in ("none", "dac")]
+    checks.append(
+        Check(
+            "MAC (AppArmor/SELinux)",
+            True,
+            f"libvirt confines QEMU with {', '.join(mac)} too"
+            if mac
+            else "none on this host (libvirt's security models: "
+            + ", ".join(models or ["?"])
+            + "); confinement is by user, capabilities and seccomp",
+            required=False,
+        )
+    )
+    return checks
+
+
+def security_models(runtime: Runtime) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(runtime.connection.connection.getCapabilities())
+    except AgentVMError:
+        return []
+    return [m.findtext("model") or "?" for m in root.findall("host/secmodel")]

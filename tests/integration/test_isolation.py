@@ -10,18 +10,24 @@ internet is the session's test host at 198.51.100.10, declared public in conftes
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Interface
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent_vm.core.template import channel_socket_path
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
+from agent_vm.host.identities import Identity
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.policy import EgressPolicy
@@ -150,3 +156,101 @@ async def test_allowlisted_names_with_non_public_answers_are_refused(
     assert allowed["meta"] == f"ok:{METADATA_IP}", allowed  # named range: handed out
     assert allowed["get"].startswith("ok:"), allowed
     assert allowed["lan"].startswith("error:"), allowed
+
+
+# ---------------------------------------------------------------- one host user per VM
+
+ATTEMPTS = """
+import json, socket, sys
+out = {}
+for key, path in json.loads(sys.argv[1]).items():
+    try:
+        if key.endswith("socket"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+        else:
+            open(path, "rb").close()
+        out[key] = "opened"
+    except OSError as exc:
+        out[key] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def as_user(identity: Identity, paths: dict[str, str]) -> dict[str, str]:
+    """Open each path as that sandbox's QEMU would: its uid, gid and groups."""
+    argv = [
+        "setpriv", f"--reuid={identity.uid}", f"--regid={identity.gid}", "--init-groups",
+        sys.executable, "-I", "-c", ATTEMPTS, json.dumps(paths),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+    result: dict[str, str] = json.loads(proc.stdout)
+    return result
+
+
+def status_of(pid: int | None) -> dict[str, str]:
+    assert pid is not None
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.split()[0] if value.split() else ""
+    return fields
+
+
+def private_paths(vm: RunningVM) -> dict[str, str]:
+    socket_path = channel_socket_path(vm.vm.xml())
+    assert socket_path is not None
+    monitors = list(Path("/var/lib/libvirt/qemu").glob(f"domain-*-{vm.name}/monitor.sock"))
+    assert monitors, "no monitor socket found"
+    return {
+        "overlay": str(vm.workdir / "disk.qcow2"),
+        "console": str(vm.console_log),
+        "channel socket": str(socket_path),
+        "monitor socket": str(monitors[0]),
+    }
+
+
+async def test_each_sandbox_runs_as_its_own_user_and_cannot_reach_another(
+    runtime: Runtime, image: Image
+) -> None:
+    spec = runtime.spec(network="isolated")
+    a = await runtime.vm(image=image, spec=spec)
+    b = await runtime.vm(image=image, spec=spec)
+    try:
+        assert a.identity is not None and b.identity is not None
+        qemu_a, qemu_b = status_of(a.qemu_pid), status_of(b.qemu_pid)
+        assert qemu_a["Uid"] == str(a.identity.uid) and qemu_b["Uid"] == str(b.identity.uid)
+        assert qemu_a["Uid"] != qemu_b["Uid"] and qemu_a["Gid"] != qemu_b["Gid"]
+        for qemu in (qemu_a, qemu_b):
+            assert qemu["CapEff"] == "0000000000000000"
+            assert (qemu["Seccomp"], qemu["NoNewPrivs"]) == ("2", "1")
+        into_b = await asyncio.to_thread(as_user, a.identity, private_paths(b))
+        own = await asyncio.to_thread(as_user, a.identity, {"overlay": private_paths(a)["overlay"]})
+        shared = {
+            "base image": str(image.disk),
+            "golden RAM": str(runtime.golden_store.locate_for(image, spec).ram),
+        }
+        readable = await asyncio.to_thread(as_user, a.identity, shared)
+    finally:
+        await a.close()
+        await b.close()
+    assert own == {"overlay": "opened"}  # the control: the method can open things
+    assert into_b == dict.fromkeys(into_b, "PermissionError"), into_b
+    assert readable == dict.fromkeys(shared, "opened"), readable  # shared files it needs
+
+
+async def test_shared_files_are_root_owned_and_read_only_to_sandboxes(
+    runtime: Runtime, image: Image
+) -> None:
+    spec = runtime.spec(network="isolated")
+    golden = await runtime.golden(image, spec)
+    confinement = runtime.confine()
+    for path in (image.disk, image.kernel, image.initrd, golden.disk):
+        st = path.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o444), (path, oct(st.st_mode))
+    ram = golden.ram.stat()
+    assert (ram.st_uid, ram.st_gid) == (0, confinement.identities.shared_gid)
+    assert ram.st_mode & 0o007 == 0  # nothing for other users
+    for view in confinement.boot_files(image):  # what libvirt's relabelling runs into
+        with pytest.raises(OSError, match="Read-only file system"):
+            os.chown(view, 0, 0)

@@ -139,6 +139,10 @@ class VMTemplate(BaseModel):
     incoming: bool = Field(
         default=False, description="start paused, waiting for migrated state (-incoming defer)"
     )
+    dac_label: str | None = Field(
+        default=None, description="run QEMU as this uid:gid (libvirt '+uid:+gid'); disks are "
+        "not relabelled (the overlay is the VM's already, backing files stay root's)"
+    )
 
     def generate_xml(self) -> str:
         domain = ET.Element("domain", type=self.accel.domain_type)
@@ -160,6 +164,9 @@ class VMTemplate(BaseModel):
         for event in ("on_poweroff", "on_reboot", "on_crash"):
             ET.SubElement(domain, event).text = "destroy"
         self._devices(domain)
+        if self.dac_label is not None:
+            seclabel = ET.SubElement(domain, "seclabel", type="static", model="dac", relabel="yes")
+            ET.SubElement(seclabel, "label").text = self.dac_label
         self._qemu_arguments(domain)
         ET.indent(domain)
         return ET.tostring(domain, encoding="unicode")
@@ -202,7 +209,9 @@ class VMTemplate(BaseModel):
         devices = ET.SubElement(domain, "devices")
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
-        ET.SubElement(disk, "source", file=str(self.disk_path))
+        source = ET.SubElement(disk, "source", file=str(self.disk_path))
+        if self.dac_label is not None:  # the whole backing chain: never chowned by libvirt
+            ET.SubElement(source, "seclabel", model="dac", relabel="no")
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
         ET.SubElement(devices, "controller", type="usb", model="none")
         ET.SubElement(devices, "memballoon", model="none")

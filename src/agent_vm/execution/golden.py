@@ -36,6 +36,8 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import load_device_state, save_device_state
 from agent_vm.core.template import MemoryFile
 from agent_vm.core.vm import VM
+from agent_vm.errors import VMError
+from agent_vm.execution.confine import Confinement, harden
 from agent_vm.execution.launch import (
     Held,
     Nic,
@@ -48,6 +50,7 @@ from agent_vm.execution.launch import (
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
+from agent_vm.host.identities import Identity
 from agent_vm.host.procs import is_alive
 from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
@@ -57,7 +60,7 @@ from agent_vm.protocol.messages import Configure, Execute
 
 log = get_logger(__name__)
 
-GOLDEN_VERSION = "1"
+GOLDEN_VERSION = "2"  # 2: per-sandbox identities (RAM file owner and mode)
 SETTLE_TIMEOUT = 30.0
 # Run once in the template so that every clone starts with a warm page cache and agent.
 WARM_UP = (["true"], ["python3", "-c", "pass"])
@@ -82,6 +85,10 @@ class GoldenMeta(BaseModel):
     boot_seconds: float
     capture_seconds: float
     state_bytes: int
+    # the RAM file as capture left it: a write (only possible by a QEMU escape, and only
+    # where QEMU needs it writable) changes its ctime, which nobody can set back
+    ram_ctime_ns: int = 0
+    ram_inode: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,22 @@ class GoldenState:
         return all(p.exists() for p in (self.disk, self.state, self.meta_path, self.ram))
 
     def ready(self) -> bool:
-        """Complete and readable (blocking: stats and reads files)."""
-        return self.exists() and self.meta() is not None
+        """Complete, readable and intact (blocking: stats and reads files)."""
+        return self.exists() and self.intact()
+
+    def intact(self) -> bool:
+        """The RAM file is still the one captured (its ctime and inode unchanged)."""
+        meta = self.meta()
+        if meta is None:
+            return False
+        try:
+            st = self.ram.stat()
+        except OSError:
+            return False
+        if meta.ram_ctime_ns and (st.st_ctime_ns, st.st_ino) != (meta.ram_ctime_ns, meta.ram_inode):
+            log.error("golden_ram_changed", digest=self.digest, action="captured again")
+            return False
+        return True
 
     def meta(self) -> GoldenMeta | None:
         try:
@@ -147,11 +168,14 @@ class GoldenStore:
         golden.ram.unlink(missing_ok=True)
 
     def prune(self, live_image_keys: set[str]) -> list[str]:
-        """Remove golden states of images that no longer exist (their RAM is in /dev/shm)."""
+        """Remove golden states of images that no longer exist, and those of an older
+        golden-state format (their RAM is in /dev/shm: nothing should linger)."""
         removed = []
         for golden in self.all():
             meta = golden.meta()
-            if meta is not None and meta.key.image_key not in live_image_keys:
+            if meta is not None and (
+                meta.key.image_key not in live_image_keys or meta.key.version != GOLDEN_VERSION
+            ):
                 self.remove(golden)
                 removed.append(golden.digest)
         return removed
@@ -164,8 +188,10 @@ class GoldenStore:
         *,
         guard: NetworkGuard | None = None,
         boot_timeout: float = 60.0,
+        confinement: Confinement | None = None,
     ) -> GoldenState:
-        """The golden state for (image, spec), captured now if it does not exist yet.
+        """The golden state for (image, spec), captured now if it does not exist yet, or
+        captured again if its RAM file was changed since (see ``GoldenState.intact``).
         File system work runs in threads (the event loop keeps serving other VMs)."""
         key = GoldenKey(image_key=image.key, spec=spec)
         golden = self.locate(key)
@@ -176,7 +202,7 @@ class GoldenStore:
         try:
             if await asyncio.to_thread(golden.ready):
                 return golden  # captured by another process while we waited
-            await self._capture(connection, image, key, golden, guard, boot_timeout)
+            await self._capture(connection, image, key, golden, guard, boot_timeout, confinement)
             await asyncio.to_thread(self._prune_after_capture, image)
             return golden
         finally:
@@ -194,20 +220,24 @@ class GoldenStore:
         golden: GoldenState,
         guard: NetworkGuard | None,
         boot_timeout: float,
+        confinement: Confinement | None,
     ) -> None:
         started = time.monotonic()
         self.remove(golden)
-        uid, gid = await asyncio.to_thread(connection.qemu_user)
-        await asyncio.to_thread(
-            _prepare_ram_file, golden.ram, key.spec.profile.memory_mib, uid, gid
-        )
         name = new_vm_name(f"agentvm-golden-{golden.digest[:8]}")
         try:
-            async with creating(self.vms_dir, name, guard) as held:
+            async with creating(self.vms_dir, name, guard, confinement) as held:
                 vm = await define_vm(
                     connection, image, key.spec, held, backing_disk=image.disk,
                     memory_file=MemoryFile(path=golden.ram, shared=True),
                 )  # fmt: skip
+                # the template maps its RAM file shared and writes it: its own, for now
+                if held.identity is not None:
+                    uid, gid = held.identity.uid, held.identity.gid
+                else:
+                    uid, gid = await asyncio.to_thread(connection.qemu_user)
+                memory = key.spec.profile.memory_mib
+                await asyncio.to_thread(_prepare_ram_file, golden.ram, memory, uid, gid)
                 await finish_in_thread(vm.start)
                 agent = await connect_agent(held, boot_timeout)
                 booted = time.monotonic() - started
@@ -218,9 +248,12 @@ class GoldenStore:
                 capture = time.monotonic() - capture_started
                 # The template goes like any VM, but its disk is kept: it becomes the
                 # golden disk. Clones get network addresses of their own.
-                await teardown(name, vm=vm, workdir=None, guard=guard, channel=agent)
-                held.vm = held.agent = None
+                await teardown(
+                    name, vm=vm, workdir=None, guard=guard, channel=agent, identity=held.identity
+                )
+                held.vm = held.agent = held.identity = None
                 await asyncio.to_thread(_keep_disk, held.workdir, golden.disk)
+                ram = await asyncio.to_thread(_share_ram_file, golden.ram, confinement)
         except BaseException:
             self.remove(golden)
             raise
@@ -230,6 +263,8 @@ class GoldenStore:
             boot_seconds=round(booted, 3),
             capture_seconds=round(capture, 3),
             state_bytes=state_bytes,
+            ram_ctime_ns=ram.st_ctime_ns,
+            ram_inode=ram.st_ino,
         )
         golden.meta_path.write_text(meta.model_dump_json(indent=2) + "\n")
         log.info("golden_captured", digest=golden.digest, boot=meta.boot_seconds, capture=capture)
@@ -244,8 +279,16 @@ async def _settle(agent: AgentChannel) -> None:
 
 def _keep_disk(workdir: Path, disk: Path) -> None:
     (workdir / "disk.qcow2").rename(disk)
-    disk.chmod(0o444)
+    harden(disk, 0o444)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _share_ram_file(path: Path, confinement: Confinement | None) -> os.stat_result:
+    """After capture the RAM file is root's, readable (and on QEMU < 8.2 writable) by
+    group ``agentvm`` only; returns its stat, whose ctime changes if anyone writes it."""
+    if confinement is not None:
+        harden(path, confinement.ram_mode, confinement.identities.shared_gid)
+    return path.stat()
 
 
 def _lock(path: Path) -> int:
@@ -276,6 +319,7 @@ class CloneShell:
     qemu_pid: int | None
     nic: Nic | None = None
     guard: NetworkGuard | None = None
+    identity: Identity | None = None
 
     @property
     def name(self) -> str:
@@ -285,7 +329,10 @@ class CloneShell:
         return is_alive(self.qemu_pid)
 
     async def discard(self) -> None:
-        await teardown(self.vm.name, vm=self.vm, workdir=self.workdir, guard=self.guard)
+        await teardown(
+            self.vm.name, vm=self.vm, workdir=self.workdir, guard=self.guard,
+            identity=self.identity,
+        )  # fmt: skip
 
 
 async def prepare_shell(
@@ -298,23 +345,30 @@ async def prepare_shell(
     guard: NetworkGuard | None = None,
     policy: EgressPolicy | None = None,
     name: str | None = None,
+    confinement: Confinement | None = None,
 ) -> CloneShell:
-    """Define and start a clone that waits for its state (~0.4 s here, mostly libvirt)."""
-    async with creating(vms_dir, name or new_vm_name(), guard) as held:
+    """Define and start a clone that waits for its state (~0.4 s here, mostly libvirt).
+    Refused when the golden RAM file changed since its capture."""
+    if not await asyncio.to_thread(golden.intact):
+        raise VMError(
+            f"golden state {golden.digest} changed since its capture: not cloning it",
+            hint="it is captured again on the next start; see the golden_ram_changed log line",
+        )
+    async with creating(vms_dir, name or new_vm_name(), guard, confinement) as held:
         vm = await define_vm(
             connection, image, spec, held, backing_disk=golden.disk, policy=policy,
             memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
         )  # fmt: skip
         await finish_in_thread(vm.start)
         pid = await asyncio.to_thread(vm.qemu_pid)
-        return CloneShell(vm, held.workdir, golden, pid, held.nic, guard)
+        return CloneShell(vm, held.workdir, golden, pid, held.nic, guard, held.identity)
 
 
 async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30.0) -> RunningVM:
     """Load the golden state into the shell and give the VM its own clock, entropy and
     identity. On failure the shell is destroyed."""
     started = time.monotonic()
-    held = Held(shell.workdir, shell.guard, shell.vm)
+    held = Held(shell.workdir, shell.guard, shell.vm, identity=shell.identity)
     try:
         await asyncio.to_thread(load_device_state, shell.vm, shell.golden.state, timeout)
         agent = await connect_agent(held, timeout)
@@ -329,8 +383,9 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
         )
     except BaseException:
         await teardown(
-            shell.name, vm=shell.vm, workdir=shell.workdir, guard=shell.guard, channel=held.agent
-        )
+            shell.name, vm=shell.vm, workdir=shell.workdir, guard=shell.guard,
+            channel=held.agent, identity=shell.identity,
+        )  # fmt: skip
         raise
     return RunningVM(
         shell.vm,
@@ -341,6 +396,7 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
         shell.nic,
         shell.guard,
         shell.qemu_pid,
+        shell.identity,
     )
 
 
@@ -355,13 +411,15 @@ async def start_clone(
     policy: EgressPolicy | None = None,
     name: str | None = None,
     timeout: float = 30.0,
+    confinement: Confinement | None = None,
 ) -> RunningVM:
     """A new VM running from the golden state, with its own clock, entropy, identity and
     (NAT_FILTERED) address and egress policy."""
     started = time.monotonic()
     shell = await prepare_shell(
-        connection, image, golden, spec, vms_dir=vms_dir, guard=guard, policy=policy, name=name
-    )
+        connection, image, golden, spec, vms_dir=vms_dir, guard=guard, policy=policy,
+        name=name, confinement=confinement,
+    )  # fmt: skip
     running = await activate_shell(shell, image, timeout=timeout)
     running.boot_seconds = time.monotonic() - started
     log.info(

@@ -30,11 +30,13 @@ from agent_vm.core.template import (
 )
 from agent_vm.core.vm import VM
 from agent_vm.errors import BootTimeout, ChannelError, ConfigError, HandshakeError
+from agent_vm.execution.confine import Confinement
 from agent_vm.execution.running import RunningVM, console_tail, transport_for
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
+from agent_vm.host.identities import Identity
 from agent_vm.host.procs import process_start_time
-from agent_vm.image.disk import create_overlay
+from agent_vm.image.disk import create_overlay as create_qcow2_overlay
 from agent_vm.image.store import Image
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
@@ -103,13 +105,16 @@ def build_template(
     nic: Nic | None = None,
     memory_file: MemoryFile | None = None,
     incoming: bool = False,
+    identity: Identity | None = None,
+    boot_files: tuple[Path, Path] | None = None,
 ) -> VMTemplate:
     cmdline = f"{image.cmdline} agentvm.hostname={name}"
     if nic is not None:
         cmdline += f" agentvm.net={nic.cmdline}"
+    kernel, initrd = boot_files or (image.kernel, image.initrd)
     return VMTemplate(
         name=name,
-        boot=BootSpec(kernel=image.kernel, initrd=image.initrd, cmdline=cmdline),
+        boot=BootSpec(kernel=kernel, initrd=initrd, cmdline=cmdline),
         disk_path=workdir / "disk.qcow2",
         resources=spec.profile,
         accel=spec.accel,
@@ -119,6 +124,7 @@ def build_template(
         console_log=workdir / "console.log",
         memory_file=memory_file,
         incoming=incoming,
+        dac_label=identity.label if identity is not None else None,
         metadata={
             "owner": OWNER,
             "pid": str(os.getpid()),
@@ -140,6 +146,8 @@ class Held:
     agent: AgentChannel | None = None
     nic: Nic | None = None
     made_workdir: bool = False
+    confinement: Confinement | None = None
+    identity: Identity | None = None
 
     @property
     def name(self) -> str:
@@ -152,13 +160,16 @@ class Held:
             workdir=self.workdir if self.made_workdir else None,
             guard=self.guard,
             channel=self.agent,
+            identity=self.identity,
         )
 
 
 @asynccontextmanager
-async def creating(vms_dir: Path, name: str, guard: NetworkGuard | None) -> AsyncIterator[Held]:
+async def creating(
+    vms_dir: Path, name: str, guard: NetworkGuard | None, confinement: Confinement | None = None
+) -> AsyncIterator[Held]:
     """A fresh work directory; on any failure inside, everything made so far is removed."""
-    held = Held(vms_dir / name, guard)
+    held = Held(vms_dir / name, guard, confinement=confinement)
     try:
         await finish_in_thread(_make_workdir, vms_dir, held.workdir)
         held.made_workdir = True
@@ -166,6 +177,14 @@ async def creating(vms_dir: Path, name: str, guard: NetworkGuard | None) -> Asyn
     except BaseException:
         await held.discard()
         raise
+
+
+def create_overlay(backing: Path, overlay: Path, identity: Identity | None) -> None:
+    """The VM's overlay, owned by its QEMU's user and by nobody else (0600)."""
+    create_qcow2_overlay(backing, overlay)
+    if identity is not None:
+        os.chown(overlay, identity.uid, identity.gid)
+        overlay.chmod(0o600)
 
 
 def _make_workdir(vms_dir: Path, workdir: Path) -> None:
@@ -185,7 +204,15 @@ async def define_vm(
     memory_file: MemoryFile | None = None,
     incoming: bool = False,
 ) -> VM:
-    """Network interface, overlay on ``backing_disk``, libvirt definition (not started)."""
+    """Identity, network interface, overlay on ``backing_disk`` (the VM's own), libvirt
+    definition (not started)."""
+    confinement = held.confinement
+    if confinement is not None:
+
+        async def release(identity: Identity) -> None:
+            identity.release()
+
+        held.identity = await finish_then_undo(lambda: confinement.allocate(held.name), release)
     held.nic = await make_nic(spec, held.name, held.guard, policy)
     template = build_template(
         name=held.name,
@@ -195,8 +222,10 @@ async def define_vm(
         nic=held.nic,
         memory_file=memory_file,
         incoming=incoming,
+        identity=held.identity,
+        boot_files=confinement.boot_files(image) if confinement is not None else None,
     )
-    await finish_in_thread(create_overlay, backing_disk, template.disk_path)
+    await finish_in_thread(create_overlay, backing_disk, template.disk_path, held.identity)
     xml = template.generate_xml()
 
     async def keep_for_cleanup(vm: VM) -> None:
@@ -247,13 +276,14 @@ async def launch_vm(
     name: str | None = None,
     boot_timeout: float = 60.0,
     memory_file: MemoryFile | None = None,
+    confinement: Confinement | None = None,
 ) -> RunningVM:
     """Cold boot: overlay, define, start, handshake. On any failure nothing is left behind.
 
     NAT_FILTERED (the default mode) needs ``guard``; ``policy`` defaults to EgressPolicy().
     """
     started = time.monotonic()
-    async with creating(vms_dir, name or new_vm_name(), guard) as held:
+    async with creating(vms_dir, name or new_vm_name(), guard, confinement) as held:
         vm = await define_vm(
             connection, image, spec, held, backing_disk=image.disk, policy=policy,
             memory_file=memory_file,
@@ -264,7 +294,8 @@ async def launch_vm(
         if held.nic is not None:  # the guest configures its interface in late start-up
             await wait_settled(agent, boot_timeout)
         running = RunningVM(
-            vm, held.workdir, image, agent, time.monotonic() - started, held.nic, guard, pid
-        )
+            vm, held.workdir, image, agent, time.monotonic() - started, held.nic, guard, pid,
+            held.identity,
+        )  # fmt: skip
         log.info("vm_ready", vm=vm.name, seconds=round(running.boot_seconds, 3))
         return running

@@ -68,6 +68,7 @@ class CloneFactory:
             vms_dir=self.runtime.settings.vms_dir,
             guard=self.guard,
             policy=self.policy,
+            confinement=self.runtime.confinement,
         )
 
     async def activate(self, shell: CloneShell) -> RunningVM:

@@ -21,6 +21,7 @@ from agent_vm.core.vm import VM
 from agent_vm.errors import VMError
 from agent_vm.execution.launch import OWNER
 from agent_vm.execution.teardown import destroy_and_remove
+from agent_vm.host.identities import Identities
 from agent_vm.host.procs import same_process
 from agent_vm.logs import get_logger
 from agent_vm.network.orphans import reap_network
@@ -61,6 +62,7 @@ def reap(
     include_live_owners: bool = False,
     orphan_min_age: float = 60.0,
     network_records: SandboxDirectory | None = None,
+    identities: Identities | None = None,
 ) -> list[str]:
     """Destroy and remove leftovers; returns the names removed.
 
@@ -88,6 +90,12 @@ def reap(
             if leftover.is_dir() and leftover not in known_workdirs and age >= orphan_min_age:
                 shutil.rmtree(leftover, ignore_errors=True)
                 removed.append(leftover.name)
+    if identities is not None:
+        domains = {d.vm.name for d in owned_domains(connection)}
+        for slot, vm, age in identities.owners():
+            if vm not in domains and (age >= orphan_min_age or vm in removed):
+                identities.release_slot(slot)
+                removed.append(f"identity {identities.base + slot} of {vm}")
     if network_records is not None:
         removed += reap_network(
             connection, network_records, min_age=orphan_min_age, gone=frozenset(removed)

@@ -13,6 +13,7 @@ from agent_vm.core.template import channel_socket_path, vsock_cid
 from agent_vm.core.vm import VM, VMState
 from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError
 from agent_vm.execution.teardown import teardown
+from agent_vm.host.identities import Identity
 from agent_vm.host.procs import is_alive
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
@@ -58,6 +59,7 @@ class RunningVM:
         nic: Nic | None = None,
         guard: NetworkGuard | None = None,
         qemu_pid: int | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.vm = vm
         self.workdir = workdir
@@ -66,6 +68,7 @@ class RunningVM:
         self.nic = nic
         self.guard = guard
         self.qemu_pid = qemu_pid
+        self.identity = identity  # the host user its QEMU runs as
         self._channel = channel
         self._closed = False
 
@@ -157,5 +160,10 @@ class RunningVM:
             return
         self._closed = True
         await teardown(
-            self.name, vm=self.vm, workdir=self.workdir, guard=self.guard, channel=self._channel
+            self.name,
+            vm=self.vm,
+            workdir=self.workdir,
+            guard=self.guard,
+            channel=self._channel,
+            identity=self.identity,
         )

@@ -27,6 +27,7 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.events import LifecycleEvents
 from agent_vm.core.template import NetworkMode, ResourceProfile
 from agent_vm.errors import AgentVMError, ConfigError
+from agent_vm.execution.confine import Confinement, qemu_opens_private_ram_read_only
 from agent_vm.execution.golden import GoldenState, GoldenStore, start_clone
 from agent_vm.execution.launch import launch_vm
 from agent_vm.execution.pool import VMPool
@@ -36,6 +37,7 @@ from agent_vm.execution.spec import MachineSpec, NetworkChoice, parse_network
 from agent_vm.execution.teardown import retry_pending
 from agent_vm.host.accel import AccelChoice, HostPaths, detect_accel
 from agent_vm.host.daemons import ensure_daemons
+from agent_vm.host.identities import Identities
 from agent_vm.host.resources import HostResources, read_resources
 from agent_vm.image.builder import ImageBuilder, Progress
 from agent_vm.image.store import Image, ImageStore
@@ -72,6 +74,8 @@ class Runtime:
         )
         self.images = ImageStore(self.settings.images_dir)
         self._builder = ImageBuilder(self.settings)
+        self.identities = Identities(self.settings.uid_base)
+        self.confinement: Confinement | None = None  # set by start()
         self._resources = resources
         self._guard: NetworkGuard | None = None
         self._pools: set[VMPool] = set()
@@ -137,12 +141,14 @@ class Runtime:
             vm = await launch_vm(
                 self.connection, built, chosen, vms_dir=self.settings.vms_dir, guard=guard,
                 policy=policy, boot_timeout=self.settings.boot_timeout,
+                confinement=self.confinement,
             )  # fmt: skip
         else:
             golden = await self.golden(built, chosen, progress)
             vm = await start_clone(
                 self.connection, built, golden, chosen, vms_dir=self.settings.vms_dir,
                 guard=guard, policy=policy, timeout=self.settings.boot_timeout,
+                confinement=self.confinement,
             )  # fmt: skip
         self._vms = {held for held in self._vms if not held.closed}
         self._vms.add(vm)
@@ -188,13 +194,29 @@ class Runtime:
     def _start(self) -> None:
         ensure_daemons()
         self.connection.open()
+        self.confine()
         self._reaped = reap(
             self.connection,
             self.settings.vms_dir,
             network_records=sandbox_directory(self.settings.network_name),
+            identities=self.identities,
         )
         if self._reaped:
             log.info("reaped_leftovers", names=self._reaped)
+
+    def confine(self) -> Confinement:
+        """How this host keeps sandboxes apart (see ``confine.py``); blocking, idempotent."""
+        if self.confinement is None:
+            _, qemu_version = self.connection.versions()
+            confinement = Confinement(
+                self.identities,
+                self.settings.images_dir,
+                self.settings.images_view,
+                ram_read_only=qemu_opens_private_ram_read_only(qemu_version),
+            )
+            confinement.prepare()
+            self.confinement = confinement
+        return self.confinement
 
     async def reconnect(self) -> None:
         """Reopen the libvirt connection if libvirtd went away (logged, never raised)."""
@@ -252,6 +274,7 @@ class Runtime:
             spec,
             guard=await self.guard_for(spec),
             boot_timeout=self.settings.boot_timeout,
+            confinement=self.confinement,
         )
 
     def _check_shared_memory(self, spec: MachineSpec) -> None:
@@ -279,6 +302,7 @@ class Runtime:
                 self.settings.vms_dir,
                 include_live_owners=all_owners,
                 network_records=sandbox_directory(self.settings.network_name),
+                identities=self.identities,
             )
             live = {image.key for image, _ in self.images.all()}
             return removed + [f"golden state {d}" for d in self.golden_store.prune(live)]

@@ -1,4 +1,4 @@
-"""The one way a VM goes away: channel, domain, work directory, network, in that order.
+"""The one way a VM goes away: channel, domain, work directory, identity, network.
 
 Every caller (a running VM closing, a standby shell discarded, a start that failed half
 way, a golden template after capture) goes through :func:`teardown`, so the order that
@@ -24,6 +24,7 @@ from pathlib import Path
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.core.vm import VM
 from agent_vm.errors import AgentVMError
+from agent_vm.host.identities import Identity
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
 
@@ -38,6 +39,7 @@ class Doomed:
     vm: VM | None
     workdir: Path | None  # None: keep the files (a golden capture moves the disk out)
     guard: NetworkGuard | None
+    identity: Identity | None = None
 
 
 # Called with each VM just before its domain goes (tests keep console logs and domain
@@ -55,12 +57,13 @@ async def teardown(
     workdir: Path | None,
     guard: NetworkGuard | None,
     channel: AgentChannel | None = None,
+    identity: Identity | None = None,
 ) -> None:
     """Remove everything of one VM; never raises for what it can retry later.
 
     Shielded from cancellation: a half-done teardown is how things leak.
     """
-    doomed = Doomed(name, vm, workdir, guard)
+    doomed = Doomed(name, vm, workdir, guard, identity)
     await asyncio.shield(_teardown(doomed, channel))
 
 
@@ -80,6 +83,8 @@ async def _teardown(doomed: Doomed, channel: AgentChannel | None) -> None:
 async def _remove_or_defer(doomed: Doomed) -> None:
     """Domain and files, then the network; or all of it later if libvirt is away."""
     if await asyncio.to_thread(_remove_domain, doomed):
+        if doomed.identity is not None:  # its QEMU is gone: the uid may serve another VM
+            doomed.identity.release()
         if doomed.guard is not None:
             await doomed.guard.detach(doomed.name)
     else:
