@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from agent_vm.core.template import channel_socket_path
+from agent_vm.errors import VMError
 from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.golden import prepare_shell
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.host.identities import Identity
@@ -254,3 +256,31 @@ async def test_shared_files_are_root_owned_and_read_only_to_sandboxes(
     for view in confinement.boot_files(image):  # what libvirt's relabelling runs into
         with pytest.raises(OSError, match="Read-only file system"):
             os.chown(view, 0, 0)
+
+
+async def test_a_golden_ram_file_written_after_capture_is_never_cloned(
+    runtime: Runtime, image: Image, executor: AgentExecutor
+) -> None:
+    """Where QEMU needs the RAM file writable (QEMU < 8.2), an escaped QEMU could write
+    it; the capture's ctime and inode give it away, and it is captured again."""
+    spec = runtime.spec(network="isolated", memory_mib=640)  # a golden state of its own
+    golden = await runtime.golden(image, spec)
+    fd = os.open(golden.ram, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xcc", 4096 * 1000)  # what an attacker's write looks like
+    finally:
+        os.close(fd)
+    assert not golden.intact()
+    with pytest.raises(VMError, match="changed since its capture"):
+        await prepare_shell(
+            runtime.connection, image, golden, spec, vms_dir=runtime.settings.vms_dir,
+            confinement=runtime.confinement,
+        )  # fmt: skip
+    again = await runtime.golden(image, spec)  # captured anew
+    assert again.intact()
+    vm = await runtime.vm(image=image, spec=spec)
+    try:
+        assert (await executor.execute(vm, "echo fresh")).stdout == "fresh\n"
+    finally:
+        await vm.close()
+    runtime.golden_store.remove(again)
