@@ -8,16 +8,20 @@ agentvm_venv="$agentvm_root/.venv"
 
 agentvm_die() { echo "agent-vm bootstrap: $*" >&2; exit 1; }
 
-# Packages of the given groups that dpkg does not report as installed.
+# Packages of the given groups that dpkg does not report as installed (one dpkg-query for
+# all of them: this runs on every invocation).
 agentvm_missing_packages() {
-    local groups=" $* " pkg group
+    local groups=" $* " pkg group wanted=() installed
     while read -r pkg group; do
         [[ -z "$pkg" || "$pkg" == \#* ]] && continue
-        [[ "$groups" == *" $group "* ]] || continue
-        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$'; then
-            echo "$pkg"
-        fi
+        [[ "$groups" == *" $group "* ]] && wanted+=("$pkg")
     done < "$agentvm_root/src/agent_vm/host/packages.txt"
+    [[ ${#wanted[@]} -eq 0 ]] && return 0
+    installed=" $(dpkg-query -W -f='${Package}:${Status}\n' "${wanted[@]}" 2>/dev/null \
+        | sed -n 's/^\([^:]*\):install ok installed$/\1/p' | tr '\n' ' ') "
+    for pkg in "${wanted[@]}"; do
+        [[ "$installed" == *" $pkg "* ]] || echo "$pkg"
+    done
 }
 
 agentvm_install_packages() {
