@@ -104,3 +104,28 @@ def test_bad_sandbox_arguments_fail_before_anything_starts(tmp_path: Path) -> No
     with pytest.raises(ConfigError):
         VMPool(3, 1, runtime=rt)
     assert not rt.connection.is_connected()
+
+
+def test_overrides_keep_the_rest_of_a_given_profile(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, kvm=True)
+    profile = ResourceProfile(disk_gib=5, pids_max=64, cpu_cores=0.5)
+    spec = rt.spec(profile=profile, cpus=2, memory_mib=1024)
+    assert (spec.profile.vcpu, spec.profile.memory_mib) == (2, 1024)
+    assert (spec.profile.disk_gib, spec.profile.pids_max, spec.profile.cpu_cores) == (5, 64, 0.5)
+
+
+def test_limits_are_not_part_of_a_golden_states_key(tmp_path: Path) -> None:
+    from agent_vm.execution.golden import GoldenKey
+
+    rt = runtime(tmp_path, kvm=True)
+    limited = rt.spec(profile=ResourceProfile(pids_max=64, disk_mbps=10))
+    assert (
+        GoldenKey(image_key="i", spec=limited).digest()
+        == GoldenKey(image_key="i", spec=rt.spec()).digest()
+    )
+    bigger = rt.spec(profile=ResourceProfile(disk_gib=4))  # the guest's disk: part of it
+    assert (
+        GoldenKey(image_key="i", spec=bigger).digest()
+        != GoldenKey(image_key="i", spec=rt.spec()).digest()
+    )
+    assert ResourceProfile().unlimited().host_memory_mib(tcg=True) is None

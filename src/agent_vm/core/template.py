@@ -32,6 +32,7 @@ from agent_vm.protocol.ports import CHANNEL_NAME, VSOCK_CMDLINE_FLAG
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 RAM_BACKEND_ID = "agentvm-ram"
+CPU_PERIOD_US = 100_000
 METADATA_URI = "urn:agent-vm:domain:1"
 METADATA_KEY = "agentvm"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -47,13 +48,47 @@ class NetworkMode(enum.StrEnum):
 
 
 class ResourceProfile(Model):
-    """CPU and memory of a VM. Presets: ``light``, ``standard``, ``intensive``."""
+    """CPU, memory and disk of a VM, and the limits the host holds it to.
+
+    Presets: ``light``, ``standard``, ``intensive``. The limits (``LIMITS``) are enforced
+    outside the guest: host CPU through the domain's cgroup (``cpu_cores`` of host CPU for
+    all of QEMU; default: as many as it has vCPUs), host memory including QEMU's own
+    (guest RAM + TCG translation cache + ``memory_overhead_mib``), disk throughput in QEMU,
+    the disk's size by its virtual size; and one inside it: at most ``pids_max`` processes
+    per command. ``None`` lifts a limit. They are not part of a golden state's key.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     vcpu: int = Field(default=1, ge=1, le=64)
     memory_mib: int = Field(default=512, ge=128, le=1024 * 1024)
     tb_cache_mib: int = Field(default=128, ge=16, le=4096, description="TCG only")
+    disk_gib: int = Field(default=2, ge=2, le=16384, description="root disk: grows the file system")
+    cpu_cores: float | None = Field(default=0.0, ge=0.0, le=1024.0, description="0: its vCPUs")
+    memory_overhead_mib: int | None = Field(default=256, ge=64, le=1024 * 1024)
+    disk_mbps: int | None = Field(default=200, ge=1, le=100_000)
+    disk_iops: int | None = Field(default=5000, ge=10, le=10_000_000)
+    pids_max: int | None = Field(default=4096, ge=16, le=4_194_304)
+
+    LIMITS: ClassVar[frozenset[str]] = frozenset(
+        {"cpu_cores", "memory_overhead_mib", "disk_mbps", "disk_iops", "pids_max"}
+    )
+
+    def host_cpu_cores(self) -> float | None:
+        """Host CPU the whole VM may use (None: unlimited)."""
+        if self.cpu_cores is None:
+            return None
+        return self.cpu_cores or float(self.vcpu)
+
+    def host_memory_mib(self, tcg: bool) -> int | None:
+        """The host memory cap of the VM's QEMU (None: none)."""
+        if self.memory_overhead_mib is None:
+            return None
+        return self.memory_mib + (self.tb_cache_mib if tcg else 0) + self.memory_overhead_mib
+
+    def unlimited(self) -> ResourceProfile:
+        """The same hardware without the host's limits (benchmarks measure their cost)."""
+        return self.model_copy(update=dict.fromkeys(self.LIMITS))
 
     PRESETS: ClassVar[dict[str, tuple[int, int]]] = {
         "light": (1, 512),
@@ -140,8 +175,9 @@ class VMTemplate(BaseModel):
         default=False, description="start paused, waiting for migrated state (-incoming defer)"
     )
     dac_label: str | None = Field(
-        default=None, description="run QEMU as this uid:gid (libvirt '+uid:+gid'); disks are "
-        "not relabelled (the overlay is the VM's already, backing files stay root's)"
+        default=None,
+        description="run QEMU as this uid:gid (libvirt '+uid:+gid'); disks are "
+        "not relabelled (the overlay is the VM's already, backing files stay root's)",
     )
 
     def generate_xml(self) -> str:
@@ -149,6 +185,7 @@ class VMTemplate(BaseModel):
         ET.SubElement(domain, "name").text = self.name
         self._metadata(domain)
         ET.SubElement(domain, "memory", unit="MiB").text = str(self.resources.memory_mib)
+        self._limits(domain)
         ET.SubElement(domain, "vcpu").text = str(self.resources.vcpu)
         self._os(domain)
         features = ET.SubElement(domain, "features")
@@ -170,6 +207,16 @@ class VMTemplate(BaseModel):
         self._qemu_arguments(domain)
         ET.indent(domain)
         return ET.tostring(domain, encoding="unicode")
+
+    def _limits(self, domain: ET.Element) -> None:
+        """The host CPU cap through the domain's cgroup. (The memory cap is set on the
+        running domain, ``VM.limit_memory``: with ``<memtune>`` libvirt also raises the
+        locked-memory rlimit, which needs CAP_SYS_RESOURCE that some hosts withhold.)"""
+        cores = self.resources.host_cpu_cores()
+        if cores is not None:
+            cputune = ET.SubElement(domain, "cputune")
+            ET.SubElement(cputune, "global_period").text = str(CPU_PERIOD_US)
+            ET.SubElement(cputune, "global_quota").text = str(int(cores * CPU_PERIOD_US))
 
     def _qemu_arguments(self, domain: ET.Element) -> None:
         args: list[str] = []
@@ -210,6 +257,7 @@ class VMTemplate(BaseModel):
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="unsafe", discard="unmap")
         source = ET.SubElement(disk, "source", file=str(self.disk_path))
+        self._iotune(disk)
         if self.dac_label is not None:  # the whole backing chain: never chowned by libvirt
             ET.SubElement(source, "seclabel", model="dac", relabel="no")
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
@@ -235,6 +283,17 @@ class VMTemplate(BaseModel):
             serial = ET.SubElement(devices, "serial", type="null")
             ET.SubElement(serial, "target", port="0")
         self._interface(devices)
+
+    def _iotune(self, disk: ET.Element) -> None:
+        """Disk throughput limits, enforced by QEMU itself (no cgroup needed)."""
+        profile = self.resources
+        if profile.disk_mbps is None and profile.disk_iops is None:
+            return
+        iotune = ET.SubElement(disk, "iotune")
+        if profile.disk_mbps is not None:
+            ET.SubElement(iotune, "total_bytes_sec").text = str(profile.disk_mbps * 1_000_000)
+        if profile.disk_iops is not None:
+            ET.SubElement(iotune, "total_iops_sec").text = str(profile.disk_iops)
 
     def _interface(self, devices: ET.Element) -> None:
         if self.network_mode is NetworkMode.ISOLATED:

@@ -154,6 +154,16 @@ class VM:
         except VMError:
             pass  # already gone after a reconnect
 
+    def limit_memory(self, mib: int) -> None:
+        """Cap the running QEMU's host memory (its cgroup's hard limit), guest RAM and
+        QEMU's own included; past it the host's OOM killer ends this QEMU, no other."""
+        self._call(
+            "limit memory of",
+            lambda d: d.setMemoryParameters(
+                {"hard_limit": mib * 1024}, libvirt.VIR_DOMAIN_AFFECT_LIVE
+            ),
+        )
+
     def pause(self) -> None:
         self._call("pause", lambda d: d.suspend())
 

@@ -45,7 +45,8 @@ class AgentExecutor:
         The guest enforces ``timeout`` and kills the whole process tree; the result then
         has ``timed_out=True``. A VM that dies meanwhile raises ``VMDiedError``.
         """
-        request = self._request(command, code, timeout, env, cwd, user, stdin is not None)
+        pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
+        request = self._request(command, code, timeout, env, cwd, user, stdin is not None, pids_max)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         effective = request.timeout
         wait = effective + RESULT_GRACE if effective is not None else None
@@ -81,6 +82,7 @@ class AgentExecutor:
         cwd: str | None,
         user: str,
         stdin: bool,
+        pids_max: int | None = None,
     ) -> Execute:
         if (command is None) == (code is None):
             raise ConfigError("give either a command or code, not both or neither")
@@ -101,6 +103,7 @@ class AgentExecutor:
                 user=user,
                 timeout=effective,
                 stdin=stdin,
+                pids_max=pids_max,
             )
         except ProtocolError as exc:
             raise ConfigError(f"invalid execution request: {exc.message}") from exc

@@ -34,7 +34,7 @@ from agent_vm.asyncutil import finish_in_thread
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import load_device_state, save_device_state
-from agent_vm.core.template import MemoryFile
+from agent_vm.core.template import MemoryFile, ResourceProfile
 from agent_vm.core.vm import VM
 from agent_vm.errors import VMError
 from agent_vm.execution.confine import Confinement, harden
@@ -45,6 +45,7 @@ from agent_vm.execution.launch import (
     creating,
     define_vm,
     new_vm_name,
+    start_limited,
     wait_settled,
 )
 from agent_vm.execution.running import RunningVM
@@ -76,7 +77,10 @@ class GoldenKey(BaseModel):
     version: str = GOLDEN_VERSION
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Host-side limits (CPU quota, memory cap, I/O throttle, pids) are left out: a
+        clone gets them from its own domain, not from the state it starts from."""
+        data = self.model_dump_json(exclude={"spec": {"profile": set(ResourceProfile.LIMITS)}})
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 class GoldenMeta(BaseModel):
@@ -238,7 +242,7 @@ class GoldenStore:
                     uid, gid = await asyncio.to_thread(connection.qemu_user)
                 memory = key.spec.profile.memory_mib
                 await asyncio.to_thread(_prepare_ram_file, golden.ram, memory, uid, gid)
-                await finish_in_thread(vm.start)
+                await start_limited(vm, key.spec)
                 agent = await connect_agent(held, boot_timeout)
                 booted = time.monotonic() - started
                 await _settle(agent)
@@ -320,6 +324,7 @@ class CloneShell:
     nic: Nic | None = None
     guard: NetworkGuard | None = None
     identity: Identity | None = None
+    spec: MachineSpec | None = None
 
     @property
     def name(self) -> str:
@@ -359,9 +364,9 @@ async def prepare_shell(
             connection, image, spec, held, backing_disk=golden.disk, policy=policy,
             memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
         )  # fmt: skip
-        await finish_in_thread(vm.start)
+        await start_limited(vm, spec)
         pid = await asyncio.to_thread(vm.qemu_pid)
-        return CloneShell(vm, held.workdir, golden, pid, held.nic, guard, held.identity)
+        return CloneShell(vm, held.workdir, golden, pid, held.nic, guard, held.identity, spec)
 
 
 async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30.0) -> RunningVM:
@@ -397,6 +402,7 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
         shell.guard,
         shell.qemu_pid,
         shell.identity,
+        shell.spec,
     )
 
 

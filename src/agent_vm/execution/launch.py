@@ -34,6 +34,7 @@ from agent_vm.execution.confine import Confinement
 from agent_vm.execution.running import RunningVM, console_tail, transport_for
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
+from agent_vm.host.accel import Accel
 from agent_vm.host.identities import Identity
 from agent_vm.host.procs import process_start_time
 from agent_vm.image.disk import create_overlay as create_qcow2_overlay
@@ -179,9 +180,12 @@ async def creating(
         raise
 
 
-def create_overlay(backing: Path, overlay: Path, identity: Identity | None) -> None:
-    """The VM's overlay, owned by its QEMU's user and by nobody else (0600)."""
-    create_qcow2_overlay(backing, overlay)
+def create_overlay(
+    backing: Path, overlay: Path, identity: Identity | None, size_gib: int | None = None
+) -> None:
+    """The VM's overlay, owned by its QEMU's user and by nobody else (0600); its size is
+    the cap on what the guest can write to the host's disk."""
+    create_qcow2_overlay(backing, overlay, size_gib)
     if identity is not None:
         os.chown(overlay, identity.uid, identity.gid)
         overlay.chmod(0o600)
@@ -225,7 +229,9 @@ async def define_vm(
         identity=held.identity,
         boot_files=confinement.boot_files(image) if confinement is not None else None,
     )
-    await finish_in_thread(create_overlay, backing_disk, template.disk_path, held.identity)
+    await finish_in_thread(
+        create_overlay, backing_disk, template.disk_path, held.identity, spec.profile.disk_gib
+    )
     xml = template.generate_xml()
 
     async def keep_for_cleanup(vm: VM) -> None:
@@ -233,6 +239,14 @@ async def define_vm(
 
     held.vm = await finish_then_undo(lambda: VM.define(connection, xml), keep_for_cleanup)
     return held.vm
+
+
+async def start_limited(vm: VM, spec: MachineSpec) -> None:
+    """Start the domain, then cap its host memory before the guest has used much."""
+    await finish_in_thread(vm.start)
+    memory = spec.profile.host_memory_mib(tcg=spec.accel is Accel.TCG)
+    if memory is not None:
+        await asyncio.to_thread(vm.limit_memory, memory)
 
 
 async def connect_agent(held: Held, timeout: float) -> AgentChannel:
@@ -288,14 +302,14 @@ async def launch_vm(
             connection, image, spec, held, backing_disk=image.disk, policy=policy,
             memory_file=memory_file,
         )  # fmt: skip
-        await finish_in_thread(vm.start)
+        await start_limited(vm, spec)
         pid = await asyncio.to_thread(vm.qemu_pid)
         agent = await connect_agent(held, boot_timeout)
         if held.nic is not None:  # the guest configures its interface in late start-up
             await wait_settled(agent, boot_timeout)
         running = RunningVM(
             vm, held.workdir, image, agent, time.monotonic() - started, held.nic, guard, pid,
-            held.identity,
+            held.identity, spec,
         )  # fmt: skip
         log.info("vm_ready", vm=vm.name, seconds=round(running.boot_seconds, 3))
         return running

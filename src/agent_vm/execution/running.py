@@ -12,6 +12,7 @@ from agent_vm.communication.transport import Transport, UnixTransport, VsockTran
 from agent_vm.core.template import channel_socket_path, vsock_cid
 from agent_vm.core.vm import VM, VMState
 from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError
+from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
 from agent_vm.host.identities import Identity
 from agent_vm.host.procs import is_alive
@@ -60,6 +61,7 @@ class RunningVM:
         guard: NetworkGuard | None = None,
         qemu_pid: int | None = None,
         identity: Identity | None = None,
+        spec: MachineSpec | None = None,
     ) -> None:
         self.vm = vm
         self.workdir = workdir
@@ -69,6 +71,7 @@ class RunningVM:
         self.guard = guard
         self.qemu_pid = qemu_pid
         self.identity = identity  # the host user its QEMU runs as
+        self.spec = spec  # its hardware and limits
         self._channel = channel
         self._closed = False
 

@@ -116,7 +116,7 @@ class Runtime:
                 f"{host.memory_available_mib} MiB available (of {host.memory_total_mib} MiB)",
                 hint=f"use --memory {host.memory_available_mib} or less",
             )
-        resources = ResourceProfile(vcpu=vcpu, memory_mib=memory, tb_cache_mib=base.tb_cache_mib)
+        resources = ResourceProfile(**{**base.model_dump(), "vcpu": vcpu, "memory_mib": memory})
         mode, bridge = parse_network(network)
         return MachineSpec(
             profile=resources, accel=self.accel.accel, network_mode=mode, bridge=bridge

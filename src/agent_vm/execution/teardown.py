@@ -125,4 +125,3 @@ async def retry_pending() -> int:
         await _remove_or_defer(doomed)
     with _pending_lock:
         return len(_pending)
-

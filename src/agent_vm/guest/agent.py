@@ -334,12 +334,15 @@ class Execution:
         assert returncode is not None
         signum = -returncode if returncode < 0 else None
         exit_code = None if signum is not None else returncode
-        self._finish(Result(exit_code, signum, self.timed_out, duration))
+        error = None
+        if self.cgroup is not None and _oom_kills(self.cgroup):
+            error = "out of memory: the guest's OOM killer ended processes of this command"
+        self._finish(Result(exit_code, signum, self.timed_out, duration, error))
 
     def _spawn(self) -> None:
         env, uid, gid, home = self._env_and_ids()
         cwd = self.req.cwd or home
-        self.cgroup = self.agent.make_cgroup(self.request_id)
+        self.cgroup = self.agent.make_cgroup(self.request_id, self.req.pids_max)
         with self.agent.spawn_lock, self.agent.inside_cgroup(self.cgroup):
             # Children inherit the cgroup of their parent at fork: briefly moving the agent
             # into the execution's cgroup places the child there with no race and keeps
@@ -356,6 +359,8 @@ class Execution:
                 extra_groups=[] if uid is not None else None,
                 start_new_session=True,
             )
+        with contextlib.suppress(OSError):  # inherited -1000 from the agent: make it killable
+            write_file(f"/proc/{self.proc.pid}/oom_score_adj", "0")
 
     def _feed(self, pipe: object) -> None:
         fd = pipe.fileno()  # type: ignore[attr-defined]
@@ -429,7 +434,7 @@ class Agent:
 
     # -- cgroups --
 
-    def make_cgroup(self, request_id: int) -> str | None:
+    def make_cgroup(self, request_id: int, pids_max: int | None = None) -> str | None:
         if not self.cgroups:
             return None
         path = f"{CGROUP_ROOT}/exec-{os.getpid()}-{request_id}-{time.monotonic_ns()}"
@@ -437,6 +442,9 @@ class Agent:
             os.mkdir(path)
         except OSError:
             return None
+        if pids_max is not None:  # a fork bomb stops here, not at the guest's pid limit
+            with contextlib.suppress(OSError):
+                write_file(f"{path}/pids.max", str(pids_max))
         return path
 
     @contextlib.contextmanager
@@ -582,6 +590,15 @@ def configure(config: Configure) -> None:
         from agent_vm.guest import netconf
 
         netconf.apply(config.net)
+
+
+def _oom_kills(cgroup: str) -> int:
+    """Processes of the cgroup the OOM killer ended (memory.events, any OOM killer)."""
+    for line in read_file(f"{cgroup}/memory.events").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _uptime() -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -127,7 +128,36 @@ def load_modules(directory: str = MODULES_DIR) -> None:
             os.close(fd)
 
 
+def setup_limits() -> None:
+    """Per-command cgroups may use the memory and pids controllers; init and the agent it
+    forks are the last things the guest's OOM killer may end (commands are reset to 0)."""
+    try:
+        write_file("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids")
+    except OSError as exc:
+        log(f"cgroup controllers: {exc}")
+    try:
+        write_file("/proc/self/oom_score_adj", "-1000")
+    except OSError as exc:
+        log(f"oom_score_adj: {exc}")
+
+
+def grow_root_fs() -> None:
+    """A disk larger than the image's file system (a profile's disk_gib): grow it online.
+    Only a cold boot (or a golden template) does this; clones inherit it."""
+    try:
+        sectors = int(read_file("/sys/block/vda/size").strip() or "0")
+        fs = os.statvfs("/")
+    except (OSError, ValueError):
+        return
+    if sectors * 512 - fs.f_blocks * fs.f_frsize < 256 * 2**20:
+        return
+    result = subprocess.run(["/sbin/resize2fs", "/dev/vda"], capture_output=True, text=True)
+    if result.returncode != 0:
+        log(f"resize2fs: {result.stderr.strip()}")
+
+
 def late_setup(load: bool = True, net: str | None = None) -> None:
+    grow_root_fs()
     if load:
         load_modules()
     watch_power_button()
@@ -203,6 +233,7 @@ def main() -> None:
         log("identity set")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, _on_signal)
+    setup_limits()
     # Import before forking so a restarted agent does not pay the import again.
     from agent_vm.guest import agent  # noqa: F401
 

@@ -34,6 +34,10 @@ def build_base_disk(tree: Path, raw: Path, out: Path, size: str = ROOTFS_SIZE) -
     raw.unlink()
 
 
-def create_overlay(base: Path, overlay: Path) -> None:
-    """A qcow2 overlay backed by ``base``; the base is never written."""
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)])
+def create_overlay(base: Path, overlay: Path, size_gib: int | None = None) -> None:
+    """A qcow2 overlay backed by ``base`` (the base is never written), of ``size_gib``
+    (default: the base's size); the guest grows its file system into a larger one."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)]
+    if size_gib is not None:
+        argv.append(f"{size_gib}G")
+    _run(argv)

@@ -126,7 +126,7 @@ class Ready(JsonMessage):
 class Execute(JsonMessage):
     """Run ``argv`` directly, or ``shell`` through bash (sh if absent); exactly one is set."""
 
-    __slots__ = ("argv", "cwd", "env", "shell", "stdin", "timeout", "user")
+    __slots__ = ("argv", "cwd", "env", "pids_max", "shell", "stdin", "timeout", "user")
 
     def __init__(
         self,
@@ -137,6 +137,7 @@ class Execute(JsonMessage):
         user: str = "root",
         timeout: float | None = None,
         stdin: bool = False,
+        pids_max: int | None = None,
     ) -> None:
         self.argv = argv
         self.shell = shell
@@ -145,6 +146,7 @@ class Execute(JsonMessage):
         self.user = user
         self.timeout = timeout
         self.stdin = stdin
+        self.pids_max = pids_max  # processes the command may have at once (its cgroup)
         self._validate()
 
     def _validate(self) -> None:
@@ -167,11 +169,13 @@ class Execute(JsonMessage):
             raise ProtocolError("timeout must be between 0 and 7 days")
         if self.user not in ("root", "agent"):
             raise ProtocolError("user must be 'root' or 'agent'")
+        if self.pids_max is not None and not 1 <= self.pids_max <= 4_194_304:
+            raise ProtocolError("pids_max must be between 1 and 4194304")
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Execute:
         data = _loads(payload)
-        _check_only(data, {"argv", "shell", "env", "cwd", "user", "timeout", "stdin"})
+        _check_only(data, {"argv", "shell", "env", "cwd", "user", "timeout", "stdin", "pids_max"})
         argv = _field(data, "argv", (list, type(None)), None)
         if argv is not None and not all(isinstance(a, str) for a in argv):
             raise ProtocolError("argv must be a list of strings")
@@ -187,6 +191,7 @@ class Execute(JsonMessage):
             user=_field(data, "user", (str,), "root"),
             timeout=float(timeout) if timeout is not None else None,
             stdin=_field(data, "stdin", (bool,), False),
+            pids_max=_field(data, "pids_max", (int, type(None)), None),
         )
 
 
