@@ -169,23 +169,36 @@ class Reconciler:
                 log.error("network_guard_round_failed", error=repr(exc))
 
     async def check_firewall(self) -> None:
-        """One read of each layer; VMs whose pieces are damaged are repaired."""
+        """One read of each layer; VMs whose pieces are damaged are repaired.
+
+        Only VMs that were settled (not being attached or torn down) before the read
+        started are judged by it: a VM whose attach finished while the tables were being
+        read is missing from that snapshot without anything having vanished (the false
+        alarms a pool soak used to log). A finding is confirmed by a fresh read before it
+        is reported."""
+        settled = [v for v in self._vms.values() if v.tap not in self._busy]
+        if not settled:
+            return
         l3_tables, l2_table = await asyncio.to_thread(
             lambda: (l3filter.read_tables(), l2filter.read_table())
         )
-        damaged = []
-        for vm_network in list(self._vms.values()):
-            if vm_network.tap in self._busy:
-                continue
-            if l3filter.vm_problems(l3_tables, vm_network.l3_rules()) or l2filter.vm_problems(
-                l2_table, vm_network.l2_rules()
-            ):
-                damaged.append(vm_network)
+        damaged = [
+            vm_network
+            for vm_network in settled
+            if l3filter.vm_problems(l3_tables, vm_network.l3_rules())
+            or l2filter.vm_problems(l2_table, vm_network.l2_rules())
+        ]
         shared = self._shared_problems(l3_tables, l2_table)
         if shared and not damaged:
             await asyncio.to_thread(self._repair_shared)
         for vm_network in damaged:
-            if vm_network.vm_name not in self._vms:
-                continue  # detached while we looked
-            log.warning("egress_rules_vanished", vm=vm_network.vm_name, tap=vm_network.tap)
+            if self._vms.get(vm_network.vm_name) is not vm_network or vm_network.tap in self._busy:
+                continue  # detached, or its teardown began, while we looked
+            problems = await asyncio.to_thread(self.problems, vm_network)
+            if not problems:
+                continue
+            log.warning(
+                "egress_rules_vanished", vm=vm_network.vm_name, tap=vm_network.tap,
+                problems=problems,
+            )  # fmt: skip
             await self.reconcile(vm_network.vm_name)
