@@ -261,6 +261,9 @@ def run(
     profile: Annotated[str, typer.Option(help="light, standard or intensive")] = "light",
     cpus: Annotated[int | None, typer.Option(help="vCPUs (overrides the profile)")] = None,
     memory: Annotated[int | None, typer.Option(help="MiB of RAM (overrides the profile)")] = None,
+    disk: Annotated[
+        int | None, typer.Option(help="GiB of root disk, its size cap (overrides the profile)")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the command is killed")] = 600,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     cwd: Annotated[str | None, typer.Option(help="working directory in the VM")] = None,
@@ -302,7 +305,9 @@ def run(
             raise ConfigError(f"--timeout must be positive, not {timeout:g}")
         source = code.read_text() if code is not None else None
         variables = _parse_env(env or [])
-        spec = runtime.spec(profile=profile, network=network, cpus=cpus, memory_mib=memory)
+        spec = runtime.spec(
+            profile=profile, network=network, cpus=cpus, memory_mib=memory, disk_gib=disk
+        )
         policy = EgressPolicy(
             tcp_ports=tuple(port) if port else DEFAULT_TCP_PORTS,
             allow_domains=tuple(allow_domain) if allow_domain else None,

@@ -41,6 +41,7 @@ def tripwires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (["--cpus", "100000"], "vCPUs asked for, but this host has", "--cpus"),
         (["--memory", "100000000"], "MiB of guest memory asked for, but this host has", "--memory"),
         (["--memory", "16"], "--memory must be at least 128 MiB", None),
+        (["--disk", "1"], "--disk must be at least 2 GiB, not 1", None),
         (["--profile", "huge"], "unknown profile 'huge'", None),
         (["--timeout", "-1"], "--timeout must be positive", None),
         (["--port", "70000"], "port 70000 out of range", None),

@@ -73,6 +73,7 @@ def test_pool_takes_the_sandboxes_simple_arguments(tmp_path: Path) -> None:
         ({"cpus": 17}, "this host has 16 CPUs"),
         ({"memory_mib": 64}, "at least 128 MiB"),
         ({"memory_mib": 70000}, "this host has 60000 MiB available"),
+        ({"disk_gib": 1}, "--disk must be at least 2 GiB"),
         ({"profile": "huge"}, "unknown profile 'huge'"),
         ({"network": "wifi"}, "network must be nat, isolated or bridge:NAME"),
         ({"network": "bridge:"}, "network must be"),
@@ -112,6 +113,7 @@ def test_overrides_keep_the_rest_of_a_given_profile(tmp_path: Path) -> None:
     spec = rt.spec(profile=profile, cpus=2, memory_mib=1024)
     assert (spec.profile.vcpu, spec.profile.memory_mib) == (2, 1024)
     assert (spec.profile.disk_gib, spec.profile.pids_max, spec.profile.cpu_cores) == (5, 64, 0.5)
+    assert rt.spec(profile=profile, disk_gib=8).profile.disk_gib == 8
 
 
 def test_limits_are_not_part_of_a_golden_states_key(tmp_path: Path) -> None:

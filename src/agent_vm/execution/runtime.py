@@ -49,6 +49,7 @@ from agent_vm.network.sandboxes import sandbox_directory
 log = get_logger(__name__)
 
 MIN_MEMORY_MIB = 128
+MIN_DISK_GIB = 2  # the image's root file system is built at this size
 
 
 def _quiet(_: str) -> None:
@@ -94,6 +95,7 @@ class Runtime:
         network: NetworkChoice = "nat",
         cpus: int | None = None,
         memory_mib: int | None = None,
+        disk_gib: int | None = None,
     ) -> MachineSpec:
         """The hardware for a VM, with this host's accelerator; refused (ConfigError)
         when the host cannot give it."""
@@ -116,7 +118,12 @@ class Runtime:
                 f"{host.memory_available_mib} MiB available (of {host.memory_total_mib} MiB)",
                 hint=f"use --memory {host.memory_available_mib} or less",
             )
-        resources = ResourceProfile(**{**base.model_dump(), "vcpu": vcpu, "memory_mib": memory})
+        if disk_gib is not None and disk_gib < MIN_DISK_GIB:
+            raise ConfigError(f"--disk must be at least {MIN_DISK_GIB} GiB, not {disk_gib}")
+        disk = disk_gib if disk_gib is not None else base.disk_gib
+        resources = ResourceProfile(
+            **{**base.model_dump(), "vcpu": vcpu, "memory_mib": memory, "disk_gib": disk}
+        )
         mode, bridge = parse_network(network)
         return MachineSpec(
             profile=resources, accel=self.accel.accel, network_mode=mode, bridge=bridge
