@@ -92,9 +92,7 @@ async def in_vm(vm: RunningVM, netbench: str) -> dict[str, list[float]]:
     return samples
 
 
-async def starts(
-    runtime: Runtime, image: Image, runs: int
-) -> dict[str, list[float]]:
+async def starts(runtime: Runtime, image: Image, runs: int) -> dict[str, list[float]]:
     """What the network costs a sandbox start: clone from a golden state, ISOLATED vs
     NAT_FILTERED (address, ipset, nwfilter binding, interface set-up in the guest)."""
     out: dict[str, list[float]] = {}
@@ -134,7 +132,8 @@ async def measure(
         start = await starts(runtime, image, start_runs)
         # acquire/reset of NAT_FILTERED VMs (standby shells)
         nat = runtime.spec()
-        for label, values in (await pool_cycles(runtime, image, nat, 3 * start_runs)).items():
+        cycles = await pool_cycles(runtime, image, nat, 3 * start_runs, "nat")
+        for label, values in cycles.items():
             start[f"pool {label}, nat_filtered"] = values
     return out, start
 
@@ -162,9 +161,7 @@ def main() -> None:
     )
     test_host.start()
     try:
-        samples, start = asyncio.run(
-            measure(runtime, image, job(args), args.rounds, args.starts)
-        )
+        samples, start = asyncio.run(measure(runtime, image, job(args), args.rounds, args.starts))
     finally:
         test_host.stop()
     results: dict[str, Any] = {

@@ -7,6 +7,7 @@ both offer without extra set-up; compare them with agent-vm's "boot + command" a
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -16,6 +17,10 @@ BWRAP = [
     "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent",
 ]  # fmt: skip
 RUNSC = ["runsc", "--network=none", "--ignore-cgroups", "do"]
+# The peers run the distribution's python3, like the guest image does: a PATH with a
+# version manager's shim first (pyenv's is a shell script) once made `runsc do python3`
+# look ~0.9 s slower than it is.
+ENV = {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 def available(tool: str) -> str | None:
@@ -23,7 +28,11 @@ def available(tool: str) -> str | None:
     if shutil.which(tool) is None:
         return f"{tool} not installed (apt-get install {'bubblewrap' if tool == 'bwrap' else tool})"
     probe = subprocess.run(
-        (BWRAP if tool == "bwrap" else RUNSC) + ["true"], capture_output=True, text=True, timeout=60
+        (BWRAP if tool == "bwrap" else RUNSC) + ["true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
     )
     if probe.returncode != 0:
         return f"{tool} fails here: {probe.stderr.strip()[-200:]}"
@@ -34,7 +43,7 @@ def time_command(prefix: list[str], argv: list[str], runs: int) -> list[float]:
     samples = []
     for _ in range(runs):
         started = time.perf_counter()
-        proc = subprocess.run(prefix + argv, capture_output=True, timeout=120)
+        proc = subprocess.run(prefix + argv, capture_output=True, timeout=120, env=ENV)
         samples.append(time.perf_counter() - started)
         if proc.returncode != 0:
             raise RuntimeError(f"{prefix[0]} {argv} failed: {proc.stderr.decode()[-300:]}")

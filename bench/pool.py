@@ -36,13 +36,14 @@ async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 
 
 async def pool_cycles(
-    runtime: Runtime, image: Image, spec: MachineSpec, cycles: int
+    runtime: Runtime, image: Image, spec: MachineSpec, cycles: int, network: str = "isolated"
 ) -> dict[str, list[float]]:
     """acquire from a warm pool; the release call; and reset, timed on a pool of exactly one
-    VM (release it, then wait until its clean replacement is idle: nothing is reused)."""
+    VM (release it, then wait until its clean replacement is idle: nothing is reused).
+    ``network`` is the pools' network choice ("isolated", "nat")."""
     out: dict[str, list[float]] = {"acquire": [], "release call": [], "reset": []}
     executor = AgentExecutor()
-    async with VMPool(min_size=2, max_size=3, runtime=runtime, network="isolated") as pool:
+    async with VMPool(min_size=2, max_size=3, runtime=runtime, network=network) as pool:
         for _ in range(cycles):
             await until(lambda: pool.stats().idle >= 2 and pool.stats().starting == 0)
             started = time.perf_counter()
@@ -52,7 +53,7 @@ async def pool_cycles(
             released = time.perf_counter()
             await pool.release(vm)
             out["release call"].append(time.perf_counter() - released)
-    async with VMPool(min_size=1, max_size=1, runtime=runtime, network="isolated") as one:
+    async with VMPool(min_size=1, max_size=1, runtime=runtime, network=network) as one:
         for _ in range(max(5, cycles // 3)):
             await until(
                 lambda: (
