@@ -19,6 +19,8 @@ from agent_vm.core.template import ResourceProfile
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
+from agent_vm.host.accel import Accel
+from agent_vm.host.cgroups import memory_limit_file
 from agent_vm.image.store import Image
 
 # the bomb runs while the command's own shell waits, then reports how often it hit the limit
@@ -133,6 +135,12 @@ async def test_a_memory_hog_is_killed_inside_the_guest_and_the_agent_survives(
         result = await executor.execute(attacker, code=hog, timeout=120)
         alive = await executor.execute(attacker, "echo agent alive", timeout=60)
         qemu_running = attacker.alive()
+        assert attacker.qemu_pid is not None
+        cap = int(memory_limit_file(attacker.qemu_pid).read_text())
+    spec = attacker.spec
+    assert spec is not None
+    expected = spec.profile.host_memory_mib(tcg=spec.accel is Accel.TCG)
+    assert expected is not None and cap == expected << 20  # the host's cap on all of QEMU
     assert result.signal == 9 and result.error is not None and "out of memory" in result.error
     assert alive.stdout == "agent alive\n"
     assert qemu_running  # the guest's OOM killer acted, not the host's

@@ -11,6 +11,7 @@ from agent_vm.core.snapshot import SnapshotManager
 from agent_vm.errors import SnapshotError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.running import RunningVM
+from agent_vm.host.cgroups import memory_limit_file
 
 
 async def test_create_list_restore_delete(fresh_vm: RunningVM, executor: AgentExecutor) -> None:
@@ -39,6 +40,10 @@ async def test_create_list_restore_delete(fresh_vm: RunningVM, executor: AgentEx
 
     manager.restore_snapshot(vm, golden)
     await fresh_vm.reconnect()
+    pid = vm.qemu_pid()
+    assert pid is not None and vm.memory_limit_mib is not None
+    # the restarted QEMU is capped again
+    assert int(memory_limit_file(pid).read_text()) == vm.memory_limit_mib << 20
     state = await executor.execute(
         fresh_vm, "cat /root/state; kill -0 $(cat /root/pid) && echo alive; ls /root/new"
     )

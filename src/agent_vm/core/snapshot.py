@@ -110,6 +110,8 @@ class SnapshotManager:
             vm.domain.revertToSnapshot(snap, 0)
         except libvirt.libvirtError as exc:
             raise SnapshotError(f"cannot restore {vm.name} to {name}: {exc}") from exc
+        if vm.is_active():
+            vm.reapply_limits()  # a new QEMU, in a new cgroup
         log.info("snapshot_restored", vm=vm.name, snapshot=name)
 
     def delete_snapshot(self, vm: VM, snapshot: Snapshot | str) -> None:

@@ -19,6 +19,7 @@ import libvirt
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.template import parse_metadata
 from agent_vm.errors import VMError
+from agent_vm.host import cgroups
 from agent_vm.logs import get_logger
 
 log = get_logger(__name__)
@@ -59,6 +60,7 @@ class VM:
         self._generation = connection.generation
         self._name: str = domain.name()
         self._uuid: str = domain.UUIDString()
+        self.memory_limit_mib: int | None = None  # what limit_memory set, to set again
 
     @classmethod
     def define(cls, connection: LibvirtConnection, xml: str) -> VM:
@@ -155,14 +157,18 @@ class VM:
             pass  # already gone after a reconnect
 
     def limit_memory(self, mib: int) -> None:
-        """Cap the running QEMU's host memory (its cgroup's hard limit), guest RAM and
-        QEMU's own included; past it the host's OOM killer ends this QEMU, no other."""
-        self._call(
-            "limit memory of",
-            lambda d: d.setMemoryParameters(
-                {"hard_limit": mib * 1024}, libvirt.VIR_DOMAIN_AFFECT_LIVE
-            ),
-        )
+        """Cap the running QEMU's host memory (its cgroup's limit), guest RAM and QEMU's
+        own included; past it the host's OOM killer ends this QEMU, no other. Remembered:
+        ``reapply_limits`` sets it again after something restarted QEMU."""
+        pid = self.qemu_pid()
+        if pid is None:
+            raise VMError(f"{self._name} is not running: cannot cap its memory")
+        cgroups.limit_memory(pid, mib << 20)
+        self.memory_limit_mib = mib
+
+    def reapply_limits(self) -> None:
+        if self.memory_limit_mib is not None:
+            self.limit_memory(self.memory_limit_mib)
 
     def pause(self) -> None:
         self._call("pause", lambda d: d.suspend())
