@@ -110,9 +110,51 @@ class AgentRefusedError(ChannelError):
     """The guest agent refused a request; ``code`` is its machine-readable reason
     (``bad_request``, ``bad_frame``, ``stdin_overflow``, ``internal``, ...)."""
 
-    def __init__(self, message: str, *, code: str, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str, detail: str = "", hint: str | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.code = code
+        self.detail = detail  # the guest's own words
+
+
+class SandboxFileError(AgentVMError):
+    """A file operation inside the sandbox failed; ``code`` is the guest's reason
+    (``not_found``, ``permission_denied``, ``no_space``, ...), ``path`` the path."""
+
+    def __init__(self, message: str, *, code: str, path: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+        self.path = path
+
+
+class SandboxFileNotFoundError(SandboxFileError, FileNotFoundError):
+    """No such file or directory in the sandbox (also a FileNotFoundError)."""
+
+
+class SandboxPermissionError(SandboxFileError, PermissionError):
+    """The sandbox refused access (also a PermissionError)."""
+
+
+class SandboxFileExistsError(SandboxFileError, FileExistsError):
+    """The path already exists in the sandbox (also a FileExistsError)."""
+
+
+class SandboxNotADirectoryError(SandboxFileError, NotADirectoryError):
+    """A directory was expected in the sandbox (also a NotADirectoryError)."""
+
+
+class SandboxIsADirectoryError(SandboxFileError, IsADirectoryError):
+    """A file was expected in the sandbox, not a directory (also an IsADirectoryError)."""
+
+
+class ExtractionError(AgentVMError):
+    """Files from the sandbox were not (all) written to the host: a size or count cap
+    was reached, or an entry was unsafe."""
+
+
+class WorkspaceError(AgentVMError):
+    """The workspace cannot be shared as asked (path, owner, file system, quota)."""
 
 
 class PoolError(AgentVMError):

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent_vm.communication.streams import FileStream
 from agent_vm.communication.transport import Transport
 from agent_vm.errors import (
     AgentRefusedError,
@@ -35,6 +36,7 @@ from agent_vm.errors import (
     ProtocolError,
 )
 from agent_vm.logs import get_logger
+from agent_vm.protocol.files import FileRequest, WorkspaceRequest
 from agent_vm.protocol.frame import FLAG_EOF, MAX_REQUEST_ID, BadFrame, Frame, FrameDecoder, encode
 from agent_vm.protocol.messages import (
     Configure,
@@ -113,6 +115,7 @@ class AgentChannel:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._pings: dict[int, asyncio.Future[Status]] = {}
+        self._streams: dict[int, FileStream] = {}
         self._failure: BaseException | None = None
 
     # ------------------------------------------------------------------ connect
@@ -273,6 +276,26 @@ class AgentChannel:
         finally:
             self._pings.pop(rid, None)
 
+    async def workspace(self, request: WorkspaceRequest, timeout: float = 30.0) -> Status:
+        """Mount (or unmount) the shared workspace in the guest."""
+        return await self._status_request(MessageType.WORKSPACE, request.to_payload(), timeout)
+
+    async def file_request(self, request: FileRequest) -> FileStream:
+        """Start a file operation; the caller streams through the returned FileStream and
+        must ``forget`` it when done (``communication/files.py`` does both)."""
+        rid = self._next_id()
+        stream = FileStream(rid, self._send, self.name)
+        self._streams[rid] = stream
+        try:
+            await self._send(Frame(MessageType.FILE, rid, request.to_payload()))
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+        return stream
+
+    def forget(self, stream: FileStream) -> None:
+        self._streams.pop(stream.request_id, None)
+
     async def request_shutdown(self) -> None:
         await self._send(Frame(MessageType.SHUTDOWN, 0))
 
@@ -329,6 +352,8 @@ class AgentChannel:
         for future in self._pings.values():
             if not future.done():
                 future.set_exception(error)
+        for stream in self._streams.values():
+            stream.fail(error)
 
     def _handle(self, event: Frame | BadFrame) -> None:
         if isinstance(event, BadFrame):
@@ -356,6 +381,8 @@ class AgentChannel:
             pending = self._pending.get(event.request_id)
             if pending is not None and not pending.future.done():
                 pending.future.set_exception(exc)
+            if (stream := self._streams.get(event.request_id)) is not None:
+                stream.fail(exc)
 
     def _handle_before_ready(self, mtype: MessageType, frame: Frame) -> None:
         if mtype is not MessageType.READY:
@@ -379,6 +406,9 @@ class AgentChannel:
             result = Result.from_payload(frame.payload)
             if (pending := self._pending.get(rid)) is not None and not pending.future.done():
                 pending.future.set_result(result)
+        elif mtype in _STREAM_TYPES:
+            if (stream := self._streams.get(rid)) is not None:
+                _STREAM_TYPES[mtype](stream, frame)
         elif mtype is MessageType.STATUS:
             status = Status.from_payload(frame.payload)
             if (ping := self._pings.get(rid)) is not None and not ping.done():
@@ -388,11 +418,14 @@ class AgentChannel:
             refusal = AgentRefusedError(
                 f"{self.name}: agent refused request: {error.code}: {error.message}",
                 code=error.code,
+                detail=error.message,
             )
             if (pending := self._pending.get(rid)) is not None and not pending.future.done():
                 pending.future.set_exception(refusal)
             elif (ping := self._pings.get(rid)) is not None and not ping.done():
                 ping.set_exception(refusal)
+            elif (stream := self._streams.get(rid)) is not None:
+                stream.fail(refusal)
             else:
                 self.agent_errors.append((rid, error))
                 log.warning("agent_error", vm=self.name, code=error.code, message=error.message)
@@ -403,3 +436,11 @@ class AgentChannel:
                 raise ChannelClosedError(f"the guest agent of {self.name} restarted")
         else:
             raise ProtocolError(f"{mtype.name} is not a guest-to-host message")
+
+
+_STREAM_TYPES: dict[MessageType, Callable[[FileStream, Frame], None]] = {
+    MessageType.DATA: FileStream.on_data,
+    MessageType.ACK: lambda stream, frame: stream.on_ack(frame.payload),
+    MessageType.DONE: lambda stream, frame: stream.on_done(frame.payload),
+    MessageType.EVENTS: lambda stream, frame: stream.on_events(frame.payload),
+}

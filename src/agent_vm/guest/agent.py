@@ -33,6 +33,8 @@ import time
 import agent_vm
 from agent_vm.errors import ProtocolError
 from agent_vm.guest.files import SETTLED_MARKER, read_file, set_identity, write_file
+from agent_vm.guest.fileserver import Operation
+from agent_vm.protocol.files import Ack, FileRequest, WorkspaceRequest
 from agent_vm.protocol.frame import (
     FLAG_EOF,
     MAX_PAYLOAD,
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 CHUNK = 64 * 1024
+READ_CHUNK = 1 << 20  # from the port: fewer, larger reads for file streams
 DRAIN_GRACE = 1.0
 MAX_EXECUTIONS = 64
 MAX_STDIN_QUEUED = 16 * 1024 * 1024
@@ -78,7 +81,7 @@ def log(message: str) -> None:
 class Link:
     """Byte stream to the host: ``read`` blocks until bytes arrive, ``write_all`` may block."""
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | memoryview:
         raise NotImplementedError
 
     def write_all(self, data: bytes) -> None:
@@ -91,17 +94,18 @@ class SerialLink(Link):
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self.fd, select.POLLIN)
+        # one buffer for every read: allocating (and faulting in) a large bytes object per
+        # read costs more than the data under TCG
+        self._buffer = bytearray(READ_CHUNK)
+        self._view = memoryview(self._buffer)
 
-    def read(self) -> bytes:
+    def read(self) -> memoryview:
+        """The bytes that arrived; valid until the next read (the decoder copies them)."""
         while True:
-            events = self._poll.poll()
-            if any(mask & select.POLLIN for _, mask in events):
-                data = os.read(self.fd, CHUNK)
-                if data:
-                    return data
-            time.sleep(0.01)  # host not connected (clones resume in this state)
+            count = os.readv(self.fd, [self._buffer])
+            if count:
+                return self._view[:count]
+            time.sleep(0.01)  # EOF: no host connected (clones resume in this state)
 
     def write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -396,6 +400,7 @@ class Agent:
         self.spawn_lock = threading.Lock()
         self.session: str | None = None
         self.executions: dict[int, Execution] = {}
+        self.files: dict[int, Operation] = {}
         self.exec_lock = threading.Lock()
         self.cgroups = os.path.exists(f"{CGROUP_ROOT}/cgroup.procs") and os.getuid() == 0
         self.boot_id = read_file("/proc/sys/kernel/random/boot_id").strip()
@@ -477,6 +482,11 @@ class Agent:
             if self.executions.get(request_id) is execution:
                 del self.executions[request_id]
 
+    def forget_file(self, request_id: int, operation: Operation) -> None:
+        with self.exec_lock:
+            if self.files.get(request_id) is operation:
+                del self.files[request_id]
+
     # -- reading --
 
     def serve_forever(self) -> None:
@@ -518,6 +528,26 @@ class Agent:
         elif mtype is MessageType.CONFIGURE:
             configure(Configure.from_payload(frame.payload))
             self.send(MessageType.STATUS, rid, self._status().to_payload(), self.session)
+        elif mtype is MessageType.WORKSPACE:
+            from agent_vm.guest import workspace
+
+            try:
+                workspace.apply(WorkspaceRequest.from_payload(frame.payload))
+            except OSError as exc:
+                self.send_error(rid, "workspace_failed", exc.strerror or str(exc))
+                return
+            self.send(MessageType.STATUS, rid, self._status().to_payload(), self.session)
+        elif mtype is MessageType.FILE:
+            self._file(rid, FileRequest.from_payload(frame.payload))
+        elif mtype is MessageType.DATA:
+            self._operation(rid).feed(frame.payload, bool(frame.flags & FLAG_EOF))
+        elif mtype is MessageType.ACK:
+            self._operation(rid).ack(Ack.from_payload(frame.payload).bytes)
+        elif mtype is MessageType.CANCEL:
+            with self.exec_lock:
+                operation = self.files.get(rid)
+            if operation is not None:  # it may just have ended: nothing to do then
+                operation.cancel()
         elif mtype is MessageType.SHUTDOWN:
             self.on_shutdown()
         else:
@@ -533,8 +563,13 @@ class Agent:
             stale = [e for e in self.executions.values() if e.session != hello.session]
             for execution in stale:  # the new session's request ids start again at 1
                 del self.executions[execution.request_id]
+            old_files = [f for f in self.files.values() if f.session != hello.session]
+            for operation in old_files:
+                del self.files[operation.request_id]
         for execution in stale:
             execution.kill()
+        for operation in old_files:
+            operation.cancel()
 
     def _execute(self, rid: int, req: Execute) -> None:
         assert self.session is not None
@@ -546,6 +581,24 @@ class Agent:
             execution = Execution(self, rid, self.session, req)
             self.executions[rid] = execution
         execution.start()
+
+    def _file(self, rid: int, req: FileRequest) -> None:
+        assert self.session is not None
+        with self.exec_lock:
+            if rid in self.files or rid in self.executions:
+                raise ProtocolError(f"request id {rid} is already in use")
+            if len(self.files) >= MAX_EXECUTIONS:
+                raise ProtocolError(f"too many concurrent file operations (max {MAX_EXECUTIONS})")
+            operation = Operation(self, rid, self.session, req)
+            self.files[rid] = operation
+        operation.start()
+
+    def _operation(self, rid: int) -> Operation:
+        with self.exec_lock:
+            operation = self.files.get(rid)
+        if operation is None:
+            raise ProtocolError(f"no file operation with request id {rid}")
+        return operation
 
     def _execution(self, rid: int) -> Execution:
         with self.exec_lock:

@@ -87,7 +87,7 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._buf += data
 
     def events(self) -> Iterator[Frame | BadFrame]:
@@ -140,7 +140,8 @@ class FrameDecoder:
         total = HEADER_SIZE + length + TRAILER_SIZE
         if len(buf) < total:
             return None
-        payload = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
+        with memoryview(buf) as view:  # one copy of the payload, not two
+            payload = bytes(view[HEADER_SIZE : HEADER_SIZE + length])
         (payload_crc,) = TRAILER.unpack_from(buf, HEADER_SIZE + length)
         self._skip(total)
         if zlib.crc32(payload) != payload_crc:

@@ -34,7 +34,14 @@ class MessageType(enum.IntEnum):
     PING = 0x20  # host -> guest
     STATUS = 0x21  # guest -> host: answer to PING and CONFIGURE
     CONFIGURE = 0x22  # host -> guest: clock, entropy and identity of a new sandbox
+    WORKSPACE = 0x23  # host -> guest: mount (or unmount) the shared workspace; STATUS
     SHUTDOWN = 0x30  # host -> guest: power the VM off cleanly
+    FILE = 0x40  # host -> guest: a file operation (protocol/files.py); one request id each
+    DATA = 0x41  # either way: bytes of a file operation's stream; FLAG_EOF ends it
+    ACK = 0x42  # either way: the receiver consumed this many stream bytes (credit)
+    DONE = 0x43  # guest -> host: a file operation ended; its result (last frame)
+    EVENTS = 0x44  # guest -> host: file system events of a watch
+    CANCEL = 0x45  # host -> guest: stop a file operation (a watch, a stream)
     ERROR = 0x7F  # either way: a request or frame was refused
 
 

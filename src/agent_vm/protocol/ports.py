@@ -10,3 +10,7 @@ CHANNEL_NAME = "org.agentvm.control"
 VSOCK_PORT = 9999
 # kernel command line switch that makes the agent use vsock instead of virtio-serial
 VSOCK_CMDLINE_FLAG = "agentvm.transport=vsock"
+# 9p mount tag of the workspace share (libvirt <filesystem><target dir=...>)
+SHARE_TAG = "agentvm_share"
+# where the workspace appears inside the share: the host mounts the user's directory there
+SHARE_WORKSPACE = "ws"

@@ -1,0 +1,369 @@
+"""The files API over the control channel: E2B's names, streamed, bounded both ways.
+
+Everything the guest sends back is checked (``protocol/files.py``); big content is
+streamed with credits so that a 1 GB file never sits in memory on either side; the
+guest's refusals become exceptions a caller can catch by kind (``SandboxFileNotFoundError``
+is also a ``FileNotFoundError``, and so on). Trees come and go as tar streams: uploads
+are made here from the host's files, downloads are written by ``SafeExtractor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tarfile
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TypeVar
+
+from agent_vm import timeutil
+from agent_vm.communication.channel import AgentChannel
+from agent_vm.communication.extract import SafeExtractor
+from agent_vm.communication.streams import FileStream
+from agent_vm.errors import (
+    AgentRefusedError,
+    ConfigError,
+    ProtocolError,
+    SandboxFileError,
+    SandboxFileExistsError,
+    SandboxFileNotFoundError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
+    SandboxPermissionError,
+)
+from agent_vm.protocol.files import DATA_CHUNK, FileRequest, check_entry
+
+_T = TypeVar("_T")
+MAX_LINE = 64 * 1024
+DEFAULT_MAX_READ = 64 << 20  # read() into memory; read_stream()/download() have no cap
+DEFAULT_MAX_DOWNLOAD = 10 << 30
+DEFAULT_MAX_ENTRIES = 1_000_000
+_ERRORS: dict[str, type[SandboxFileError]] = {
+    "not_found": SandboxFileNotFoundError,
+    "permission_denied": SandboxPermissionError,
+    "read_only": SandboxPermissionError,
+    "exists": SandboxFileExistsError,
+    "not_a_directory": SandboxNotADirectoryError,
+    "is_a_directory": SandboxIsADirectoryError,
+}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file system entry in the sandbox (``lstat``: a symlink is itself, with target)."""
+
+    path: str
+    name: str
+    type: str  # file, dir, symlink, fifo, socket, char, block, other
+    size: int
+    mode: int
+    modified: datetime
+    uid: int
+    gid: int
+    symlink_target: str | None = None
+
+    @classmethod
+    def from_guest(cls, data: object) -> FileEntry:
+        e = check_entry(data)
+        return cls(
+            e["path"], e["name"], e["type"], e["size"], e["mode"],
+            timeutil.from_timestamp(e["mtime"]), e["uid"], e["gid"], e["target"],
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str  # create, modify, delete, move_from, move_to, overflow
+    path: str
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class DownloadReport:
+    """What ``download_dir`` wrote, and what it refused to write (name, reason)."""
+
+    bytes: int
+    entries: int
+    skipped: list[tuple[str, str]]
+
+
+Channel = Callable[[], Awaitable[AgentChannel]]
+
+
+class FileService:
+    """File operations on one sandbox; ``channel`` returns its (re)connected channel."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.asynccontextmanager
+    async def _request(self, request: FileRequest) -> AsyncIterator[FileStream]:
+        channel = await self._channel()
+        stream = await channel.file_request(request)
+        try:
+            yield stream
+        except AgentRefusedError as exc:
+            raise _mapped(exc, request.path) from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stream.cancel()
+            raise
+        finally:
+            channel.forget(stream)
+
+    async def _simple(self, request: FileRequest) -> object:
+        async with self._request(request) as stream:
+            return await stream.result()
+
+    # ------------------------------------------------------------------ small operations
+
+    async def stat(self, path: str) -> FileEntry:
+        return FileEntry.from_guest(await self._simple(FileRequest("stat", path)))
+
+    async def exists(self, path: str) -> bool:
+        return _expect(await self._simple(FileRequest("exists", path)), bool)
+
+    async def make_dir(self, path: str, mode: int = 0o755) -> bool:
+        """Create ``path`` and its parents; False if it was already a directory."""
+        return _expect(await self._simple(FileRequest("make_dir", path, mode=mode)), bool)
+
+    async def remove(self, path: str) -> None:
+        """Remove a file, a symlink (not its target) or a whole directory tree."""
+        await self._simple(FileRequest("remove", path))
+
+    async def rename(self, old: str, new: str) -> None:
+        await self._simple(FileRequest("rename", old, to=new))
+
+    async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
+        """Entries below ``path``, ``depth`` levels deep (1: its children)."""
+        entries: list[FileEntry] = []
+        async with self._request(FileRequest("list", path, depth=depth)) as stream:
+            pending = b""
+            async for chunk in stream.chunks():
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                if len(pending) > MAX_LINE:
+                    raise ProtocolError("list: an entry longer than 64 KiB")
+                for line in lines:
+                    entries.append(FileEntry.from_guest(_json(line)))
+            await stream.result()
+        return entries
+
+    # ------------------------------------------------------------------ content
+
+    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        """The file's bytes as they arrive (memory stays within the credit window)."""
+        async with self._request(FileRequest("read", path)) as stream:
+            async for chunk in stream.chunks():
+                yield chunk
+            await stream.result()
+
+    async def read(
+        self, path: str, format: str = "text", max_bytes: int = DEFAULT_MAX_READ
+    ) -> str | bytes:
+        """The whole file, as text (UTF-8) or bytes; over ``max_bytes`` is refused (use
+        ``read_stream`` or ``download`` for big files)."""
+        if format not in ("text", "bytes"):
+            raise ConfigError("format must be 'text' or 'bytes' (read_stream() streams)")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.read_stream(path):
+            size += len(chunk)
+            if size > max_bytes:
+                raise SandboxFileError(
+                    f"{path} is larger than {max_bytes} bytes",
+                    code="too_large", path=path,
+                    hint="use read_stream() or download() for big files",
+                )  # fmt: skip
+            parts.append(chunk)
+        data = b"".join(parts)
+        return data.decode() if format == "text" else data
+
+    async def write(
+        self,
+        path: str,
+        data: WriteData,
+        mode: int | None = None,
+    ) -> int:
+        """Write ``data`` to ``path`` (parents made; replaced atomically); returns bytes."""
+        async with self._request(FileRequest("write", path, mode=mode)) as stream:
+            async for chunk in _chunks(data):
+                await stream.send(chunk)
+            await stream.end()
+            return _expect(await stream.result(), int)
+
+    async def upload(self, local: str | os.PathLike[str], remote: str) -> int:
+        """A host file into the sandbox, streamed."""
+        source = await asyncio.to_thread(Path(local).open, "rb")
+        try:
+            mode = (await asyncio.to_thread(os.fstat, source.fileno())).st_mode & 0o755
+            return await self.write(remote, source, mode=mode)
+        finally:
+            source.close()
+
+    async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
+        """A sandbox file onto the host, streamed; written to a temporary name first."""
+        target = Path(local)
+        temporary = target.with_name(f".{target.name}.agentvm-part")
+        total = 0
+        try:
+            with temporary.open("wb") as out:
+                async for chunk in self.read_stream(remote):
+                    await asyncio.to_thread(out.write, chunk)
+                    total += len(chunk)
+            temporary.replace(target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return total
+
+    # ------------------------------------------------------------------ trees
+
+    async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
+        """A host directory into ``remote`` (made if missing), as a tar stream; symlinks
+        stay symlinks; files belong to root in the sandbox. Returns bytes sent."""
+        source = Path(local)
+        if not await asyncio.to_thread(source.is_dir):
+            raise ConfigError(f"{source} is not a directory")
+        read_fd, write_fd = os.pipe()
+        producer = asyncio.create_task(asyncio.to_thread(_tar_to, source, write_fd))
+        try:
+            async with self._request(FileRequest("untar", remote)) as stream:
+                while True:
+                    chunk = await asyncio.to_thread(os.read, read_fd, DATA_CHUNK)
+                    if not chunk:
+                        break
+                    await stream.send(chunk)
+                await stream.end()
+                sent = _expect(await stream.result(), int)
+            await producer
+            return sent
+        finally:
+            os.close(read_fd)
+            if not producer.done():
+                producer.cancel()
+            with contextlib.suppress(BaseException):
+                await producer
+
+    async def download_dir(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> DownloadReport:
+        """A sandbox directory into ``local`` through ``SafeExtractor``: nothing is written
+        outside ``local``, no link is followed, no device or FIFO made, no setuid bit
+        kept; past a cap it stops with ExtractionError."""
+        read_fd, write_fd = os.pipe()
+        extractor = SafeExtractor(os.fspath(local), max_bytes, max_entries)
+        reader = os.fdopen(read_fd, "rb", buffering=DATA_CHUNK)
+        consumer = asyncio.create_task(asyncio.to_thread(_extract_from, extractor, reader))
+        writer_open = True
+        try:
+            async with self._request(FileRequest("tar", remote)) as stream:
+                async for chunk in stream.chunks():
+                    if consumer.done():
+                        break  # the extractor stopped (a cap): its error is raised below
+                    try:
+                        await asyncio.to_thread(_write_all, write_fd, chunk)
+                    except BrokenPipeError:
+                        break  # likewise
+                os.close(write_fd)
+                writer_open = False
+                await consumer
+                if not consumer.exception():
+                    await stream.result()
+            return DownloadReport(extractor.written_bytes, extractor.entries, extractor.skipped)
+        finally:
+            if writer_open:
+                os.close(write_fd)
+            with contextlib.suppress(BaseException):
+                await consumer
+            reader.close()
+            extractor.close()
+
+    # ------------------------------------------------------------------ events
+
+    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[WatchEvent]:
+        """Events under ``path`` as the guest's inotify reports them, until the caller
+        stops iterating. ``overflow`` means some were lost."""
+        async with self._request(FileRequest("watch", path, recursive=recursive)) as stream:
+            try:
+                async for kind, where, is_dir in stream.events():
+                    yield WatchEvent(kind, where, is_dir)
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.cancel()
+
+
+def _mapped(exc: AgentRefusedError, path: str) -> SandboxFileError:
+    kind = _ERRORS.get(exc.code, SandboxFileError)
+    return kind(exc.detail or exc.message, code=exc.code, path=path)
+
+
+def _expect(value: object, kind: type[_T]) -> _T:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"guest answered {type(value).__name__}, expected {kind.__name__}")
+    return value
+
+
+def _json(line: bytes) -> object:
+    try:
+        return json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"list: not JSON: {exc}") from exc
+
+
+WriteData = str | bytes | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
+
+
+async def _chunks(data: WriteData) -> AsyncIterator[bytes]:
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        for start in range(0, len(view), DATA_CHUNK):
+            yield bytes(view[start : start + DATA_CHUNK])
+    elif hasattr(data, "read"):
+        while chunk := await asyncio.to_thread(data.read, DATA_CHUNK):
+            yield chunk
+    elif isinstance(data, AsyncIterable):
+        async for chunk in data:
+            yield chunk
+    else:
+        for chunk in data:  # a blocking caller's iterable (the sync API's)
+            yield bytes(chunk)
+
+
+def _tar_to(source: Path, fd: int) -> None:
+    def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    with (
+        os.fdopen(fd, "wb", buffering=DATA_CHUNK) as out,
+        tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for child in sorted(source.iterdir()):
+            tar.add(child, arcname=child.name, recursive=True, filter=as_root)
+
+
+def _extract_from(extractor: SafeExtractor, reader: IO[bytes]) -> None:
+    try:
+        extractor.extract(reader)
+    finally:
+        reader.close()  # the writer then fails fast instead of blocking on a full pipe
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,402 @@
+"""File operations for the host, inside the guest. Standard library only.
+
+Each FILE request runs in a thread of its own (``Operation``). Streams follow the credit
+rules of ``protocol/files.py``: what the host sends is queued up to ``WINDOW`` bytes and
+acknowledged as it is written; what we send waits for the host's acknowledgements, so a
+slow host (or a 1 GB file) never makes either side hold more than the window.
+
+Reading refuses anything but regular files (a FIFO would block forever); ``write``
+replaces its target atomically (a temporary file renamed over it); ``tar`` streams a tree
+without following symlinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import queue
+import shutil
+import stat
+import threading
+
+from agent_vm.errors import ProtocolError
+from agent_vm.protocol.files import (
+    ACK_EVERY,
+    DATA_CHUNK,
+    MAX_EVENTS_PER_FRAME,
+    WINDOW,
+    Ack,
+    Done,
+    FileRequest,
+)
+from agent_vm.protocol.frame import FLAG_EOF
+from agent_vm.protocol.messages import MessageType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from agent_vm.guest.agent import Agent
+
+ERRNO_CODES = {
+    errno.ENOENT: "not_found",
+    errno.EACCES: "permission_denied",
+    errno.EPERM: "permission_denied",
+    errno.EEXIST: "exists",
+    errno.ENOTDIR: "not_a_directory",
+    errno.EISDIR: "is_a_directory",
+    errno.ENOTEMPTY: "not_empty",
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "no_space",
+    errno.EROFS: "read_only",
+    errno.ELOOP: "not_found",
+}
+
+
+class Failed(Exception):
+    """An operation's failure as the host sees it: ERROR with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Cancelled(Exception):
+    pass
+
+
+def entry(path: str, st: os.stat_result, name: str | None = None) -> dict[str, Any]:
+    mode = st.st_mode
+    kind = (
+        "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode)
+        else "symlink" if stat.S_ISLNK(mode) else "fifo" if stat.S_ISFIFO(mode)
+        else "socket" if stat.S_ISSOCK(mode) else "char" if stat.S_ISCHR(mode)
+        else "block" if stat.S_ISBLK(mode) else "other"
+    )  # fmt: skip
+    target = None
+    if kind == "symlink":
+        with contextlib.suppress(OSError):
+            target = os.readlink(path)
+    return {
+        "path": path,
+        "name": name if name is not None else os.path.basename(path.rstrip("/")) or "/",
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(mode),
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "target": target,
+    }
+
+
+class Operation:
+    """One FILE request: its thread, its incoming queue, its outgoing credit."""
+
+    def __init__(self, agent: Agent, request_id: int, session: str, req: FileRequest) -> None:
+        self.agent = agent
+        self.request_id = request_id
+        self.session = session
+        self.req = req
+        self.cancelled = threading.Event()
+        self._incoming: queue.Queue[bytes | None] = queue.Queue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._credit = threading.Condition(self._lock)
+        self._in_flight = 0
+
+    # -- called from the reader thread --
+
+    def feed(self, data: bytes, eof: bool) -> None:
+        if self.req.op not in ("write", "untar"):
+            raise ProtocolError(f"{self.req.op} takes no data")
+        with self._lock:
+            self._queued += len(data)
+            over = self._queued > WINDOW
+        if over:
+            raise ProtocolError(f"more than {WINDOW} unacknowledged bytes for {self.req.op}")
+        if data:
+            self._incoming.put(data)
+        if eof:
+            self._incoming.put(None)
+
+    def ack(self, consumed: int) -> None:
+        with self._credit:
+            self._in_flight = max(0, self._in_flight - consumed)
+            self._credit.notify_all()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self._incoming.put(None)
+        with self._credit:
+            self._credit.notify_all()
+
+    # -- the operation's thread --
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"file-{self.request_id}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            value = getattr(self, f"_op_{self.req.op}")()
+        except Cancelled:
+            pass  # the host asked for it and no longer listens: nothing to say
+        except Failed as exc:
+            self.agent.send_error(self.request_id, exc.code, str(exc))
+        except OSError as exc:
+            code = ERRNO_CODES.get(exc.errno or 0, "io_error")
+            self.agent.send_error(self.request_id, code, f"{exc.strerror}: {self.req.path}")
+        except (ProtocolError, ValueError) as exc:
+            self.agent.send_error(self.request_id, "bad_request", str(exc))
+        except Exception as exc:  # the agent keeps serving whatever one operation does
+            self.agent.send_error(self.request_id, "io_error", repr(exc))
+        else:
+            self.agent.send(MessageType.DONE, self.request_id, Done(value).to_payload(),
+                            self.session)  # fmt: skip
+        finally:
+            self.agent.forget_file(self.request_id, self)
+
+    # sending (credit-bounded)
+
+    def send_data(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            chunk = bytes(view[:DATA_CHUNK])
+            view = view[DATA_CHUNK:]
+            with self._credit:
+                while self._in_flight + len(chunk) > WINDOW and not self.cancelled.is_set():
+                    self._credit.wait(1.0)
+                if self.cancelled.is_set():
+                    raise Cancelled()
+                self._in_flight += len(chunk)
+            if not self.agent.send(MessageType.DATA, self.request_id, chunk, self.session):
+                raise Cancelled()  # a new session: nobody is listening
+
+    def end_data(self) -> None:
+        self.agent.send(MessageType.DATA, self.request_id, b"", self.session, flags=FLAG_EOF)
+
+    # receiving (acknowledged as consumed)
+
+    def chunks(self) -> Any:
+        pending = 0
+        while True:
+            data = self._incoming.get()
+            if self.cancelled.is_set():
+                raise Cancelled()
+            if data is None:
+                if pending:
+                    self._ack(pending)
+                return
+            with self._lock:
+                self._queued -= len(data)
+            yield data
+            pending += len(data)
+            if pending >= ACK_EVERY:
+                self._ack(pending)
+                pending = 0
+
+    def _ack(self, consumed: int) -> None:
+        while consumed:
+            part = min(consumed, WINDOW)
+            self.agent.send(MessageType.ACK, self.request_id, Ack(part).to_payload(), self.session)
+            consumed -= part
+
+    # -- operations --
+
+    def _op_stat(self) -> dict[str, Any]:
+        return entry(self.req.path, os.lstat(self.req.path))
+
+    def _op_exists(self) -> bool:
+        return os.path.lexists(self.req.path)
+
+    def _op_make_dir(self) -> bool:
+        if os.path.isdir(self.req.path):
+            return False
+        os.makedirs(self.req.path, mode=self.req.mode or 0o755)
+        return True
+
+    def _op_remove(self) -> None:
+        st = os.lstat(self.req.path)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(self.req.path)
+        else:
+            os.unlink(self.req.path)
+
+    def _op_rename(self) -> None:
+        assert self.req.to is not None
+        os.rename(self.req.path, self.req.to)
+
+    def _op_list(self) -> int:
+        """Entries below ``path`` to ``depth`` levels, as JSON lines in DATA frames."""
+        root = self.req.path
+        if not os.path.isdir(root):
+            os.lstat(root)  # not_found if missing
+            raise Failed("not_a_directory", f"not a directory: {root}")
+        count = 0
+        buffer: list[bytes] = []
+        size = 0
+        levels = [(root, 1)]
+        while levels:
+            directory, level = levels.pop()
+            with os.scandir(directory) as it:
+                for item in it:
+                    st = item.stat(follow_symlinks=False)
+                    line = json.dumps(entry(item.path, st, item.name)).encode() + b"\n"
+                    buffer.append(line)
+                    size += len(line)
+                    count += 1
+                    if stat.S_ISDIR(st.st_mode) and level < self.req.depth:
+                        levels.append((item.path, level + 1))
+                    if size >= DATA_CHUNK // 2:
+                        self.send_data(b"".join(buffer))
+                        buffer, size = [], 0
+        if buffer:
+            self.send_data(b"".join(buffer))
+        self.end_data()
+        return count
+
+    def _op_read(self) -> int:
+        fd = os.open(self.req.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise Failed("is_a_directory", f"is a directory: {self.req.path}")
+            if not stat.S_ISREG(st.st_mode):
+                raise Failed("not_a_file", f"not a regular file: {self.req.path}")
+            os.set_blocking(fd, True)
+            total = 0
+            while True:
+                data = os.read(fd, DATA_CHUNK)
+                if not data:
+                    break
+                self.send_data(data)
+                total += len(data)
+        finally:
+            os.close(fd)
+        self.end_data()
+        return total
+
+    def _op_write(self) -> int:
+        path = self.req.path
+        if os.path.isdir(path):
+            raise Failed("is_a_directory", f"is a directory: {path}")
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, exist_ok=True)
+        temporary = os.path.join(parent, f".{os.path.basename(path)}.agentvm-{self.request_id}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     self.req.mode if self.req.mode is not None else 0o644)  # fmt: skip
+        total = 0
+        try:
+            try:
+                for data in self.chunks():
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    total += len(data)
+            finally:
+                os.close(fd)
+            if self.req.mode is not None:
+                os.chmod(temporary, self.req.mode)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        return total
+
+    def _op_tar(self) -> int:
+        import tarfile
+
+        root = self.req.path
+        if not os.path.isdir(root):
+            os.lstat(root)
+            raise Failed("not_a_directory", f"not a directory: {root}")
+        writer = _Writer(self)
+        # the stubs want a typed file object; tarfile needs only write()
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            for name in sorted(os.listdir(root)):
+                tar.add(os.path.join(root, name), arcname=name, recursive=True)
+        writer.flush()
+        self.end_data()
+        return writer.total
+
+    def _op_untar(self) -> int:
+        import tarfile
+
+        os.makedirs(self.req.path, exist_ok=True)
+        reader = _Reader(self.chunks())
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                tar.extract(member, self.req.path)
+        for _ in reader.rest():  # a tar's trailing padding
+            pass
+        return reader.total
+
+    def _op_watch(self) -> None:
+        from agent_vm.guest.inotify import Watcher
+
+        with Watcher(self.req.path, self.req.recursive) as watcher:
+            while not self.cancelled.is_set():
+                events = watcher.read(timeout=0.2)
+                for start in range(0, len(events), MAX_EVENTS_PER_FRAME):
+                    part = events[start : start + MAX_EVENTS_PER_FRAME]
+                    payload = json.dumps({"events": part}, separators=(",", ":")).encode()
+                    if not self.agent.send(MessageType.EVENTS, self.request_id, payload,
+                                           self.session):  # fmt: skip
+                        return
+        raise Cancelled()
+
+
+class _Writer:
+    """A file object for tarfile that sends what it is given as DATA frames."""
+
+    def __init__(self, op: Operation) -> None:
+        self.op = op
+        self.buffer = bytearray()
+        self.total = 0
+
+    def write(self, data: bytes) -> int:
+        self.buffer += data
+        if len(self.buffer) >= DATA_CHUNK:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.total += len(self.buffer)
+            self.op.send_data(bytes(self.buffer))
+            self.buffer.clear()
+
+
+class _Reader:
+    """A file object for tarfile over the host's DATA chunks (no re-copying of chunks)."""
+
+    def __init__(self, chunks: Any) -> None:
+        self.chunks = chunks
+        self.current = b""
+        self.position = 0
+        self.total = 0
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        while size != 0:
+            if self.position >= len(self.current):
+                data = next(self.chunks, None)
+                if data is None:
+                    break
+                self.current, self.position = data, 0
+                self.total += len(data)
+            left = len(self.current) - self.position
+            take = left if size < 0 else min(size, left)
+            parts.append(self.current[self.position : self.position + take])
+            self.position += take
+            if size > 0:
+                size -= take
+        return b"".join(parts)
+
+    def rest(self) -> Any:
+        for data in self.chunks:
+            self.total += len(data)
+            yield data
