@@ -5,7 +5,8 @@
 Rules: every ``AsyncX`` class becomes ``X`` holding its async twin in ``_core``; coroutine
 methods run on one background event loop; properties are forwarded; a classmethod
 ``create`` calls the sync constructor, which starts the object (so ``with X(...)`` works);
-``__aenter__``/``__aexit__`` become ``__enter__``/``__exit__``; attributes that the async
+``__aenter__``/``__aexit__`` become ``__enter__``/``__exit__``; async generators become
+iterators (each item fetched on the loop); attributes that the async
 ``__init__`` sets to ``AsyncY(...)`` are wrapped as ``Y``. ``--check`` exits 1 if the
 checked-in file differs from what would be generated.
 """
@@ -34,6 +35,7 @@ callbacks run on that loop's thread.
 from __future__ import annotations
 
 {imports}
+from collections.abc import Iterator
 from agent_vm.communication.sync import BackgroundLoop
 from agent_vm.sandbox._async import {async_names}
 
@@ -70,6 +72,23 @@ def call_args(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
 
 def returns(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return sync_name(ast.unparse(fn.returns)) if fn.returns else "None"
+
+
+def is_generator(fn: ast.AsyncFunctionDef) -> bool:
+    """An ``async def`` with ``yield`` in its own body (not in a nested function)."""
+    stack: list[ast.AST] = list(fn.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Yield | ast.YieldFrom):
+            return True
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def iterator(fn: ast.AsyncFunctionDef) -> str:
+    """``AsyncIterator[X]`` becomes ``Iterator[X]``."""
+    return returns(fn).replace("AsyncIterator[", "Iterator[", 1)
 
 
 def docstring(node: ast.AST, indent: str) -> list[str]:
@@ -150,6 +169,13 @@ def generate_class(cls: ast.ClassDef) -> list[str]:
             lines += [
                 f"    def __exit__({args_source(fn)}) -> None:",
                 f"        shared_loop().run(self._core.__aexit__({call_args(fn)}))",
+                "",
+            ]
+        elif isinstance(fn, ast.AsyncFunctionDef) and is_generator(fn):
+            lines += [
+                f"    def {fn.name}({args_source(fn)}) -> {iterator(fn)}:",
+                *doc,
+                f"        return shared_loop().iterate(self._core.{fn.name}({call_args(fn)}))",
                 "",
             ]
         elif isinstance(fn, ast.AsyncFunctionDef):

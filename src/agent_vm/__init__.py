@@ -28,6 +28,7 @@ __all__ = [
     "Runtime",
     "Sandbox",
     "VMPool",
+    "Workspace",
     "__version__",
 ]
 
@@ -42,9 +43,11 @@ _WHERE = {
     "Runtime": "agent_vm.execution.runtime",
     "Sandbox": "agent_vm.sandbox",
     "VMPool": "agent_vm.execution.pool",
+    "Workspace": "agent_vm.communication.workspace",
 }
 
 if TYPE_CHECKING:
+    from agent_vm.communication.workspace import Workspace
     from agent_vm.core.template import NetworkMode, ResourceProfile
     from agent_vm.errors import AgentVMError, AgentVMTimeout
     from agent_vm.execution.pool import VMPool

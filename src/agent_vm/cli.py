@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
@@ -17,6 +18,8 @@ from rich.status import Status
 from rich.table import Table
 
 from agent_vm import __version__, logs
+from agent_vm.communication.files import FileService
+from agent_vm.communication.workspace import Workspace
 from agent_vm.config import load_settings
 from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.executor import AgentExecutor
@@ -289,6 +292,19 @@ def run(
         list[str] | None,
         typer.Option("--allow-cidr", help="a non-public IPv4 range to open (10.1.2.0/24)"),
     ] = None,
+    workspace: Annotated[
+        Path | None,
+        typer.Option(help="share this host directory at /workspace (the command starts there)"),
+    ] = None,
+    readonly: Annotated[bool, typer.Option("--ro", help="share the workspace read-only")] = False,
+    upload: Annotated[
+        list[str] | None,
+        typer.Option("--upload", help="HOST:VM, a file or directory copied in before the command"),
+    ] = None,
+    download: Annotated[
+        list[str] | None,
+        typer.Option("--download", help="VM:HOST, a file or directory copied out after it"),
+    ] = None,
 ) -> None:
     """Start a fresh VM, run a command in it with live output, remove the VM.
 
@@ -316,9 +332,14 @@ def run(
         )
         with _progress() as progress:
             built = runtime.find_image(image, progress=progress)
+        if readonly and workspace is None:
+            raise ConfigError("--ro needs --workspace DIR")
+        share = Workspace(path=_existing_dir(workspace), readonly=readonly) if workspace else None
+        copies = _Copies([_upload(item) for item in upload or []],
+                         [_download(item) for item in download or []])  # fmt: skip
         stdin = sys.stdin.buffer.read() if interactive else None
         request = _Request(command, source, timeout, variables, cwd, user, stdin)
-        exit_code = asyncio.run(_run(runtime, built, spec, policy, cold, request))
+        exit_code = asyncio.run(_run(runtime, built, spec, policy, cold, request, share, copies))
     except AgentVMError as exc:
         raise _fail(exc) from exc
     except OSError as exc:  # --code FILE unreadable, stdin closed, ...
@@ -326,6 +347,66 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(exit_code)
+
+
+@dataclass(frozen=True)
+class _Copies:
+    """--upload and --download pairs: (host path, VM path)."""
+
+    uploads: list[tuple[Path, str]]
+    downloads: list[tuple[str, Path]]
+
+
+def _pair(item: str, option: str) -> tuple[str, str]:
+    source, sep, target = item.partition(":")
+    if not sep or not source or not target:
+        raise ConfigError(f"{option} {item!r}: give SOURCE:DESTINATION")
+    return source, target
+
+
+def _vm_path(path: str, option: str) -> str:
+    if not path.startswith("/"):
+        raise ConfigError(f"{option}: the VM path {path!r} must be absolute")
+    return path
+
+
+def _existing_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise ConfigError(f"--workspace {path}: not a directory", hint="create it first")
+    return path
+
+
+def _upload(item: str) -> tuple[Path, str]:
+    host, vm = _pair(item, "--upload")
+    if not Path(host).exists():
+        raise ConfigError(f"--upload {item!r}: {host} does not exist")
+    return Path(host), _vm_path(vm, "--upload")
+
+
+def _download(item: str) -> tuple[str, Path]:
+    vm, host = _pair(item, "--download")
+    target = Path(host)
+    if not target.absolute().parent.is_dir():
+        raise ConfigError(f"--download {item!r}: {target.absolute().parent} is not a directory")
+    return _vm_path(vm, "--download"), target
+
+
+async def _copy_in(files: FileService, copies: _Copies) -> None:
+    for host, vm in copies.uploads:
+        if host.is_dir():
+            await files.upload_dir(host, vm)
+        else:
+            await files.upload(host, vm)
+
+
+async def _copy_out(files: FileService, copies: _Copies) -> None:
+    for vm, host in copies.downloads:
+        if (await files.stat(vm)).type == "dir":
+            report = await files.download_dir(vm, host)
+            for name, why in report.skipped:
+                err.print(f"agent-vm: --download skipped {escape(name)}: {escape(why)}")
+        else:
+            await files.download(vm, host)
 
 
 class _Request:
@@ -357,6 +438,8 @@ async def _run(
     policy: EgressPolicy,
     cold: bool,
     request: _Request,
+    workspace: Workspace | None = None,
+    copies: _Copies | None = None,
 ) -> int:
     task = asyncio.current_task()
     assert task is not None
@@ -367,6 +450,11 @@ async def _run(
             vm = await runtime.vm(
                 image=image, spec=spec, policy=policy, cold=cold, progress=progress
             )
+        if workspace is not None:
+            await vm.attach_workspace(workspace)
+        files = FileService(vm.channel)
+        if copies is not None:
+            await _copy_in(files, copies)
         result = await AgentExecutor().execute(
             vm,
             request.command,
@@ -379,6 +467,8 @@ async def _run(
             on_stdout=_writer(sys.stdout.buffer),
             on_stderr=_writer(sys.stderr.buffer),
         )
+        if copies is not None:
+            await _copy_out(files, copies)
         if result.error:
             err.print(f"[bold red]agent-vm:[/] {escape(result.error)}", highlight=False)
         if result.timed_out:

@@ -18,9 +18,7 @@ from pydantic._internal._model_construction import ModelMetaclass
 from agent_vm.errors import ConfigError
 
 
-def describe(
-    exc: ValidationError, what: str, field_name: Callable[[str], str] = str
-) -> str:
+def describe(exc: ValidationError, what: str, field_name: Callable[[str], str] = str) -> str:
     """One line naming every invalid field (as ``field_name`` spells it) and why."""
     problems = []
     for error in exc.errors(include_url=False):

@@ -39,6 +39,7 @@ from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.host.accel import Accel
 from agent_vm.host.daemons import ensure_daemons
+from agent_vm.host.mounts import mounts_under
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
 from tests.integration.helpers import vm_dirs
@@ -192,12 +193,20 @@ def nothing_left_behind(settings: Settings, host_ready: None) -> Iterator[None]:
             owned.vm.undefine()
     after = vm_dirs(settings)
     stray_dirs = sorted(str(p) for p in after - before)
+    vms = settings.vms_dir.resolve()
+    stray_mounts = [
+        str(p)
+        for p in mounts_under(vms)
+        if p != vms and vms / p.relative_to(vms).parts[0] not in before
+    ]
     qemus = _qemu_processes_named(names)
     problems = []
     if names:
         problems.append(f"domains still defined: {names}")
     if stray_dirs:
         problems.append(f"work directories left: {stray_dirs}")
+    if stray_mounts:
+        problems.append(f"mounts left: {stray_mounts}")
     if qemus:
         problems.append(f"QEMU processes left: {qemus}")
     if problems:

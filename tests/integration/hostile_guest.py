@@ -14,33 +14,24 @@ from __future__ import annotations
 import inspect
 
 
-def _guest_attack(seconds: float) -> None:  # pragma: no cover
+def _frame(kind: int, rid: int, payload: bytes, length: int | None = None, flags: int = 0) -> bytes:
+    import struct
+    import zlib
+
+    size = len(payload) if length is None else length
+    head = struct.pack(">4sBBHIII", b"AVMP", 1, kind, flags, rid, size, 0)[:-4]
+    head += struct.pack(">I", zlib.crc32(head))
+    return head + payload + struct.pack(">I", zlib.crc32(payload))
+
+
+def _take_port() -> int:  # pragma: no cover
+    """In a daemon forked off the command: stop the agent (SIGSTOP: init does not
+    restart a stopped agent) and return a duplicate of its virtio-serial port."""
     import ctypes
-    import json
     import os
     import pathlib
     import signal
-    import struct
-    import time
-    import zlib
 
-    magic, version = b"AVMP", 1
-    max_payload = 1 << 20
-
-    def frame(kind: int, rid: int, payload: bytes, length: int | None = None) -> bytes:
-        size = len(payload) if length is None else length
-        head = struct.pack(">4sBBHIII", magic, version, kind, 0, rid, size, 0)[:-4]
-        head += struct.pack(">I", zlib.crc32(head))
-        return head + payload + struct.pack(">I", zlib.crc32(payload))
-
-    if os.fork():
-        print("attack started", flush=True)
-        return
-    os.setsid()
-    null = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):  # the command ends, and its RESULT reaches the host, at once
-        os.dup2(null, fd)
-    time.sleep(1.0)
     proc = pathlib.Path("/proc")
     init_cmdline = (proc / "1" / "cmdline").read_bytes()
     agent = None
@@ -66,6 +57,35 @@ def _guest_attack(seconds: float) -> None:  # pragma: no cover
     if port < 0:
         os._exit(3)
     os.kill(agent, signal.SIGSTOP)
+    return int(port)
+
+
+def _daemonize() -> bool:  # pragma: no cover
+    """Fork; True in the parent (the command, which returns at once), False in the
+    daemon, whose output goes nowhere (so the command's RESULT reaches the host)."""
+    import os
+
+    if os.fork():
+        print("attack started", flush=True)
+        return True
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    return False
+
+
+def _guest_attack(seconds: float) -> None:  # pragma: no cover
+    import json
+    import os
+    import time
+
+    frame = _frame
+    max_payload = 1 << 20
+    if _daemonize():
+        return
+    time.sleep(1.0)
+    port = _take_port()
 
     def send(data: bytes) -> None:
         view = memoryview(data)
@@ -90,6 +110,56 @@ def _guest_attack(seconds: float) -> None:  # pragma: no cover
     os._exit(0)
 
 
+def _guest_source(*functions: object) -> str:
+    parts = [inspect.getsource(fn) for fn in (_frame, _take_port, _daemonize, *functions)]  # type: ignore[arg-type]
+    return "from __future__ import annotations\n" + "\n".join(parts)
+
+
 def attack_code(seconds: float) -> str:
-    source = inspect.getsource(_guest_attack)
-    return f"from __future__ import annotations\n{source}\n_guest_attack({seconds!r})\n"
+    return f"{_guest_source(_guest_attack)}\n_guest_attack({seconds!r})\n"
+
+
+def _guest_tar_server(tar_b64: str) -> None:  # pragma: no cover
+    """Answer the host's next ``tar`` file request with the given (crafted) tar stream,
+    as a hostile guest would, in place of the stopped agent."""
+    import base64
+    import json
+    import os
+    import struct
+    import time
+
+    stream = base64.b64decode(tar_b64)
+    if _daemonize():
+        return
+    time.sleep(0.5)
+    port = _take_port()
+
+    def send(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(port, view) :]
+
+    pending = b""
+    while True:
+        pending += os.read(port, 1 << 16)
+        while len(pending) >= 24:
+            _magic, _version, kind, _flags, rid, length, _crc = struct.unpack(
+                ">4sBBHIII", pending[:20]
+            )
+            if len(pending) < 24 + length:
+                break
+            payload, pending = pending[20 : 20 + length], pending[24 + length :]
+            if kind == 0x40 and json.loads(payload).get("op") == "tar":
+                for start in range(0, len(stream), 1 << 16):
+                    last = start + (1 << 16) >= len(stream)
+                    send(_frame(0x41, rid, stream[start : start + (1 << 16)], flags=int(last)))
+                send(_frame(0x43, rid, json.dumps({"value": len(stream)}).encode()))
+
+
+def tar_server_code(stream: bytes) -> str:
+    """Source for ``execute(code=...)``: the command returns at once; a daemon then takes
+    over the channel and serves ``stream`` to the next download_dir."""
+    import base64
+
+    encoded = base64.b64encode(stream).decode()
+    return f"{_guest_source(_guest_tar_server)}\n_guest_tar_server({encoded!r})\n"

@@ -67,9 +67,7 @@ def test_refused_before_anything_starts(
         assert len(lines) <= 2
 
 
-def test_a_bad_setting_names_the_variable(
-    tripwires: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_bad_setting_names_the_variable(tripwires: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENT_VM_BOOT_TIMEOUT", "soon")
     result = CliRunner().invoke(cli.app, ["run", "--", "true"])
     assert result.exit_code == cli.EXIT_AGENT_VM_ERROR

@@ -45,9 +45,7 @@ def test_ipv4_chain_order_replies_local_cidrs_nonpublic_allowed_drop() -> None:
 
 def test_no_ipv6_chain_unless_allowed_and_then_only_global_tcp_ports() -> None:
     assert VM.chain_rules("ipv6") is None
-    vm6 = VMRules(
-        TAP, "s", "c", ipv6_ports=(443,), host_addresses6=(IPv6Address("2001:db8::1"),)
-    )
+    vm6 = VMRules(TAP, "s", "c", ipv6_ports=(443,), host_addresses6=(IPv6Address("2001:db8::1"),))
     assert vm6.chain_rules("ipv6") == [
         f"-A E-{TAP} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         f"-A E-{TAP} -d 2001:db8::1/128 -j DROP",

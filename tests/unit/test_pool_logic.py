@@ -203,9 +203,7 @@ async def test_a_vm_that_stops_while_held_frees_its_slot(
 
 
 async def test_idle_vms_past_their_ttl_are_replaced(factory: FakeFactory) -> None:
-    pool: ShellPool[FakeShell, FakeVM] = ShellPool(
-        1, 2, 0.3, factory=factory, health_interval=0.05
-    )
+    pool: ShellPool[FakeShell, FakeVM] = ShellPool(1, 2, 0.3, factory=factory, health_interval=0.05)
     async with _running(pool):
         first = pool._idle[0].vm
         await until(lambda: first.closed, 3)

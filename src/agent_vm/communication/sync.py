@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -24,6 +24,20 @@ class BackgroundLoop:
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        """A blocking iterator over an async one; leaving it early closes the async one
+        (so a stream or a watch stops in the guest too)."""
+        try:
+            while True:
+                try:
+                    yield self.run(anext(agen))  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self.run(aclose())
 
     def close(self) -> None:
         if self.loop.is_running():

@@ -12,6 +12,8 @@ Choices that are not libvirt defaults, and why:
 * A bounded TCG translation cache: QEMU's default is 1 GiB per guest.
 * ``on_crash``/``on_reboot`` destroy: a guest that panics or reboots is gone, not looping.
 * Disk ``cache='unsafe'``: the overlay is thrown away with the VM, so flushes buy nothing.
+* One virtio-9p share from the start (see ``_share``): a VM started before anyone knew
+  its workspace (pooled, golden-cloned) gets it later by a mount inside the export.
 * Metadata in our own namespace marks the domain as agent-vm's, with the owning process
   and work directory, so leftovers of a crashed process can be found and reaped.
 """
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent_vm.errors import ConfigError
 from agent_vm.host.accel import Accel
 from agent_vm.models import Model
-from agent_vm.protocol.ports import CHANNEL_NAME, VSOCK_CMDLINE_FLAG
+from agent_vm.protocol.ports import CHANNEL_NAME, SHARE_TAG, VSOCK_CMDLINE_FLAG
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 RAM_BACKEND_ID = "agentvm-ram"
@@ -174,6 +176,11 @@ class VMTemplate(BaseModel):
     incoming: bool = Field(
         default=False, description="start paused, waiting for migrated state (-incoming defer)"
     )
+    share_dir: Path | None = Field(
+        default=None,
+        description="export this directory as the guest's 9p share (tag SHARE_TAG); "
+        "a workspace is mounted inside it later, while the VM runs",
+    )
     dac_label: str | None = Field(
         default=None,
         description="run QEMU as this uid:gid (libvirt '+uid:+gid'); disks are "
@@ -282,7 +289,24 @@ class VMTemplate(BaseModel):
         else:
             serial = ET.SubElement(devices, "serial", type="null")
             ET.SubElement(serial, "target", port="0")
+        self._share(devices)
         self._interface(devices)
+
+    def _share(self, devices: ET.Element) -> None:
+        """virtio-9p in QEMU's ``mapped`` model: what the guest sets as owner, mode,
+        setuid bits or device type is kept in xattrs, never applied to host files, which
+        QEMU creates 0644/0755 as its own user (the idmapped workspace mount turns that
+        into the workspace's owner). ``multidevs=remap``: the workspace is a mount below
+        the export, and inode numbers of the two file systems must not collide."""
+        if self.share_dir is None:
+            return
+        fs = ET.SubElement(
+            devices, "filesystem", type="mount", accessmode="mapped",
+            fmode="0644", dmode="0755", multidevs="remap",
+        )  # fmt: skip
+        ET.SubElement(fs, "driver", type="path")
+        ET.SubElement(fs, "source", dir=str(self.share_dir))
+        ET.SubElement(fs, "target", dir=SHARE_TAG)
 
     def _iotune(self, disk: ET.Element) -> None:
         """Disk throughput limits, enforced by QEMU itself (no cgroup needed)."""

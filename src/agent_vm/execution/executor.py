@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -46,6 +47,9 @@ class AgentExecutor:
         has ``timed_out=True``. A VM that dies meanwhile raises ``VMDiedError``.
         """
         pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
+        workspace = vm.workspace
+        if cwd is None and workspace is not None:
+            cwd = workspace.workspace.work_dir
         request = self._request(command, code, timeout, env, cwd, user, stdin is not None, pids_max)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         effective = request.timeout
@@ -71,6 +75,7 @@ class AgentExecutor:
             signal=result.signal,
             error=result.error,
             truncated=raw.truncated,
+            output=tuple(await asyncio.to_thread(workspace.outputs)) if workspace else (),
         )
 
     def _request(

@@ -52,6 +52,7 @@ from agent_vm.execution.running import RunningVM
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
 from agent_vm.host.identities import Identity
+from agent_vm.host.mounts import remove_tree
 from agent_vm.host.procs import is_alive
 from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
@@ -61,7 +62,7 @@ from agent_vm.protocol.messages import Configure, Execute
 
 log = get_logger(__name__)
 
-GOLDEN_VERSION = "2"  # 2: per-sandbox identities (RAM file owner and mode)
+GOLDEN_VERSION = "3"  # 2: per-sandbox identities (RAM file owner and mode); 3: 9p share
 SETTLE_TIMEOUT = 30.0
 # Run once in the template so that every clone starts with a warm page cache and agent.
 WARM_UP = (["true"], ["python3", "-c", "pass"])
@@ -284,7 +285,7 @@ async def _settle(agent: AgentChannel) -> None:
 def _keep_disk(workdir: Path, disk: Path) -> None:
     (workdir / "disk.qcow2").rename(disk)
     harden(disk, 0o444)
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_tree(workdir)
 
 
 def _share_ram_file(path: Path, confinement: Confinement | None) -> os.stat_result:

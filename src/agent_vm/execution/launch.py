@@ -20,6 +20,7 @@ from pathlib import Path
 from agent_vm import timeutil
 from agent_vm.asyncutil import finish_in_thread, finish_then_undo
 from agent_vm.communication.channel import AgentChannel
+from agent_vm.communication.workspace import SHARE_DIR
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.template import (
     BootSpec,
@@ -36,6 +37,7 @@ from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
 from agent_vm.host.accel import Accel
 from agent_vm.host.identities import Identity
+from agent_vm.host.mounts import make_shared_bind
 from agent_vm.host.procs import process_start_time
 from agent_vm.image.disk import create_overlay as create_qcow2_overlay
 from agent_vm.image.store import Image
@@ -44,6 +46,7 @@ from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.hostnet import random_mac
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.network.vmnet import VMNetwork
+from agent_vm.protocol.ports import SHARE_WORKSPACE
 
 log = get_logger(__name__)
 
@@ -126,6 +129,7 @@ def build_template(
         memory_file=memory_file,
         incoming=incoming,
         dac_label=identity.label if identity is not None else None,
+        share_dir=workdir / SHARE_DIR,
         metadata={
             "owner": OWNER,
             "pid": str(os.getpid()),
@@ -197,6 +201,21 @@ def _make_workdir(vms_dir: Path, workdir: Path) -> None:
     workdir.mkdir(mode=0o755)
 
 
+def make_share(workdir: Path, identity: Identity | None) -> None:
+    """The VM's 9p export: root's and not writable by QEMU (a guest mounting it with no
+    workspace attached can fill nothing), traversable only by this VM's QEMU (group), a
+    shared mount so that a workspace mounted on ``ws`` later reaches QEMU's own mount
+    namespace."""
+    share = workdir / SHARE_DIR
+    share.mkdir(mode=0o750)
+    (share / SHARE_WORKSPACE).mkdir(mode=0o755)
+    if identity is not None:
+        os.chown(share, 0, identity.gid)
+    else:
+        share.chmod(0o755)  # QEMU runs as libvirt-qemu (other)
+    make_shared_bind(share)
+
+
 async def define_vm(
     connection: LibvirtConnection,
     image: Image,
@@ -232,6 +251,7 @@ async def define_vm(
     await finish_in_thread(
         create_overlay, backing_disk, template.disk_path, held.identity, spec.profile.disk_gib
     )
+    await finish_in_thread(make_share, held.workdir, held.identity)
     xml = template.generate_xml()
 
     async def keep_for_cleanup(vm: VM) -> None:

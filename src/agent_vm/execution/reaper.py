@@ -8,7 +8,6 @@ nwfilters and ipsets of sandboxes without a domain (``network/orphans.py``).
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from agent_vm.errors import VMError
 from agent_vm.execution.launch import OWNER
 from agent_vm.execution.teardown import destroy_and_remove
 from agent_vm.host.identities import Identities
+from agent_vm.host.mounts import remove_tree
 from agent_vm.host.procs import same_process
 from agent_vm.logs import get_logger
 from agent_vm.network.orphans import reap_network
@@ -88,7 +88,7 @@ def reap(
         for leftover in vms_dir.iterdir():
             age = time.time() - leftover.stat().st_mtime
             if leftover.is_dir() and leftover not in known_workdirs and age >= orphan_min_age:
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover)
                 removed.append(leftover.name)
     if identities is not None:
         domains = {d.vm.name for d in owned_domains(connection)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent_vm.communication.workspace import OutputFile
+
 
 @dataclass(frozen=True)
 class ExecutionResult:
@@ -12,6 +14,8 @@ class ExecutionResult:
     ``exit_code`` follows the shell convention: the process's exit status, or 128+N when
     signal N killed it (``signal`` then says N); 127/126 when it could not be started
     (``error`` says why). Output is kept as bytes; ``stdout``/``stderr`` decode it.
+    ``output`` lists what is in the workspace's ``output/`` after the run (workspaces
+    with ``layout=True`` only; read on the host, never following the guest's links).
     """
 
     exit_code: int
@@ -22,6 +26,7 @@ class ExecutionResult:
     signal: int | None = None
     error: str | None = None
     truncated: bool = False
+    output: tuple[OutputFile, ...] = ()
 
     @property
     def success(self) -> bool:

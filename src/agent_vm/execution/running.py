@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.transport import Transport, UnixTransport, VsockTransport
+from agent_vm.communication.workspace import AttachedWorkspace, Workspace, attach
 from agent_vm.core.template import channel_socket_path, vsock_cid
 from agent_vm.core.vm import VM, VMState
 from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError
@@ -74,6 +75,7 @@ class RunningVM:
         self.spec = spec  # its hardware and limits
         self._channel = channel
         self._closed = False
+        self.workspace: AttachedWorkspace | None = None  # the live share, while attached
 
     @property
     def name(self) -> str:
@@ -156,12 +158,31 @@ class RunningVM:
                 return exc
             await asyncio.sleep(0.05)
 
+    async def attach_workspace(self, workspace: Workspace) -> AttachedWorkspace:
+        """Share ``workspace`` with the guest (one at a time: the previous one goes)."""
+        await self.detach_workspace()
+        pid = self.qemu_pid or await asyncio.to_thread(self.vm.qemu_pid)
+        if pid is None:
+            raise VMError(f"{self.name} is not running")
+        self.workspace = await attach(workspace, self.workdir, pid, await self.channel())
+        return self.workspace
+
+    async def detach_workspace(self) -> None:
+        """Unmount the workspace in the guest and on the host; a no-op without one."""
+        attached, self.workspace = self.workspace, None
+        if attached is not None:
+            channel = None if self._channel.closed else self._channel
+            await attached.detach(channel)
+
     async def close(self) -> None:
         """Destroy the domain and remove everything it left on disk and on the network.
         Idempotent. If libvirtd is unreachable the rest is retried later."""
         if self._closed:
             return
         self._closed = True
+        if self.workspace is not None:  # off the VM first, even if its domain must wait
+            attached, self.workspace = self.workspace, None
+            await attached.detach(None)
         await teardown(
             self.name,
             vm=self.vm,

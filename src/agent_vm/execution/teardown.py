@@ -15,7 +15,6 @@ would fail anyway (an ipset a live rule refers to cannot be destroyed).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from agent_vm.communication.channel import AgentChannel
 from agent_vm.core.vm import VM
 from agent_vm.errors import AgentVMError
 from agent_vm.host.identities import Identity
+from agent_vm.host.mounts import remove_tree
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
 
@@ -102,7 +102,7 @@ def _remove_domain(doomed: Doomed) -> bool:
         log.error("teardown_deferred", vm=doomed.name, error=str(exc), retry="later")
         return False
     if doomed.workdir is not None:
-        shutil.rmtree(doomed.workdir, ignore_errors=True)
+        remove_tree(doomed.workdir)
     return True
 
 
@@ -113,7 +113,7 @@ def destroy_and_remove(vm: VM, workdir: Path | None) -> None:
         vm.undefine()
     finally:
         if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
 
 
 async def retry_pending() -> int:

@@ -6,7 +6,16 @@
 ...     print(result.stdout, result.exit_code)
 """
 
-from agent_vm.sandbox._async import AsyncCommands, AsyncSandbox, CommandResult
-from agent_vm.sandbox._sync import Commands, Sandbox, shared_loop
+from agent_vm.sandbox._async import AsyncCommands, AsyncFiles, AsyncSandbox, CommandResult
+from agent_vm.sandbox._sync import Commands, Files, Sandbox, shared_loop
 
-__all__ = ["AsyncCommands", "AsyncSandbox", "CommandResult", "Commands", "Sandbox", "shared_loop"]
+__all__ = [
+    "AsyncCommands",
+    "AsyncFiles",
+    "AsyncSandbox",
+    "CommandResult",
+    "Commands",
+    "Files",
+    "Sandbox",
+    "shared_loop",
+]

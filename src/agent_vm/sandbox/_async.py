@@ -7,9 +7,21 @@ This module is the one implementation; ``_sync.py`` is generated from it by
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 from types import TracebackType
+from typing import IO
 
+from agent_vm.communication.files import (
+    DEFAULT_MAX_DOWNLOAD,
+    DEFAULT_MAX_ENTRIES,
+    DownloadReport,
+    FileEntry,
+    FileService,
+    WatchEvent,
+)
+from agent_vm.communication.workspace import Workspace
 from agent_vm.config import Settings
 from agent_vm.core.template import ResourceProfile
 from agent_vm.errors import AgentVMError
@@ -38,6 +50,14 @@ def _text(callback: TextCallback | None) -> Callable[[bytes], None] | None:
             callback(text)
 
     return feed
+
+
+def _workspace(
+    workspace: str | os.PathLike[str] | Workspace | None, readonly: bool
+) -> Workspace | None:
+    if workspace is None or isinstance(workspace, Workspace):
+        return workspace
+    return Workspace(path=Path(workspace), readonly=readonly)
 
 
 class AsyncCommands:
@@ -73,6 +93,90 @@ class AsyncCommands:
         )
 
 
+class AsyncFiles:
+    """``sandbox.files``: the sandbox's file system over the control channel (E2B's
+    names). Streams both ways with bounded memory; a missing path raises
+    ``SandboxFileNotFoundError`` (also a ``FileNotFoundError``), a refused one
+    ``SandboxPermissionError`` (also a ``PermissionError``)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._service = FileService(lambda: sandbox.vm.channel())
+
+    async def read(self, path: str, format: str = "text") -> str | bytes:
+        """The whole file as text (``format="text"``) or bytes (``"bytes"``), up to 64 MiB;
+        ``read_stream`` or ``download`` for bigger ones."""
+        return await self._service.read(path, format)
+
+    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        """The file's bytes in chunks as they arrive."""
+        async for chunk in self._service.read_stream(path):
+            yield chunk
+
+    async def write(
+        self,
+        path: str,
+        data: str | bytes | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
+        mode: int | None = None,
+    ) -> int:
+        """Write ``data`` (text, bytes, a binary file object, or an iterable of bytes:
+        async or not) to ``path``, parents made, replaced atomically; returns the bytes written."""
+        return await self._service.write(path, data, mode)
+
+    async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
+        """Entries below ``path``, ``depth`` levels deep."""
+        return await self._service.list(path, depth)
+
+    async def stat(self, path: str) -> FileEntry:
+        return await self._service.stat(path)
+
+    async def exists(self, path: str) -> bool:
+        return await self._service.exists(path)
+
+    async def make_dir(self, path: str) -> bool:
+        """Create ``path`` with its parents; False when it already was a directory."""
+        return await self._service.make_dir(path)
+
+    async def remove(self, path: str) -> None:
+        """Remove a file, a link, or a directory with everything in it."""
+        await self._service.remove(path)
+
+    async def rename(self, old_path: str, new_path: str) -> None:
+        await self._service.rename(old_path, new_path)
+
+    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[WatchEvent]:
+        """Events under ``path`` (create, modify, delete, ...) as the guest's inotify
+        reports them, for as long as the caller iterates."""
+        async for event in self._service.watch(path, recursive):
+            yield event
+
+    async def upload(self, local: str | os.PathLike[str], remote: str) -> int:
+        """A host file into the sandbox."""
+        return await self._service.upload(local, remote)
+
+    async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
+        """A sandbox file onto the host."""
+        return await self._service.download(remote, local)
+
+    async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
+        """A host directory into the sandbox (a tar stream)."""
+        return await self._service.upload_dir(local, remote)
+
+    async def download_dir(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> DownloadReport:
+        """A sandbox directory onto the host, safely: nothing outside ``local`` is read or
+        written, links are not followed, devices, FIFOs and setuid bits never appear;
+        past a cap it stops with ``ExtractionError``."""
+        return await self._service.download_dir(
+            remote, local, max_bytes=max_bytes, max_entries=max_entries
+        )
+
+
 class AsyncSandbox:
     """One isolated VM: ``create()`` it, or use it as a context manager.
 
@@ -93,7 +197,10 @@ class AsyncSandbox:
         timeout: float = 60.0,
         settings: Settings | None = None,
         runtime: Runtime | None = None,
+        workspace: str | os.PathLike[str] | Workspace | None = None,
+        workspace_readonly: bool = False,
     ) -> None:
+        self._workspace = _workspace(workspace, workspace_readonly)
         self._pool = pool
         self._image = image
         self._policy = policy
@@ -104,6 +211,7 @@ class AsyncSandbox:
         self._spec = self._runtime.spec(profile=profile, network=network)
         self._vm: RunningVM | None = None
         self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
 
     @classmethod
     async def create(
@@ -117,6 +225,8 @@ class AsyncSandbox:
         timeout: float = 60.0,
         settings: Settings | None = None,
         runtime: Runtime | None = None,
+        workspace: str | os.PathLike[str] | Workspace | None = None,
+        workspace_readonly: bool = False,
     ) -> AsyncSandbox:
         """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
         sandbox = cls(
@@ -128,6 +238,8 @@ class AsyncSandbox:
             timeout=timeout,
             settings=settings,
             runtime=runtime,
+            workspace=workspace,
+            workspace_readonly=workspace_readonly,
         )
         await sandbox.start()
         return sandbox
@@ -153,30 +265,41 @@ class AsyncSandbox:
         return self.vm.name
 
     async def start(self) -> None:
-        """Start (or acquire) the VM; a no-op when already running."""
+        """Start (or acquire) the VM and attach its workspace; a no-op when running."""
         if self._vm is not None:
             return
         if self._pool is not None:
             vm = await self._pool.acquire(self._timeout)
-            self._vm = vm
-            if self._policy is not None:
-                try:
+            try:
+                if self._policy is not None:
                     await vm.set_policy(self._policy)
-                except BaseException:
-                    self._vm = None
-                    await self._pool.release(vm)
-                    raise
+                if self._workspace is not None:
+                    await vm.attach_workspace(self._workspace)
+            except BaseException:
+                await self._pool.release(vm)
+                raise
+            self._vm = vm
             return
         if self._own_runtime and self._runtime.closed:  # started again after kill()
             self._runtime = Runtime(self._settings)
         try:
-            self._vm = await self._runtime.vm(
-                image=self._image, spec=self._spec, policy=self._policy
-            )
+            vm = await self._runtime.vm(image=self._image, spec=self._spec, policy=self._policy)
+            try:
+                if self._workspace is not None:
+                    await vm.attach_workspace(self._workspace)
+            except BaseException:
+                await vm.close()
+                raise
+            self._vm = vm
         except BaseException:
             if self._own_runtime:
                 await self._runtime.close()
             raise
+
+    @property
+    def workspace(self) -> Workspace | None:
+        """The host directory shared with this sandbox, if any."""
+        return self._workspace
 
     async def kill(self) -> None:
         """Destroy the sandbox (or hand it back to its pool). Idempotent."""
@@ -184,7 +307,10 @@ class AsyncSandbox:
         if vm is None:
             return
         if self._pool is not None:
-            await self._pool.release(vm)
+            try:
+                await vm.detach_workspace()  # before anything else may use the VM
+            finally:
+                await self._pool.release(vm)
             return
         try:
             await vm.close()

@@ -9,10 +9,20 @@ callbacks run on that loop's thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import IO
 
+from agent_vm.communication.files import (
+    DEFAULT_MAX_DOWNLOAD,
+    DEFAULT_MAX_ENTRIES,
+    DownloadReport,
+    FileEntry,
+    WatchEvent,
+)
 from agent_vm.communication.sync import BackgroundLoop
+from agent_vm.communication.workspace import Workspace
 from agent_vm.config import Settings
 from agent_vm.core.template import ResourceProfile
 from agent_vm.execution.pool import VMPool
@@ -21,7 +31,13 @@ from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.spec import NetworkChoice
 from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
-from agent_vm.sandbox._async import AsyncCommands, AsyncSandbox, CommandResult, TextCallback
+from agent_vm.sandbox._async import (
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    CommandResult,
+    TextCallback,
+)
 
 _loop: BackgroundLoop | None = None
 
@@ -67,6 +83,88 @@ class Commands:
         )
 
 
+class Files:
+    """``sandbox.files``: the sandbox's file system over the control channel (E2B's
+    names). Streams both ways with bounded memory; a missing path raises
+    ``SandboxFileNotFoundError`` (also a ``FileNotFoundError``), a refused one
+    ``SandboxPermissionError`` (also a ``PermissionError``)."""
+
+    def __init__(self, core: AsyncFiles) -> None:
+        self._core = core
+
+    def read(self, path: str, format: str = "text") -> str | bytes:
+        """The whole file as text (``format="text"``) or bytes (``"bytes"``), up to 64 MiB;
+        ``read_stream`` or ``download`` for bigger ones."""
+        return shared_loop().run(self._core.read(path, format))
+
+    def read_stream(self, path: str) -> Iterator[bytes]:
+        """The file's bytes in chunks as they arrive."""
+        return shared_loop().iterate(self._core.read_stream(path))
+
+    def write(
+        self,
+        path: str,
+        data: str | bytes | IO[bytes] | Iterable[bytes] | Iterable[bytes],
+        mode: int | None = None,
+    ) -> int:
+        """Write ``data`` (text, bytes, a binary file object, or an iterable of bytes:
+        async or not) to ``path``, parents made, replaced atomically; returns the bytes written."""
+        return shared_loop().run(self._core.write(path, data, mode))
+
+    def list(self, path: str, depth: int = 1) -> list[FileEntry]:
+        """Entries below ``path``, ``depth`` levels deep."""
+        return shared_loop().run(self._core.list(path, depth))
+
+    def stat(self, path: str) -> FileEntry:
+        return shared_loop().run(self._core.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return shared_loop().run(self._core.exists(path))
+
+    def make_dir(self, path: str) -> bool:
+        """Create ``path`` with its parents; False when it already was a directory."""
+        return shared_loop().run(self._core.make_dir(path))
+
+    def remove(self, path: str) -> None:
+        """Remove a file, a link, or a directory with everything in it."""
+        return shared_loop().run(self._core.remove(path))
+
+    def rename(self, old_path: str, new_path: str) -> None:
+        return shared_loop().run(self._core.rename(old_path, new_path))
+
+    def watch(self, path: str, recursive: bool = False) -> Iterator[WatchEvent]:
+        """Events under ``path`` (create, modify, delete, ...) as the guest's inotify
+        reports them, for as long as the caller iterates."""
+        return shared_loop().iterate(self._core.watch(path, recursive))
+
+    def upload(self, local: str | os.PathLike[str], remote: str) -> int:
+        """A host file into the sandbox."""
+        return shared_loop().run(self._core.upload(local, remote))
+
+    def download(self, remote: str, local: str | os.PathLike[str]) -> int:
+        """A sandbox file onto the host."""
+        return shared_loop().run(self._core.download(remote, local))
+
+    def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
+        """A host directory into the sandbox (a tar stream)."""
+        return shared_loop().run(self._core.upload_dir(local, remote))
+
+    def download_dir(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> DownloadReport:
+        """A sandbox directory onto the host, safely: nothing outside ``local`` is read or
+        written, links are not followed, devices, FIFOs and setuid bits never appear;
+        past a cap it stops with ``ExtractionError``."""
+        return shared_loop().run(
+            self._core.download_dir(remote, local, max_bytes=max_bytes, max_entries=max_entries)
+        )
+
+
 class Sandbox:
     """One isolated VM: ``create()`` it, or use it as a context manager.
 
@@ -87,6 +185,8 @@ class Sandbox:
         timeout: float = 60.0,
         settings: Settings | None = None,
         runtime: Runtime | None = None,
+        workspace: str | os.PathLike[str] | Workspace | None = None,
+        workspace_readonly: bool = False,
     ) -> None:
         self._core = AsyncSandbox(
             pool=pool,
@@ -97,8 +197,11 @@ class Sandbox:
             timeout=timeout,
             settings=settings,
             runtime=runtime,
+            workspace=workspace,
+            workspace_readonly=workspace_readonly,
         )
         self.commands = Commands(self._core.commands)
+        self.files = Files(self._core.files)
         shared_loop().run(self._core.start())
 
     @classmethod
@@ -113,6 +216,8 @@ class Sandbox:
         timeout: float = 60.0,
         settings: Settings | None = None,
         runtime: Runtime | None = None,
+        workspace: str | os.PathLike[str] | Workspace | None = None,
+        workspace_readonly: bool = False,
     ) -> Sandbox:
         """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
         return cls(
@@ -124,6 +229,8 @@ class Sandbox:
             timeout=timeout,
             settings=settings,
             runtime=runtime,
+            workspace=workspace,
+            workspace_readonly=workspace_readonly,
         )
 
     @property
@@ -144,8 +251,13 @@ class Sandbox:
         return self._core.sandbox_id
 
     def start(self) -> None:
-        """Start (or acquire) the VM; a no-op when already running."""
+        """Start (or acquire) the VM and attach its workspace; a no-op when running."""
         return shared_loop().run(self._core.start())
+
+    @property
+    def workspace(self) -> Workspace | None:
+        """The host directory shared with this sandbox, if any."""
+        return self._core.workspace
 
     def kill(self) -> None:
         """Destroy the sandbox (or hand it back to its pool). Idempotent."""
