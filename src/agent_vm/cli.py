@@ -330,13 +330,13 @@ def run(
             allow_ipv6=ipv6,
             allow_cidrs=tuple(allow_cidr or ()),
         )
-        with _progress() as progress:
-            built = runtime.find_image(image, progress=progress)
         if readonly and workspace is None:
             raise ConfigError("--ro needs --workspace DIR")
         share = Workspace(path=_existing_dir(workspace), readonly=readonly) if workspace else None
         copies = _Copies([_upload(item) for item in upload or []],
                          [_download(item) for item in download or []])  # fmt: skip
+        with _progress() as progress:
+            built = runtime.find_image(image, progress=progress)
         stdin = sys.stdin.buffer.read() if interactive else None
         request = _Request(command, source, timeout, variables, cwd, user, stdin)
         exit_code = asyncio.run(_run(runtime, built, spec, policy, cold, request, share, copies))

@@ -161,3 +161,29 @@ def test_run_network_options(image: Image, test_host: TestHost) -> None:
     assert bad_mode.returncode == 125 and "network must be" in bad_mode.stderr
     bad_name = agent_vm("run", "--allow-domain", "not a domain", "--", "true")
     assert bad_name.returncode == 125 and "not a domain" in bad_name.stderr, bad_name.stderr
+
+
+def test_run_with_a_workspace_uploads_and_downloads(image: Image, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("print('in the workspace')\n")
+    os.chown(project, 4242, 4242)
+    (tmp_path / "input.txt").write_text("uploaded\n")
+    proc = agent_vm(
+        "run", "--network", "isolated", "--workspace", str(project),
+        "--upload", f"{tmp_path / 'input.txt'}:/root/in.txt",
+        "--download", f"/root/results:{tmp_path / 'results'}",
+        "--", "sh", "-c",
+        "pwd; python3 main.py; cat /root/in.txt; echo made > made.txt; "
+        "mkdir -p /root/results && echo r > /root/results/r.txt && ln -s /etc /root/results/out",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "/workspace\nin the workspace\nuploaded\n"
+    assert (project / "made.txt").stat().st_uid == 4242
+    assert (tmp_path / "results" / "r.txt").read_text() == "r\n"
+    assert not (tmp_path / "results" / "out").exists()
+    assert "skipped out" in proc.stderr
+    ro = agent_vm("run", "--network", "isolated", "--workspace", str(project), "--ro",
+                  "--", "touch", "x")  # fmt: skip
+    assert ro.returncode != 0 and "Read-only file system" in ro.stderr
+    assert not (project / "x").exists()

@@ -50,6 +50,16 @@ def tripwires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (["--network", "wifi"], "network must be nat, isolated or bridge:NAME", None),
         (["--allow-cidr", "fe80::/10"], "allow_cidrs is IPv4 only", None),
         (["--env", "NOEQUALS"], "--env expects KEY=VALUE", None),
+        (["--ro"], "--ro needs --workspace DIR", None),
+        (
+            ["--workspace", "/nonexistent/dir"],
+            "--workspace /nonexistent/dir: not a directory",
+            "create",
+        ),
+        (["--upload", "nocolon"], "--upload 'nocolon': give SOURCE:DESTINATION", None),
+        (["--upload", "/nonexistent:/x"], "/nonexistent does not exist", None),
+        (["--upload", "/etc/hostname:relative"], "the VM path 'relative' must be absolute", None),
+        (["--download", "/x:/nonexistent/dir/f"], "/nonexistent/dir is not a directory", None),
     ],
 )
 def test_refused_before_anything_starts(
