@@ -12,49 +12,25 @@ which makes the agent drop what it half-read.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
+
+from tests.integration.hostile_guest import _daemonize, _take_port, guest_source
 
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.running import RunningVM
 
 
 def _guest(direction: str, size: int) -> None:  # pragma: no cover (runs in the guest)
-    import ctypes
     import json
     import os
     import pathlib
     import signal
     import time
 
-    if os.fork():
+    if _daemonize():  # these two come with guest_source()
         return
-    os.setsid()
-    null = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    proc = pathlib.Path("/proc")
-    init_cmdline = (proc / "1" / "cmdline").read_bytes()
-    agent = None
-    for entry in proc.iterdir():
-        if entry.name.isdigit() and entry.name != "1":
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            except OSError:
-                continue
-            if cmdline == init_cmdline and ppid == "1":
-                agent = int(entry.name)
-    assert agent is not None
-    port_fd = next(
-        int(link.name)
-        for link in (proc / str(agent) / "fd").iterdir()
-        if str(link.readlink()).startswith("/dev/vport")
-    )
-    libc = ctypes.CDLL(None, use_errno=True)
-    port = libc.syscall(438, libc.syscall(434, agent, 0), port_fd, 0)
-    os.kill(agent, signal.SIGSTOP)
+    agent, port = _take_port()
     pathlib.Path("/tmp/rawchannel.ready").write_text("1")
     buffer = bytearray(1 << 20)
     done = 0
@@ -77,8 +53,7 @@ def _guest(direction: str, size: int) -> None:  # pragma: no cover (runs in the 
 
 
 def guest_code(direction: str, size: int) -> str:
-    source = inspect.getsource(_guest)
-    return f"{source}\n_guest({direction!r}, {size!r})\n"
+    return f"{guest_source(_guest)}\n_guest({direction!r}, {size!r})\n"
 
 
 async def measure(vm: RunningVM, direction: str, size: int) -> float:

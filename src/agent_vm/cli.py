@@ -452,7 +452,7 @@ async def _run(
             )
         if workspace is not None:
             await vm.attach_workspace(workspace)
-        files = FileService(vm.channel)
+        files = FileService(vm.channel, vm.staging)
         if copies is not None:
             await _copy_in(files, copies)
         result = await AgentExecutor().execute(

@@ -24,9 +24,9 @@ def _frame(kind: int, rid: int, payload: bytes, length: int | None = None, flags
     return head + payload + struct.pack(">I", zlib.crc32(payload))
 
 
-def _take_port() -> int:  # pragma: no cover
+def _take_port() -> tuple[int, int]:  # pragma: no cover
     """In a daemon forked off the command: stop the agent (SIGSTOP: init does not
-    restart a stopped agent) and return a duplicate of its virtio-serial port."""
+    restart a stopped agent); returns its pid and a duplicate of its virtio-serial port."""
     import ctypes
     import os
     import pathlib
@@ -57,7 +57,7 @@ def _take_port() -> int:  # pragma: no cover
     if port < 0:
         os._exit(3)
     os.kill(agent, signal.SIGSTOP)
-    return int(port)
+    return agent, int(port)
 
 
 def _daemonize() -> bool:  # pragma: no cover
@@ -66,7 +66,7 @@ def _daemonize() -> bool:  # pragma: no cover
     import os
 
     if os.fork():
-        print("attack started", flush=True)
+        print("daemon started", flush=True)
         return True
     os.setsid()
     null = os.open("/dev/null", os.O_RDWR)
@@ -85,7 +85,7 @@ def _guest_attack(seconds: float) -> None:  # pragma: no cover
     if _daemonize():
         return
     time.sleep(1.0)
-    port = _take_port()
+    _agent, port = _take_port()
 
     def send(data: bytes) -> None:
         view = memoryview(data)
@@ -110,13 +110,14 @@ def _guest_attack(seconds: float) -> None:  # pragma: no cover
     os._exit(0)
 
 
-def _guest_source(*functions: object) -> str:
+def guest_source(*functions: object) -> str:
+    """Source to run in the guest: the helpers above, then ``functions``."""
     parts = [inspect.getsource(fn) for fn in (_frame, _take_port, _daemonize, *functions)]  # type: ignore[arg-type]
     return "from __future__ import annotations\n" + "\n".join(parts)
 
 
 def attack_code(seconds: float) -> str:
-    return f"{_guest_source(_guest_attack)}\n_guest_attack({seconds!r})\n"
+    return f"{guest_source(_guest_attack)}\n_guest_attack({seconds!r})\n"
 
 
 def _guest_tar_server(tar_b64: str) -> None:  # pragma: no cover
@@ -132,7 +133,7 @@ def _guest_tar_server(tar_b64: str) -> None:  # pragma: no cover
     if _daemonize():
         return
     time.sleep(0.5)
-    port = _take_port()
+    _agent, port = _take_port()
 
     def send(data: bytes) -> None:
         view = memoryview(data)
@@ -162,4 +163,4 @@ def tar_server_code(stream: bytes) -> str:
     import base64
 
     encoded = base64.b64encode(stream).decode()
-    return f"{_guest_source(_guest_tar_server)}\n_guest_tar_server({encoded!r})\n"
+    return f"{guest_source(_guest_tar_server)}\n_guest_tar_server({encoded!r})\n"

@@ -29,8 +29,14 @@ from tests.integration.hostile_guest import tar_server_code
 MIB = 1 << 20
 
 
-def files_of(vm: RunningVM) -> FileService:
-    return FileService(vm.channel)
+@pytest.fixture(params=["staged", "channel"])
+def lane(request: pytest.FixtureRequest) -> str:
+    """Bytes through the share's bulk lane (what sb.files uses) or the channel itself."""
+    return str(request.param)
+
+
+def files_of(vm: RunningVM, lane: str = "staged") -> FileService:
+    return FileService(vm.channel, vm.staging if lane == "staged" else None)
 
 
 async def sh(executor: AgentExecutor, vm: RunningVM, script: str) -> str:
@@ -65,8 +71,8 @@ def peak_rss() -> Iterator[list[int]]:
         sampler.join()
 
 
-async def test_round_trips_empty_binary_unicode_and_spaces(shared_vm: RunningVM) -> None:
-    files = files_of(shared_vm)
+async def test_round_trips_empty_binary_unicode_and_spaces(shared_vm: RunningVM, lane: str) -> None:
+    files = files_of(shared_vm, lane)
     every_byte = bytes(range(256)) * 1000
     cases = {
         "/tmp/ft/empty": b"",
@@ -115,8 +121,10 @@ async def test_errors_are_clear_exceptions(shared_vm: RunningVM, executor: Agent
         await files.stat("/tmp/missing")
 
 
-async def test_200_mb_streams_both_ways_with_flat_host_memory(shared_vm: RunningVM) -> None:
-    files = files_of(shared_vm)
+async def test_200_mb_streams_both_ways_with_flat_host_memory(
+    shared_vm: RunningVM, lane: str
+) -> None:
+    files = files_of(shared_vm, lane)
     size = 200 * MIB
     block = os.urandom(MIB)
     sent = hashlib.sha256()
@@ -137,7 +145,7 @@ async def test_200_mb_streams_both_ways_with_flat_host_memory(shared_vm: Running
             total += len(chunk)
     assert total == size and received.hexdigest() == sent.hexdigest()
     grew = max(up[1] - up[0], down[1] - down[0]) / 1024
-    print(f"200 MB write+read: host RSS grew at most {grew:.1f} MiB")
+    print(f"200 MB write+read ({lane}): host RSS grew at most {grew:.1f} MiB")
     assert grew < 64, f"host memory grew by {grew:.0f} MiB while streaming 200 MiB"
     await files.remove("/tmp/big")
 
@@ -166,8 +174,8 @@ async def test_watch_sees_create_modify_delete(
     assert kinds[-1] == ("delete", "/tmp/watched/f")
 
 
-async def test_trees_round_trip(shared_vm: RunningVM, tmp_path: Path) -> None:
-    files = files_of(shared_vm)
+async def test_trees_round_trip(shared_vm: RunningVM, tmp_path: Path, lane: str) -> None:
+    files = files_of(shared_vm, lane)
     source = tmp_path / "src"
     (source / "sub dir").mkdir(parents=True)
     (source / "sub dir" / "ü.txt").write_text("deep")
@@ -263,7 +271,7 @@ async def test_a_hostile_agent_sending_a_crafted_tar_cannot_reach_outside(
     destination = jail / "dest"
     jail.mkdir()
     (jail / "sentinel").write_text("untouched")
-    files = FileService(fresh_vm.channel)
+    files = files_of(fresh_vm, "channel")  # this server speaks bytes, not segments
     report = await asyncio.wait_for(files.download_dir("/anything", destination), 60)
     assert sorted(p.name for p in destination.iterdir()) == ["fine", "up"]
     assert (destination / "fine").read_text() == "fine"

@@ -21,6 +21,7 @@ import signal as signal_module
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent_vm.communication.streams import FileStream
 from agent_vm.communication.transport import Transport
@@ -280,11 +281,14 @@ class AgentChannel:
         """Mount (or unmount) the shared workspace in the guest."""
         return await self._status_request(MessageType.WORKSPACE, request.to_payload(), timeout)
 
-    async def file_request(self, request: FileRequest) -> FileStream:
+    async def file_request(self, request: FileRequest, staging: Path | None = None) -> FileStream:
         """Start a file operation; the caller streams through the returned FileStream and
-        must ``forget`` it when done (``communication/files.py`` does both)."""
+        must ``forget`` it when done (``communication/files.py`` does both). A staged
+        request needs the host's end of the staging directory."""
+        if request.staged != (staging is not None):
+            raise ValueError("a staged request needs a staging directory, and only it")
         rid = self._next_id()
-        stream = FileStream(rid, self._send, self.name)
+        stream = FileStream(rid, self._send, self.name, staging)
         self._streams[rid] = stream
         try:
             await self._send(Frame(MessageType.FILE, rid, request.to_payload()))

@@ -92,20 +92,28 @@ class DownloadReport:
 
 
 Channel = Callable[[], Awaitable[AgentChannel]]
+Staging = Callable[[], Awaitable[Path | None]]
+BULK_OPS = frozenset({"read", "write", "tar", "untar"})
 
 
 class FileService:
-    """File operations on one sandbox; ``channel`` returns its (re)connected channel."""
+    """File operations on one sandbox; ``channel`` returns its (re)connected channel,
+    ``staging`` its bulk lane (None: bytes go through the channel itself)."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, staging: Staging | None = None) -> None:
         self._channel = channel
+        self._staging = staging
 
     # ------------------------------------------------------------------ plumbing
 
     @contextlib.asynccontextmanager
     async def _request(self, request: FileRequest) -> AsyncIterator[FileStream]:
         channel = await self._channel()
-        stream = await channel.file_request(request)
+        staging = None
+        if request.op in BULK_OPS and self._staging is not None:
+            staging = await self._staging()
+            request.staged = staging is not None
+        stream = await channel.file_request(request, staging)
         try:
             yield stream
         except AgentRefusedError as exc:

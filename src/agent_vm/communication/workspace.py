@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,12 +39,12 @@ from pydantic import ConfigDict, Field, field_validator
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.errors import AgentRefusedError, AgentVMError, WorkspaceError
 from agent_vm.host.idmap import IdMap, bind_idmapped, unmount
-from agent_vm.host.mounts import unmount_under
+from agent_vm.host.mounts import mounted_at, unmount_under
 from agent_vm.host.writers import Frozen, freeze, inode_of, open_for_writing
 from agent_vm.logs import get_logger
 from agent_vm.models import Model
 from agent_vm.protocol.files import WorkspaceRequest
-from agent_vm.protocol.ports import SHARE_WORKSPACE
+from agent_vm.protocol.ports import SHARE_STAGING, SHARE_WORKSPACE
 
 log = get_logger(__name__)
 
@@ -352,3 +353,36 @@ async def attach(
     attached.start_monitor()
     log.info("workspace_attached", path=str(source), mount=workspace.mount, vm=workdir.name)
     return attached
+
+
+STAGING_BYTES = 64 << 20  # the bulk lane's tmpfs: 8 streams of two 4 MiB segments each
+
+
+def mount_staging(workdir: Path, qemu_pid: int) -> Path | None:
+    """The bulk lane of file streams: a size-capped tmpfs on ``share/xfer`` (a guest
+    ignoring its credits fills this, nothing else), setgid to QEMU's group so that
+    segments the host writes are readable by QEMU. None when it cannot be had here (the
+    channel then carries the bytes itself)."""
+    target = workdir / SHARE_DIR / SHARE_STAGING
+    if mounted_at(target) is not None:
+        return target
+    _uid, gid = qemu_ids(qemu_pid)
+    options = f"size={STAGING_BYTES},nr_inodes=1024,mode=2770,uid=0,gid={gid},nosuid,nodev,noexec"
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "agentvm-staging", str(target)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        log.warning("staging_unavailable", vm=workdir.name, error=proc.stderr.strip())
+        return None
+    probe = target / ".xattr-probe"
+    try:  # QEMU's mapped model keeps what the guest sets in user xattrs (tmpfs >= 6.6)
+        probe.touch()
+        os.setxattr(probe, "user.agentvm", b"1")
+    except OSError as exc:
+        log.warning("staging_unavailable", vm=workdir.name, error=f"no user xattrs: {exc}")
+        unmount_under(target)
+        return None
+    finally:
+        probe.unlink(missing_ok=True)
+    return target

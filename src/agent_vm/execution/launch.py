@@ -46,7 +46,7 @@ from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.hostnet import random_mac
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.network.vmnet import VMNetwork
-from agent_vm.protocol.ports import SHARE_WORKSPACE
+from agent_vm.protocol.ports import SHARE_STAGING, SHARE_WORKSPACE
 
 log = get_logger(__name__)
 
@@ -209,6 +209,7 @@ def make_share(workdir: Path, identity: Identity | None) -> None:
     share = workdir / SHARE_DIR
     share.mkdir(mode=0o750)
     (share / SHARE_WORKSPACE).mkdir(mode=0o755)
+    (share / SHARE_STAGING).mkdir(mode=0o755)
     if identity is not None:
         os.chown(share, 0, identity.gid)
     else:

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING
 
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.transport import Transport, UnixTransport, VsockTransport
-from agent_vm.communication.workspace import AttachedWorkspace, Workspace, attach
+from agent_vm.communication.workspace import (
+    AttachedWorkspace,
+    Workspace,
+    attach,
+    mount_staging,
+)
 from agent_vm.core.template import channel_socket_path, vsock_cid
 from agent_vm.core.vm import VM, VMState
 from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError
@@ -76,6 +81,9 @@ class RunningVM:
         self._channel = channel
         self._closed = False
         self.workspace: AttachedWorkspace | None = None  # the live share, while attached
+        self._staging: Path | None = None
+        self._staging_tried = False
+        self._staging_lock = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -166,6 +174,17 @@ class RunningVM:
             raise VMError(f"{self.name} is not running")
         self.workspace = await attach(workspace, self.workdir, pid, await self.channel())
         return self.workspace
+
+    async def staging(self) -> Path | None:
+        """The host end of the bulk lane for file streams (mounted on first use), or None
+        where it cannot be had (then file streams go through the channel)."""
+        async with self._staging_lock:
+            if not self._staging_tried:
+                self._staging_tried = True
+                pid = self.qemu_pid or await asyncio.to_thread(self.vm.qemu_pid)
+                if pid is not None:
+                    self._staging = await asyncio.to_thread(mount_staging, self.workdir, pid)
+            return self._staging
 
     async def detach_workspace(self) -> None:
         """Unmount the workspace in the guest and on the host; a no-op without one."""

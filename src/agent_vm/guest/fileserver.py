@@ -26,13 +26,16 @@ from agent_vm.protocol.files import (
     ACK_EVERY,
     DATA_CHUNK,
     MAX_EVENTS_PER_FRAME,
+    SEGMENT,
     WINDOW,
     Ack,
     Done,
     FileRequest,
+    Segment,
 )
 from agent_vm.protocol.frame import FLAG_EOF
 from agent_vm.protocol.messages import MessageType
+from agent_vm.protocol.ports import SHARE_STAGING
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -101,24 +104,32 @@ class Operation:
         self.session = session
         self.req = req
         self.cancelled = threading.Event()
-        self._incoming: queue.Queue[bytes | None] = queue.Queue()
+        self._incoming: queue.Queue[bytes | Segment | None] = queue.Queue()
         self._queued = 0
         self._lock = threading.Lock()
         self._credit = threading.Condition(self._lock)
         self._in_flight = 0
+        self._segments = 0
+        # what one DATA frame (or one staged segment) carries
+        self.unit = SEGMENT if req.staged else DATA_CHUNK
 
     # -- called from the reader thread --
 
     def feed(self, data: bytes, eof: bool) -> None:
         if self.req.op not in ("write", "untar"):
             raise ProtocolError(f"{self.req.op} takes no data")
+        item: bytes | Segment = data
+        size = len(data)
+        if data and self.req.staged:
+            item = Segment.from_payload(data)
+            size = item.bytes
         with self._lock:
-            self._queued += len(data)
+            self._queued += size
             over = self._queued > WINDOW
         if over:
             raise ProtocolError(f"more than {WINDOW} unacknowledged bytes for {self.req.op}")
         if data:
-            self._incoming.put(data)
+            self._incoming.put(item)
         if eof:
             self._incoming.put(None)
 
@@ -140,6 +151,10 @@ class Operation:
 
     def _run(self) -> None:
         try:
+            if self.req.staged:
+                from agent_vm.guest import workspace
+
+                workspace.ensure_share()
             value = getattr(self, f"_op_{self.req.op}")()
         except Cancelled:
             pass  # the host asked for it and no longer listens: nothing to say
@@ -163,16 +178,30 @@ class Operation:
     def send_data(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            chunk = bytes(view[:DATA_CHUNK])
-            view = view[DATA_CHUNK:]
+            chunk = view[: self.unit]
+            view = view[self.unit :]
             with self._credit:
                 while self._in_flight + len(chunk) > WINDOW and not self.cancelled.is_set():
                     self._credit.wait(1.0)
                 if self.cancelled.is_set():
                     raise Cancelled()
                 self._in_flight += len(chunk)
-            if not self.agent.send(MessageType.DATA, self.request_id, chunk, self.session):
+            payload = self._stage(chunk) if self.req.staged else bytes(chunk)
+            if not self.agent.send(MessageType.DATA, self.request_id, payload, self.session):
                 raise Cancelled()  # a new session: nobody is listening
+
+    def _stage(self, chunk: memoryview) -> bytes:
+        """Write one segment into the staging directory; the DATA payload naming it."""
+        self._segments += 1
+        name = f"{self.request_id}-{self._segments}"
+        fd = os.open(_staging(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = chunk
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        return Segment(name, len(chunk)).to_payload()
 
     def end_data(self) -> None:
         self.agent.send(MessageType.DATA, self.request_id, b"", self.session, flags=FLAG_EOF)
@@ -189,6 +218,8 @@ class Operation:
                 if pending:
                     self._ack(pending)
                 return
+            if isinstance(data, Segment):
+                data = _take(data)
             with self._lock:
                 self._queued -= len(data)
             yield data
@@ -268,7 +299,7 @@ class Operation:
             os.set_blocking(fd, True)
             total = 0
             while True:
-                data = os.read(fd, DATA_CHUNK)
+                data = os.read(fd, self.unit)
                 if not data:
                     break
                 self.send_data(data)
@@ -349,6 +380,29 @@ class Operation:
         raise Cancelled()
 
 
+def _staging(name: str) -> str:
+    from agent_vm.guest.workspace import SHARE_MOUNT
+
+    return f"{SHARE_MOUNT}/{SHARE_STAGING}/{name}"
+
+
+def _take(segment: Segment) -> bytes:
+    """The host's segment, read and removed (it wrote exactly ``segment.bytes``)."""
+    path = _staging(segment.name)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, segment.bytes)
+        while len(data) < segment.bytes:
+            more = os.read(fd, segment.bytes - len(data))
+            if not more:
+                raise ProtocolError(f"segment {segment.name} is shorter than announced")
+            data += more
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    return data
+
+
 class _Writer:
     """A file object for tarfile that sends what it is given as DATA frames."""
 
@@ -359,7 +413,7 @@ class _Writer:
 
     def write(self, data: bytes) -> int:
         self.buffer += data
-        if len(self.buffer) >= DATA_CHUNK:
+        if len(self.buffer) >= self.op.unit:
             self.flush()
         return len(data)
 

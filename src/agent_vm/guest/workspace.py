@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import time
 
 from agent_vm.guest.files import read_file
@@ -20,6 +21,7 @@ from agent_vm.protocol.ports import SHARE_TAG, SHARE_WORKSPACE
 SHARE_MOUNT = "/run/agent-vm/share"
 OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client"
 _mounted: list[str] = []  # mount points we made, innermost last
+_lock = threading.Lock()  # file operations mount the share from their own threads
 
 
 def _mount(*args: str) -> None:
@@ -43,16 +45,22 @@ def _is_mount(path: str) -> bool:
         return any(line.split()[4] == path for line in mounts)
 
 
+def ensure_share() -> None:
+    """The 9p share mounted at SHARE_MOUNT (workspaces and the bulk lane live in it)."""
+    with _lock:
+        if not _is_mount(SHARE_MOUNT):
+            _wait_for_9p()
+            os.makedirs(SHARE_MOUNT, exist_ok=True)
+            _mount("-t", "9p", "-o", OPTIONS, SHARE_TAG, SHARE_MOUNT)
+
+
 def apply(req: WorkspaceRequest) -> None:
     while _mounted:
         subprocess.run(["umount", "-l", _mounted.pop()], capture_output=True)
     if req.mount is None:
         unmount()
         return
-    if not _is_mount(SHARE_MOUNT):
-        _wait_for_9p()
-        os.makedirs(SHARE_MOUNT, exist_ok=True)
-        _mount("-t", "9p", "-o", OPTIONS, SHARE_TAG, SHARE_MOUNT)
+    ensure_share()
     source = f"{SHARE_MOUNT}/{SHARE_WORKSPACE}"
     os.makedirs(req.mount, exist_ok=True)
     _mount("--bind", source, req.mount)
@@ -71,5 +79,6 @@ def unmount() -> None:
     while _mounted:
         path = _mounted.pop()
         subprocess.run(["umount", "-l", path], capture_output=True)
-    if _is_mount(SHARE_MOUNT):
-        subprocess.run(["umount", "-l", SHARE_MOUNT], capture_output=True)
+    with _lock:
+        if _is_mount(SHARE_MOUNT):
+            subprocess.run(["umount", "-l", SHARE_MOUNT], capture_output=True)

@@ -14,3 +14,5 @@ VSOCK_CMDLINE_FLAG = "agentvm.transport=vsock"
 SHARE_TAG = "agentvm_share"
 # where the workspace appears inside the share: the host mounts the user's directory there
 SHARE_WORKSPACE = "ws"
+# the bulk lane inside the share: a small tmpfs the host mounts for file streams
+SHARE_STAGING = "xfer"

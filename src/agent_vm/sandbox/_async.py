@@ -100,7 +100,7 @@ class AsyncFiles:
     ``SandboxPermissionError`` (also a ``PermissionError``)."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._service = FileService(lambda: sandbox.vm.channel())
+        self._service = FileService(lambda: sandbox.vm.channel(), lambda: sandbox.vm.staging())
 
     async def read(self, path: str, format: str = "text") -> str | bytes:
         """The whole file as text (``format="text"``) or bytes (``"bytes"``), up to 64 MiB;
