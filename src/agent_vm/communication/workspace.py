@@ -338,7 +338,8 @@ async def attach(
             await asyncio.to_thread(
                 bind_idmapped, source / "input", target / "input", idmap, readonly=True
             )
-        await asyncio.to_thread(attached.check)
+        if workspace.quota_bytes is not None or workspace.max_files is not None:
+            await asyncio.to_thread(attached.check)  # over its cap already: blocked at once
         try:
             await channel.workspace(
                 WorkspaceRequest(workspace.mount, workspace.readonly, workspace.layout)

@@ -58,11 +58,13 @@ from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.policy import EgressPolicy
+from agent_vm.protocol.files import WorkspaceRequest
 from agent_vm.protocol.messages import Configure, Execute
 
 log = get_logger(__name__)
 
-GOLDEN_VERSION = "3"  # 2: per-sandbox identities (RAM file owner and mode); 3: 9p share
+# 2: per-sandbox identities (RAM file owner and mode); 3: 9p share, warm workspace code
+GOLDEN_VERSION = "3"
 SETTLE_TIMEOUT = 30.0
 # Run once in the template so that every clone starts with a warm page cache and agent.
 WARM_UP = (["true"], ["python3", "-c", "pass"])
@@ -280,6 +282,8 @@ async def _settle(agent: AgentChannel) -> None:
     await wait_settled(agent, SETTLE_TIMEOUT)
     for argv in WARM_UP:
         await agent.execute(Execute(argv=argv, timeout=60))
+    # the workspace code (and ctypes) loaded in the agent: a clone's first mount is quick
+    await agent.workspace(WorkspaceRequest(None))
 
 
 def _keep_disk(workdir: Path, disk: Path) -> None:

@@ -542,7 +542,11 @@ class Agent:
         elif mtype is MessageType.DATA:
             self._operation(rid).feed(frame.payload, bool(frame.flags & FLAG_EOF))
         elif mtype is MessageType.ACK:
-            self._operation(rid).ack(Ack.from_payload(frame.payload).bytes)
+            consumed = Ack.from_payload(frame.payload).bytes
+            with self.exec_lock:
+                operation = self.files.get(rid)
+            if operation is not None:  # else a late ACK, crossing our DONE: nothing to do
+                operation.ack(consumed)
         elif mtype is MessageType.CANCEL:
             with self.exec_lock:
                 operation = self.files.get(rid)

@@ -209,6 +209,7 @@ class Operation:
     # receiving (acknowledged as consumed)
 
     def chunks(self) -> Any:
+        """The host's bytes as they come (a staged segment read and removed)."""
         pending = 0
         while True:
             data = self._incoming.get()
@@ -218,12 +219,13 @@ class Operation:
                 if pending:
                     self._ack(pending)
                 return
+            size = data.bytes if isinstance(data, Segment) else len(data)
             if isinstance(data, Segment):
                 data = _take(data)
             with self._lock:
-                self._queued -= len(data)
+                self._queued -= size
             yield data
-            pending += len(data)
+            pending += size
             if pending >= ACK_EVERY:
                 self._ack(pending)
                 pending = 0

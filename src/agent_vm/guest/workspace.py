@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import threading
 import time
 
@@ -24,10 +23,38 @@ _mounted: list[str] = []  # mount points we made, innermost last
 _lock = threading.Lock()  # file operations mount the share from their own threads
 
 
-def _mount(*args: str) -> None:
-    proc = subprocess.run(["mount", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise OSError(errno.EIO, f"mount {' '.join(args)}: {proc.stderr.strip()}")
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+MNT_DETACH = 2
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+_libc_handle: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:  # fmt: skip
+    """mount(2) itself: util-linux's mount costs a fork and an exec (~0.1 s under TCG)."""
+    import ctypes
+
+    def arg(text: str | None) -> bytes | None:
+        return text.encode() if text is not None else None
+
+    if _libc().mount(arg(source), arg(target), arg(fstype), flags, arg(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def _umount(target: str) -> None:
+    _libc().umount2(target.encode(), MNT_DETACH)
 
 
 def _wait_for_9p(timeout: float = 30.0) -> None:
@@ -51,34 +78,34 @@ def ensure_share() -> None:
         if not _is_mount(SHARE_MOUNT):
             _wait_for_9p()
             os.makedirs(SHARE_MOUNT, exist_ok=True)
-            _mount("-t", "9p", "-o", OPTIONS, SHARE_TAG, SHARE_MOUNT)
+            _mount(SHARE_TAG, SHARE_MOUNT, "9p", 0, OPTIONS)
 
 
 def apply(req: WorkspaceRequest) -> None:
+    _libc()  # loaded now: a golden capture warms it up with an unmount (ctypes: ~70 ms)
     while _mounted:
-        subprocess.run(["umount", "-l", _mounted.pop()], capture_output=True)
+        _umount(_mounted.pop())
     if req.mount is None:
         unmount()
         return
     ensure_share()
     source = f"{SHARE_MOUNT}/{SHARE_WORKSPACE}"
     os.makedirs(req.mount, exist_ok=True)
-    _mount("--bind", source, req.mount)
+    _mount(source, req.mount, None, MS_BIND)
     _mounted.append(req.mount)
     if req.readonly:
-        _mount("-o", "remount,bind,ro", req.mount)
+        _mount(None, req.mount, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     if req.layout and not req.readonly:
         inner = f"{req.mount}/input"
-        _mount("--bind", inner, inner)
+        _mount(inner, inner, None, MS_BIND)
         _mounted.append(inner)
-        _mount("-o", "remount,bind,ro", inner)
+        _mount(None, inner, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
 def unmount() -> None:
     """Our bind mounts, then the share itself (a mounted 9p share blocks snapshots)."""
     while _mounted:
-        path = _mounted.pop()
-        subprocess.run(["umount", "-l", path], capture_output=True)
+        _umount(_mounted.pop())
     with _lock:
         if _is_mount(SHARE_MOUNT):
-            subprocess.run(["umount", "-l", SHARE_MOUNT], capture_output=True)
+            _umount(SHARE_MOUNT)
