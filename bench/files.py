@@ -249,7 +249,9 @@ def main() -> None:
         for label, data in results[name].items():
             size = big if "200 MB" in label else small
             rows.append((label, data, rate(data["p50"], size)))
-    print_table(f"1 x {big:.0f} MB and 100 x 1 MB in and out (p50 throughput in notes)", rows)
+    print_table(
+        f"1 x {args.mib} MiB and 100 x 1 MiB in and out (p50 throughput, MB = 10^6 bytes)", rows
+    )
     api = results["api"]
     stdin = results["stdin"]["stdin 200 MB (run -i)"]["p50"]
     upload = api["files API (bulk lane): upload 200 MB"]["p50"]

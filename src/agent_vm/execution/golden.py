@@ -63,8 +63,8 @@ from agent_vm.protocol.messages import Configure, Execute
 
 log = get_logger(__name__)
 
-# 2: per-sandbox identities (RAM file owner and mode); 3: 9p share, warm workspace code
-GOLDEN_VERSION = "3"
+# 2: per-sandbox identities (RAM file owner and mode); 3: 9p share; 4: workspace code warm
+GOLDEN_VERSION = "4"
 SETTLE_TIMEOUT = 30.0
 # Run once in the template so that every clone starts with a warm page cache and agent.
 WARM_UP = (["true"], ["python3", "-c", "pass"])

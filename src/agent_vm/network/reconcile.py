@@ -109,6 +109,7 @@ class Reconciler:
         meanwhile; stop the VM only when writing fails or the damage keeps coming."""
         fixes: list[str] = []
         problems: list[str] = []
+        failure: AgentVMError | None = None
         for _ in range(REPAIR_ATTEMPTS):
             fixes += self._repair_shared()
             problems = self.problems(vm_network)
@@ -120,12 +121,18 @@ class Reconciler:
                 if self.directory.lookup(vm_network.addressing.address) is None:
                     self.directory.write(vm_network.record())
             except AgentVMError as exc:
-                fixes.append(self._stop(vm_network, exc))
-                return fixes
+                # the shared table may have gone again between its repair and this write
+                # (a flush, libvirtd reloading): repair it and write again before giving up
+                failure = exc
+                log.warning("egress_rewrite_failed", vm=vm_network.vm_name, error=str(exc))
+                continue
+            failure = None
             fixes.append(f"rewritten: {'; '.join(problems)}")
         problems = self.problems(vm_network)
         if problems:
-            damage = AgentVMError(f"still damaged after {REPAIR_ATTEMPTS} rewrites: {problems}")
+            damage = failure or AgentVMError(
+                f"still damaged after {REPAIR_ATTEMPTS} rewrites: {problems}"
+            )
             fixes.append(self._stop(vm_network, damage))
         return fixes
 
