@@ -279,8 +279,9 @@ async def test_a_guest_mounting_the_share_itself_can_write_nothing_outside_the_w
     )  # fmt: skip
     assert "done" in out
     share = fresh_vm.workdir / "share"
-    assert sorted(p.name for p in share.iterdir()) == ["ws"]
+    assert sorted(p.name for p in share.iterdir()) == ["ws", "xfer"]  # mount points only
     assert list((share / "ws").iterdir()) == []
+    assert list((share / "xfer").iterdir()) == []
 
 
 async def test_reaping_a_vm_with_its_workspace_attached_leaves_the_project_alone(

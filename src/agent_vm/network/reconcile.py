@@ -31,6 +31,7 @@ log = get_logger(__name__)
 WATCH_INTERVAL = 1.0
 FIREWALL_CHECK_INTERVAL = 2.0  # iptables-save + nft list: ~15 ms of CPU
 REPAIR_ATTEMPTS = 3
+WRITE_RETRIES = 3  # failed writes (the shared table gone meanwhile) before a VM is stopped
 SharedSets = tuple[tuple[IPv4Network, ...], tuple[IPv4Network, ...]]  # local, non-public
 
 
@@ -109,8 +110,8 @@ class Reconciler:
         meanwhile; stop the VM only when writing fails or the damage keeps coming."""
         fixes: list[str] = []
         problems: list[str] = []
-        failure: AgentVMError | None = None
-        for _ in range(REPAIR_ATTEMPTS):
+        rewrites = failures = 0
+        while rewrites < REPAIR_ATTEMPTS:
             fixes += self._repair_shared()
             problems = self.problems(vm_network)
             if not problems:
@@ -123,16 +124,18 @@ class Reconciler:
             except AgentVMError as exc:
                 # the shared table may have gone again between its repair and this write
                 # (a flush, libvirtd reloading): repair it and write again before giving up
-                failure = exc
+                failures += 1
+                if failures > WRITE_RETRIES:
+                    fixes.append(self._stop(vm_network, exc))
+                    return fixes
                 log.warning("egress_rewrite_failed", vm=vm_network.vm_name, error=str(exc))
+                time.sleep(0.05 * failures)
                 continue
-            failure = None
+            rewrites += 1
             fixes.append(f"rewritten: {'; '.join(problems)}")
         problems = self.problems(vm_network)
         if problems:
-            damage = failure or AgentVMError(
-                f"still damaged after {REPAIR_ATTEMPTS} rewrites: {problems}"
-            )
+            damage = AgentVMError(f"still damaged after {REPAIR_ATTEMPTS} rewrites: {problems}")
             fixes.append(self._stop(vm_network, damage))
         return fixes
 
