@@ -126,3 +126,40 @@ def test_a_vm_whose_teardown_began_during_the_read_is_left_alone(kernel: Kernel)
     with capture_logs() as events:
         asyncio.run(r.check_firewall())
     assert vanished(events) == [] and repaired == []
+
+
+@pytest.mark.parametrize(("failing_writes", "stopped"), [(0, False), (2, False), (4, True)])
+def test_a_rewrite_failing_because_the_table_went_meanwhile_is_retried(
+    kernel: Kernel, monkeypatch: pytest.MonkeyPatch, failing_writes: int, stopped: bool
+) -> None:
+    """A CI run once flushed the shared table between its repair and the VM's rewrite; the
+    reconciler stopped the VM at the first failed write. It now writes again (3 times)."""
+    from agent_vm.errors import AgentVMError
+    from agent_vm.network import reconcile
+
+    vm = FakeVMNetwork("a", "tap-a")
+    writes = {"left_failing": failing_writes}
+
+    def write_rules(vm_network: Any) -> None:
+        if writes["left_failing"]:
+            writes["left_failing"] -= 1
+            raise AgentVMError("nft -f - failed: No such file or directory")
+        kernel.taps.add(vm_network.tap)
+
+    stops: list[str] = []
+
+    def stop(self: Reconciler, vm_network: Any, exc: AgentVMError) -> str:
+        stops.append(str(exc))
+        return "stopped"
+
+    monkeypatch.setattr(reconcile, "fill_sets", lambda vm_network: None)
+    monkeypatch.setattr(reconcile, "write_rules", write_rules)
+    monkeypatch.setattr(Reconciler, "_repair_shared", lambda self: [])
+    monkeypatch.setattr(Reconciler, "_stop", stop)
+    vms: dict[str, Any] = {"a": vm}
+    r = Reconciler(None, None, None, vms, lambda **_: None, lambda: None)  # type: ignore[arg-type]
+    r.directory = type("D", (), {"lookup": lambda self, a: True})()
+    vm.addressing = type("A", (), {"address": "10.0.0.2"})()  # type: ignore[attr-defined]
+    fixes = r._reconcile_one(vm)  # type: ignore[arg-type]
+    assert bool(stops) is stopped, fixes
+    assert ("tap-a" in kernel.taps) is not stopped
