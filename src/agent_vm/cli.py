@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from agent_vm import __version__, logs
+from agent_vm import __version__, logs, secrets
 from agent_vm.communication.files import FileService
 from agent_vm.communication.workspace import Workspace
 from agent_vm.config import load_settings
@@ -269,6 +269,14 @@ def run(
     ] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the command is killed")] = 600,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--secret",
+            help="NAME (its value from this environment) or NAME=@FILE: in the "
+            "command's environment only, redacted from what agent-vm logs",
+        ),
+    ] = None,
     cwd: Annotated[str | None, typer.Option(help="working directory in the VM")] = None,
     user: Annotated[str, typer.Option(help="root or agent (unprivileged)")] = "root",
     interactive: Annotated[
@@ -321,6 +329,11 @@ def run(
             raise ConfigError(f"--timeout must be positive, not {timeout:g}")
         source = code.read_text() if code is not None else None
         variables = _parse_env(env or [])
+        hidden = secrets.parse(secret or [])
+        if clash := sorted(set(hidden) & set(variables)):
+            raise ConfigError(f"{clash[0]} is given both as --env and as --secret")
+        secrets.register(hidden)
+        variables |= hidden
         spec = runtime.spec(
             profile=profile, network=network, cpus=cpus, memory_mib=memory, disk_gib=disk
         )

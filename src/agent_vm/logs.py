@@ -9,13 +9,23 @@ from typing import Any
 
 import structlog
 
-from agent_vm import timeutil
+from agent_vm import secrets, timeutil
 
 _configured = False
 
 
 def _add_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event["timestamp"] = timeutil.isoformat()
+    return event
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """No secret value in a log line (guest output and errors can carry one)."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = secrets.redact(value)
+        elif isinstance(value, list | tuple):
+            event[key] = [secrets.redact(v) if isinstance(v, str) else v for v in value]
     return event
 
 
@@ -37,6 +47,7 @@ def configure(level: str = "WARNING", *, json: bool = False) -> None:
             structlog.processors.add_log_level,
             _add_timestamp,
             structlog.processors.format_exc_info,
+            _redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -51,6 +51,8 @@ def tripwires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (["--allow-cidr", "fe80::/10"], "allow_cidrs is IPv4 only", None),
         (["--env", "NOEQUALS"], "--env expects KEY=VALUE", None),
         (["--ro"], "--ro needs --workspace DIR", None),
+        (["--secret", "AGENTVM_UNSET_VAR"], "AGENTVM_UNSET_VAR is not set", "export"),
+        (["--secret", "TOKEN=abcdef"], "would show in the host's process list", "@FILE"),
         (
             ["--workspace", "/nonexistent/dir"],
             "--workspace /nonexistent/dir: not a directory",

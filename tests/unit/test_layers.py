@@ -16,6 +16,7 @@ LAYERS = {
     "errors": 0,
     "timeutil": 0,
     "protocol": 0,
+    "secrets": 1,
     "logs": 1,
     "config": 1,
     "models": 1,

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent_vm import secrets
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.transport import Transport, UnixTransport, VsockTransport
 from agent_vm.communication.workspace import (
@@ -45,12 +46,12 @@ def transport_for(vm: VM) -> Transport:
 
 
 def console_tail(path: Path, lines: int) -> str:
-    """The last ``lines`` of a console log ("" when there is none)."""
+    """The last ``lines`` of a console log ("" when there is none), secrets redacted."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return secrets.redact("\n".join(text.splitlines()[-lines:]))
 
 
 class RunningVM:

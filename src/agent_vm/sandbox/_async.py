@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from agent_vm import secrets as secret_store
 from agent_vm.communication.files import (
     DEFAULT_MAX_DOWNLOAD,
     DEFAULT_MAX_ENTRIES,
@@ -79,12 +80,13 @@ class AsyncCommands:
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
     ) -> CommandResult:
-        """Run ``cmd`` (a string goes through bash, a list is exec'd) and wait for it."""
+        """Run ``cmd`` (a string goes through bash, a list is exec'd) and wait for it.
+        The sandbox's secrets are in its environment (``envs`` may override them)."""
         return await self._executor.execute(
             self._sandbox.vm,
             cmd,
             timeout=timeout,
-            env=envs,
+            env={**self._sandbox.secrets, **(envs or {})},
             cwd=cwd,
             user=user,
             stdin=stdin,
@@ -199,8 +201,11 @@ class AsyncSandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
+        secrets: Mapping[str, str] | None = None,
     ) -> None:
         self._workspace = _workspace(workspace, workspace_readonly)
+        self._secrets = dict(secrets or {})
+        secret_store.register(self._secrets)
         self._pool = pool
         self._image = image
         self._policy = policy
@@ -227,6 +232,7 @@ class AsyncSandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
+        secrets: Mapping[str, str] | None = None,
     ) -> AsyncSandbox:
         """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
         sandbox = cls(
@@ -240,6 +246,7 @@ class AsyncSandbox:
             runtime=runtime,
             workspace=workspace,
             workspace_readonly=workspace_readonly,
+            secrets=secrets,
         )
         await sandbox.start()
         return sandbox
@@ -295,6 +302,11 @@ class AsyncSandbox:
             if self._own_runtime:
                 await self._runtime.close()
             raise
+
+    @property
+    def secrets(self) -> Mapping[str, str]:
+        """Variables every command gets (values redacted from agent-vm's logs)."""
+        return self._secrets
 
     @property
     def workspace(self) -> Workspace | None:

@@ -10,7 +10,12 @@ callbacks run on that loop's thread.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import (
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import IO
 
@@ -68,7 +73,8 @@ class Commands:
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
     ) -> CommandResult:
-        """Run ``cmd`` (a string goes through bash, a list is exec'd) and wait for it."""
+        """Run ``cmd`` (a string goes through bash, a list is exec'd) and wait for it.
+        The sandbox's secrets are in its environment (``envs`` may override them)."""
         return shared_loop().run(
             self._core.run(
                 cmd,
@@ -187,6 +193,7 @@ class Sandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
+        secrets: Mapping[str, str] | None = None,
     ) -> None:
         self._core = AsyncSandbox(
             pool=pool,
@@ -199,6 +206,7 @@ class Sandbox:
             runtime=runtime,
             workspace=workspace,
             workspace_readonly=workspace_readonly,
+            secrets=secrets,
         )
         self.commands = Commands(self._core.commands)
         self.files = Files(self._core.files)
@@ -218,6 +226,7 @@ class Sandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
+        secrets: Mapping[str, str] | None = None,
     ) -> Sandbox:
         """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
         return cls(
@@ -231,6 +240,7 @@ class Sandbox:
             runtime=runtime,
             workspace=workspace,
             workspace_readonly=workspace_readonly,
+            secrets=secrets,
         )
 
     @property
@@ -253,6 +263,11 @@ class Sandbox:
     def start(self) -> None:
         """Start (or acquire) the VM and attach its workspace; a no-op when running."""
         return shared_loop().run(self._core.start())
+
+    @property
+    def secrets(self) -> Mapping[str, str]:
+        """Variables every command gets (values redacted from agent-vm's logs)."""
+        return self._core.secrets
 
     @property
     def workspace(self) -> Workspace | None:
