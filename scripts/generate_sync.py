@@ -198,6 +198,7 @@ def generate() -> str:
     ]
     exported = sorted(
         {c.name for c in classes}
+        | {n.name for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")}
         | {
             t.id
             for n in tree.body

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from agent_vm import __version__, logs, secrets
+from agent_vm import __version__, logs, secrets, terminal
 from agent_vm.communication.files import FileService
 from agent_vm.communication.workspace import Workspace
 from agent_vm.config import load_settings
@@ -28,6 +28,7 @@ from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.image.store import Image
 from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
+from agent_vm.protocol.messages import Result
 
 EXIT_TIMEOUT = 124
 EXIT_AGENT_VM_ERROR = 125
@@ -244,6 +245,9 @@ def gc(
     typer.echo("\n".join(removed) if removed else "nothing to remove")
 
 
+SHELL_TIMEOUT = 86400.0  # a shell ends when its user leaves, or after a day
+
+
 def _parse_env(pairs: list[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
@@ -281,6 +285,9 @@ def run(
     user: Annotated[str, typer.Option(help="root or agent (unprivileged)")] = "root",
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="send this process's stdin")
+    ] = False,
+    tty: Annotated[
+        bool, typer.Option("--tty", "-t", help="run in a terminal (this one, in raw mode)")
     ] = False,
     cold: Annotated[
         bool, typer.Option("--cold", help="boot the kernel instead of starting from golden state")
@@ -343,6 +350,8 @@ def run(
             allow_ipv6=ipv6,
             allow_cidrs=tuple(allow_cidr or ()),
         )
+        if tty and interactive:
+            raise ConfigError("-t forwards this terminal itself; drop -i")
         if readonly and workspace is None:
             raise ConfigError("--ro needs --workspace DIR")
         share = Workspace(path=_existing_dir(workspace), readonly=readonly) if workspace else None
@@ -351,7 +360,7 @@ def run(
         with _progress() as progress:
             built = runtime.find_image(image, progress=progress)
         stdin = sys.stdin.buffer.read() if interactive else None
-        request = _Request(command, source, timeout, variables, cwd, user, stdin)
+        request = _Request(command, source, timeout, variables, cwd, user, stdin, tty)
         exit_code = asyncio.run(_run(runtime, built, spec, policy, cold, request, share, copies))
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -434,6 +443,7 @@ class _Request:
         cwd: str | None,
         user: str,
         stdin: bytes | None,
+        tty: bool = False,
     ) -> None:
         self.command = command
         self.code = code
@@ -442,6 +452,20 @@ class _Request:
         self.cwd = cwd
         self.user = user
         self.stdin = stdin
+        self.tty = tty
+
+
+async def _in_terminal(vm: RunningVM, request: _Request) -> Result:
+    """The command in a guest PTY wired to this terminal (raw mode while it runs)."""
+    fd = sys.stdin.fileno()
+    cols, rows = terminal.size_of(fd)
+    with terminal.raw_mode(fd):
+        channel, rid, done = await AgentExecutor().start_terminal(
+            vm, request.command, code=request.code, cols=cols, rows=rows,
+            on_output=_writer(sys.stdout.buffer), timeout=request.timeout, env=request.env,
+            cwd=request.cwd, user=request.user,
+        )  # fmt: skip
+        return await terminal.attach(channel, rid, done, fd, lambda: terminal.size_of(fd))
 
 
 async def _run(
@@ -468,6 +492,18 @@ async def _run(
         files = FileService(vm.channel, vm.staging)
         if copies is not None:
             await _copy_in(files, copies)
+        if request.tty:
+            outcome = await _in_terminal(vm, request)
+            if copies is not None:
+                await _copy_out(files, copies)
+            if outcome.timed_out:
+                err.print(f"\r\nagent-vm: command timed out after {request.timeout:g} s")
+                return EXIT_TIMEOUT
+            if outcome.error:
+                err.print(f"agent-vm: {escape(outcome.error)}", highlight=False)
+            return (
+                outcome.exit_code if outcome.exit_code is not None else 128 + (outcome.signal or 0)
+            )
         result = await AgentExecutor().execute(
             vm,
             request.command,
@@ -502,6 +538,30 @@ def _writer(stream: BinaryIO) -> Callable[[bytes], None]:
         stream.flush()
 
     return write
+
+
+@app.command()
+def shell(
+    image: Annotated[str | None, typer.Option(help="image name")] = None,
+    profile: Annotated[str, typer.Option(help="light, standard or intensive")] = "light",
+    network: Annotated[
+        str, typer.Option(help="nat (filtered internet), isolated (no NIC) or bridge:NAME")
+    ] = "nat",
+    workspace: Annotated[
+        Path | None, typer.Option(help="share this host directory at /workspace")
+    ] = None,
+    readonly: Annotated[bool, typer.Option("--ro", help="share the workspace read-only")] = False,
+    secret: Annotated[
+        list[str] | None, typer.Option("--secret", help="NAME or NAME=@FILE (see run)")
+    ] = None,
+    cold: Annotated[bool, typer.Option("--cold", help="boot instead of the golden state")] = False,
+) -> None:
+    """An interactive login shell in a fresh sandbox (removed when the shell exits)."""
+    run(
+        command=["bash", "-l"], image=image, profile=profile, network=network,
+        workspace=workspace, readonly=readonly, secret=secret, cold=cold, tty=True,
+        timeout=SHELL_TIMEOUT,
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -113,3 +113,16 @@ def test_configure_net_round_trip() -> None:
 def test_configure_net_values_are_checked(change: dict[str, object]) -> None:
     with pytest.raises(ProtocolError):
         Configure(time_ns=1, net={**STATIC_NET, **change})
+
+
+def test_terminal_sizes_are_checked_both_ways() -> None:
+    from agent_vm.protocol.messages import Resize
+
+    request = Execute(argv=["bash"], pty=[120, 40])
+    assert Execute.from_payload(request.to_payload()).pty == [120, 40]
+    assert (Resize.from_payload(Resize(100, 30).to_payload()).cols, 30) == (100, 30)
+    for bad in ([0, 24], [80], [80, 24, 1], [80, 1001], [True, 24], ["80", "24"]):
+        with pytest.raises(ProtocolError, match="terminal size"):
+            Execute(argv=["bash"], pty=bad)  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError):
+        Resize.from_payload(b'{"cols": 80}')

@@ -46,6 +46,7 @@ from agent_vm.protocol.messages import (
     Hello,
     MessageType,
     Ready,
+    Resize,
     Result,
     Signal,
     Status,
@@ -246,6 +247,36 @@ class AgentChannel:
         finally:
             self._pending.pop(rid, None)
         return RawExecution(result, bytes(pending.stdout), bytes(pending.stderr), pending.truncated)
+
+    async def start_terminal(
+        self, request: Execute, on_output: OutputCallback
+    ) -> tuple[int, asyncio.Future[Result]]:
+        """Start a command in a PTY (``request.pty`` set); its output goes to
+        ``on_output`` only (nothing is kept). Drive it with ``send_input``/``resize``/
+        ``signal``; ``end_terminal`` once its future is done."""
+        if request.pty is None:
+            raise ConfigError("start_terminal needs Execute(pty=[cols, rows])")
+        rid = self._next_id()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(rid, future, on_output, None, 0)
+        try:
+            await self._send(Frame(MessageType.EXECUTE, rid, request.to_payload()))
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return rid, future
+
+    async def send_input(self, request_id: int, data: bytes) -> None:
+        for start in range(0, len(data), STDIN_CHUNK):
+            await self._send(
+                Frame(MessageType.STDIN, request_id, data[start : start + STDIN_CHUNK])
+            )
+
+    async def resize(self, request_id: int, cols: int, rows: int) -> None:
+        await self._send(Frame(MessageType.RESIZE, request_id, Resize(cols, rows).to_payload()))
+
+    def end_terminal(self, request_id: int) -> None:
+        self._pending.pop(request_id, None)
 
     async def _kill_quietly(self, rid: int) -> None:
         if not self.closed:

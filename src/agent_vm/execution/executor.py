@@ -6,11 +6,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from agent_vm.communication.channel import RESULT_GRACE, OutputCallback
+from agent_vm.communication.channel import RESULT_GRACE, AgentChannel, OutputCallback
 from agent_vm.errors import ChannelClosedError, ConfigError, ProtocolError
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.execution.running import RunningVM
-from agent_vm.protocol.messages import Execute
+from agent_vm.protocol.messages import Execute, Result
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -77,6 +77,35 @@ class AgentExecutor:
             truncated=raw.truncated,
             output=tuple(await asyncio.to_thread(workspace.outputs)) if workspace else (),
         )
+
+    async def start_terminal(
+        self,
+        vm: RunningVM,
+        command: str | Sequence[str] | None,
+        *,
+        code: str | None = None,
+        cols: int = 80,
+        rows: int = 24,
+        on_output: OutputCallback,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str = "root",
+    ) -> tuple[AgentChannel, int, asyncio.Future[Result]]:
+        """Start ``command`` in a ``cols`` x ``rows`` PTY in the guest; drive it through
+        the returned channel's ``send_input``/``resize``/``signal`` by request id."""
+        pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
+        if cwd is None and vm.workspace is not None:
+            cwd = vm.workspace.workspace.work_dir
+        request = self._request(command, code, timeout, env, cwd, user, False, pids_max)
+        request.pty = [cols, rows]
+        try:
+            request = Execute.from_payload(request.to_payload())  # validated as sent
+        except ProtocolError as exc:
+            raise ConfigError(f"invalid terminal request: {exc.message}") from exc
+        channel = await vm.channel()
+        rid, future = await channel.start_terminal(request, on_output)
+        return channel, rid, future
 
     def _request(
         self,

@@ -51,6 +51,7 @@ from agent_vm.protocol.messages import (
     Hello,
     MessageType,
     Ready,
+    Resize,
     Result,
     Signal,
     Status,
@@ -60,6 +61,7 @@ from agent_vm.protocol.ports import CHANNEL_NAME, VSOCK_CMDLINE_FLAG, VSOCK_PORT
 TYPE_CHECKING = False  # typing/pathlib are avoided here: imports cost boot time under TCG
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from typing import Any
 
 CHUNK = 64 * 1024
 READ_CHUNK = 1 << 20  # from the port: fewer, larger reads for file streams
@@ -179,6 +181,14 @@ def open_link(wait: float = 30.0) -> Link:
         time.sleep(0.02)
 
 
+def _set_size(fd: int, cols: int, rows: int) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
 def _cmdline() -> str:
     return read_file("/proc/cmdline")
 
@@ -201,11 +211,12 @@ class Execution:
         self._stdin: queue.Queue[bytes | None] = queue.Queue()
         self._stdin_queued = 0
         self._stdin_lock = threading.Lock()
+        self.master: int | None = None  # the PTY's master side, for pty executions
 
     # -- host-facing operations (called from the reader thread) --
 
     def feed_stdin(self, data: bytes, eof: bool) -> None:
-        if not self.req.stdin:
+        if not self.req.stdin and self.req.pty is None:
             raise ProtocolError("this execution was started without stdin")
         with self._stdin_lock:
             self._stdin_queued += len(data)
@@ -220,6 +231,11 @@ class Execution:
             self._stdin.put(data)
         if eof:
             self._stdin.put(None)
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self.master is None:
+            raise ProtocolError("this execution has no terminal")
+        _set_size(self.master, cols, rows)
 
     def signal(self, signum: int) -> None:
         if signum == signal.SIGKILL:
@@ -279,12 +295,21 @@ class Execution:
             return
         assert self.proc is not None
         proc = self.proc
-        stdout, stderr = proc.stdout, proc.stderr
-        assert stdout is not None and stderr is not None
-        if self.req.stdin:
-            feeder = threading.Thread(target=self._feed, args=(proc.stdin,), daemon=True)
-            feeder.start()
-        streams = {stdout.fileno(): MessageType.STDOUT, stderr.fileno(): MessageType.STDERR}
+        if self.killed.is_set():  # a kill that arrived before the process existed
+            self.kill()
+        pipes: list[Any] = []
+        if self.master is not None:  # one terminal: input, and all output as STDOUT
+            streams = {self.master: MessageType.STDOUT}
+            threading.Thread(target=self._feed, args=(self.master, False), daemon=True).start()
+        else:
+            stdout, stderr = proc.stdout, proc.stderr
+            assert stdout is not None and stderr is not None
+            pipes = [stdout, stderr]
+            if self.req.stdin:
+                assert proc.stdin is not None
+                feeder = threading.Thread(target=self._feed, args=(proc.stdin, True), daemon=True)
+                feeder.start()
+            streams = {stdout.fileno(): MessageType.STDOUT, stderr.fileno(): MessageType.STDERR}
         pidfd = os.pidfd_open(proc.pid)
         poller = select.poll()
         for fd in (*streams, pidfd):
@@ -330,9 +355,13 @@ class Execution:
                         del streams[fd]
         finally:
             os.close(pidfd)
-            for pipe in (stdout, stderr):
+            for pipe in pipes:
                 with contextlib.suppress(OSError):
                     pipe.close()
+            if self.master is not None:
+                self._stdin.put(None)  # the feeder stops before the master goes
+                with contextlib.suppress(OSError):
+                    os.close(self.master)
         if self.req.stdin:
             self._stdin.put(None)
         assert returncode is not None
@@ -346,28 +375,55 @@ class Execution:
     def _spawn(self) -> None:
         env, uid, gid, home = self._env_and_ids()
         cwd = self.req.cwd or home
+        argv = self._argv()
+        slave = None
+        if self.req.pty is not None:
+            # setsid -c: a session of its own with the terminal as controlling tty (so ^C
+            # reaches the foreground group), without a preexec_fn (no vfork then)
+            self.master, slave = os.openpty()
+            _set_size(self.master, *self.req.pty)
+            env.setdefault("TERM", "xterm-256color")
+            argv = ["setsid", "-c", *argv]
+        streams: dict[str, Any] = (
+            {"stdin": slave, "stdout": slave, "stderr": slave}
+            if slave is not None
+            else {
+                "stdin": subprocess.PIPE if self.req.stdin else subprocess.DEVNULL,
+                "stdout": subprocess.PIPE,
+                "stderr": subprocess.PIPE,
+            }
+        )
         self.cgroup = self.agent.make_cgroup(self.request_id, self.req.pids_max)
-        with self.agent.spawn_lock, self.agent.inside_cgroup(self.cgroup):
-            # Children inherit the cgroup of their parent at fork: briefly moving the agent
-            # into the execution's cgroup places the child there with no race and keeps
-            # subprocess's fast vfork path (a preexec_fn would disable it).
-            self.proc = subprocess.Popen(
-                self._argv(),
-                stdin=subprocess.PIPE if self.req.stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                user=uid,
-                group=gid,
-                extra_groups=[] if uid is not None else None,
-                start_new_session=True,
-            )
+        try:
+            with self.agent.spawn_lock, self.agent.inside_cgroup(self.cgroup):
+                # Children inherit the cgroup of their parent at fork: briefly moving the
+                # agent into the execution's cgroup places the child there with no race and
+                # keeps subprocess's fast vfork path (a preexec_fn would disable it).
+                self.proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    user=uid,
+                    group=gid,
+                    extra_groups=[] if uid is not None else None,
+                    start_new_session=slave is None,  # setsid does it for a terminal
+                    **streams,
+                )
+        except BaseException:
+            if self.master is not None:
+                os.close(self.master)
+                self.master = None
+            raise
+        finally:
+            if slave is not None:
+                os.close(slave)
         with contextlib.suppress(OSError):  # inherited -1000 from the agent: make it killable
             write_file(f"/proc/{self.proc.pid}/oom_score_adj", "0")
 
-    def _feed(self, pipe: object) -> None:
-        fd = pipe.fileno()  # type: ignore[attr-defined]
+    def _feed(self, target: Any, close: bool) -> None:
+        """Queued stdin into ``target`` (a pipe, closed at EOF; or the PTY's master fd,
+        which stays open: closing it would hang the terminal up)."""
+        fd = target if isinstance(target, int) else target.fileno()
         try:
             while True:
                 data = self._stdin.get()
@@ -381,8 +437,9 @@ class Execution:
         except OSError:
             return  # the command closed its stdin or died
         finally:
-            with contextlib.suppress(OSError):
-                pipe.close()  # type: ignore[attr-defined]
+            if close:
+                with contextlib.suppress(OSError):
+                    target.close()
 
     def _finish(self, result: Result) -> None:
         self.agent.send(MessageType.RESULT, self.request_id, result.to_payload(), self.session)
@@ -523,6 +580,9 @@ class Agent:
             self._execution(rid).feed_stdin(frame.payload, bool(frame.flags & FLAG_EOF))
         elif mtype is MessageType.SIGNAL:
             self._execution(rid).signal(Signal.from_payload(frame.payload).signal)
+        elif mtype is MessageType.RESIZE:
+            size = Resize.from_payload(frame.payload)
+            self._execution(rid).resize(size.cols, size.rows)
         elif mtype is MessageType.PING:
             self.send(MessageType.STATUS, rid, self._status().to_payload(), self.session)
         elif mtype is MessageType.CONFIGURE:

@@ -31,6 +31,7 @@ class MessageType(enum.IntEnum):
     STDERR = 0x13  # guest -> host
     RESULT = 0x14  # guest -> host: the command ended (last frame of a request)
     SIGNAL = 0x15  # host -> guest: deliver a signal to the command's process group
+    RESIZE = 0x16  # host -> guest: new terminal size of a command run in a PTY
     PING = 0x20  # host -> guest
     STATUS = 0x21  # guest -> host: answer to PING and CONFIGURE
     CONFIGURE = 0x22  # host -> guest: clock, entropy and identity of a new sandbox
@@ -133,7 +134,7 @@ class Ready(JsonMessage):
 class Execute(JsonMessage):
     """Run ``argv`` directly, or ``shell`` through bash (sh if absent); exactly one is set."""
 
-    __slots__ = ("argv", "cwd", "env", "pids_max", "shell", "stdin", "timeout", "user")
+    __slots__ = ("argv", "cwd", "env", "pids_max", "pty", "shell", "stdin", "timeout", "user")
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class Execute(JsonMessage):
         timeout: float | None = None,
         stdin: bool = False,
         pids_max: int | None = None,
+        pty: list[int] | None = None,
     ) -> None:
         self.argv = argv
         self.shell = shell
@@ -154,6 +156,7 @@ class Execute(JsonMessage):
         self.timeout = timeout
         self.stdin = stdin
         self.pids_max = pids_max  # processes the command may have at once (its cgroup)
+        self.pty = pty  # [cols, rows]: run in a terminal (stdin, stdout and stderr its)
         self._validate()
 
     def _validate(self) -> None:
@@ -178,11 +181,15 @@ class Execute(JsonMessage):
             raise ProtocolError("user must be 'root' or 'agent'")
         if self.pids_max is not None and not 1 <= self.pids_max <= 4_194_304:
             raise ProtocolError("pids_max must be between 1 and 4194304")
+        if self.pty is not None:
+            _terminal_size(self.pty)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> Execute:
         data = _loads(payload)
-        _check_only(data, {"argv", "shell", "env", "cwd", "user", "timeout", "stdin", "pids_max"})
+        _check_only(
+            data, {"argv", "shell", "env", "cwd", "user", "timeout", "stdin", "pids_max", "pty"}
+        )
         argv = _field(data, "argv", (list, type(None)), None)
         if argv is not None and not all(isinstance(a, str) for a in argv):
             raise ProtocolError("argv must be a list of strings")
@@ -199,7 +206,33 @@ class Execute(JsonMessage):
             timeout=float(timeout) if timeout is not None else None,
             stdin=_field(data, "stdin", (bool,), False),
             pids_max=_field(data, "pids_max", (int, type(None)), None),
+            pty=_field(data, "pty", (list, type(None)), None),
         )
+
+
+def _terminal_size(size: object) -> tuple[int, int]:
+    if (
+        not isinstance(size, list)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in size)
+    ):
+        raise ProtocolError("a terminal size is [cols, rows], each 1 to 1000")
+    return size[0], size[1]
+
+
+class Resize(JsonMessage):
+    """A PTY's new size (the guest's kernel sends SIGWINCH to its foreground group)."""
+
+    __slots__ = ("cols", "rows")
+
+    def __init__(self, cols: int, rows: int) -> None:
+        self.cols, self.rows = _terminal_size([cols, rows])
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Resize:
+        data = _loads(payload)
+        _check_only(data, {"cols", "rows"})
+        return cls(_field(data, "cols", (int,)), _field(data, "rows", (int,)))
 
 
 class Result(JsonMessage):

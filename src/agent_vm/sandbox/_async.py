@@ -6,9 +6,12 @@ This module is the one implementation; ``_sync.py`` is generated from it by
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import os
+import signal
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -25,7 +28,7 @@ from agent_vm.communication.files import (
 from agent_vm.communication.workspace import Workspace
 from agent_vm.config import Settings
 from agent_vm.core.template import ResourceProfile
-from agent_vm.errors import AgentVMError
+from agent_vm.errors import AgentReplyTimeout, AgentVMError, ConfigError, ProtocolError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.result import ExecutionResult
@@ -34,6 +37,7 @@ from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.spec import NetworkChoice
 from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
+from agent_vm.protocol.messages import Execute, Result
 
 CommandResult = ExecutionResult
 TextCallback = Callable[[str], None]
@@ -179,6 +183,85 @@ class AsyncFiles:
         )
 
 
+@dataclass(frozen=True)
+class PtyHandle:
+    """A terminal session in the sandbox (``sandbox.pty.create``); ``pid`` names it."""
+
+    pid: int
+
+
+class AsyncPty:
+    """``sandbox.pty``: interactive commands in a terminal (raw bytes both ways; the
+    guest's line discipline turns ``\\x03`` into SIGINT for the foreground group)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+        self._running: dict[int, asyncio.Future[Result]] = {}
+
+    async def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        on_data: Callable[[bytes], None] | None = None,
+        *,
+        cmd: str | Sequence[str] | None = None,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str = "root",
+        timeout: float | None = None,
+    ) -> PtyHandle:
+        """Start ``cmd`` (default: a login shell) in a ``cols`` x ``rows`` terminal;
+        ``on_data`` gets its output as it comes."""
+        vm = self._sandbox.vm
+        argv = ["bash", "-l"] if cmd is None else None
+        try:
+            request = Execute(
+                argv=argv if cmd is None else (None if isinstance(cmd, str) else list(cmd)),
+                shell=cmd if isinstance(cmd, str) else None,
+                env={**self._sandbox.secrets, **(envs or {})},
+                cwd=cwd
+                if cwd is not None or vm.workspace is None
+                else vm.workspace.workspace.mount,
+                user=user,
+                timeout=timeout,
+                pty=[cols, rows],
+            )
+        except ProtocolError as exc:
+            raise ConfigError(f"invalid terminal request: {exc.message}") from exc
+        channel = await vm.channel()
+        rid, future = await channel.start_terminal(request, on_data or (lambda data: None))
+        self._running[rid] = future
+        return PtyHandle(rid)
+
+    async def send_input(self, pty: PtyHandle, data: str | bytes) -> None:
+        """Keystrokes for the terminal (``"\\x03"`` is Ctrl-C)."""
+        payload = data.encode() if isinstance(data, str) else data
+        await (await self._sandbox.vm.channel()).send_input(pty.pid, payload)
+
+    async def resize(self, pty: PtyHandle, cols: int, rows: int) -> None:
+        await (await self._sandbox.vm.channel()).resize(pty.pid, cols, rows)
+
+    async def kill(self, pty: PtyHandle) -> None:
+        """End the terminal's whole process tree."""
+        await (await self._sandbox.vm.channel()).signal(pty.pid, signal.SIGKILL)
+
+    async def wait(self, pty: PtyHandle, timeout: float | None = None) -> int:
+        """The exit code once the terminal's command ended (128+N if signal N ended it)."""
+        future = self._running[pty.pid]
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise AgentReplyTimeout(
+                f"terminal {pty.pid} still running after {timeout} s",
+                hint="send it input, or kill() it",
+            ) from None
+        self._running.pop(pty.pid, None)
+        (await self._sandbox.vm.channel()).end_terminal(pty.pid)
+        if result.exit_code is not None:
+            return result.exit_code
+        return 128 + (result.signal or 0)
+
+
 class AsyncSandbox:
     """One isolated VM: ``create()`` it, or use it as a context manager.
 
@@ -217,6 +300,7 @@ class AsyncSandbox:
         self._vm: RunningVM | None = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
 
     @classmethod
     async def create(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import (
+    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -39,8 +40,10 @@ from agent_vm.network.policy import EgressPolicy
 from agent_vm.sandbox._async import (
     AsyncCommands,
     AsyncFiles,
+    AsyncPty,
     AsyncSandbox,
     CommandResult,
+    PtyHandle,
     TextCallback,
 )
 
@@ -171,6 +174,49 @@ class Files:
         )
 
 
+class Pty:
+    """``sandbox.pty``: interactive commands in a terminal (raw bytes both ways; the
+    guest's line discipline turns ``\x03`` into SIGINT for the foreground group)."""
+
+    def __init__(self, core: AsyncPty) -> None:
+        self._core = core
+
+    def create(
+        self,
+        cols: int = 80,
+        rows: int = 24,
+        on_data: Callable[[bytes], None] | None = None,
+        *,
+        cmd: str | Sequence[str] | None = None,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str = "root",
+        timeout: float | None = None,
+    ) -> PtyHandle:
+        """Start ``cmd`` (default: a login shell) in a ``cols`` x ``rows`` terminal;
+        ``on_data`` gets its output as it comes."""
+        return shared_loop().run(
+            self._core.create(
+                cols, rows, on_data, cmd=cmd, envs=envs, cwd=cwd, user=user, timeout=timeout
+            )
+        )
+
+    def send_input(self, pty: PtyHandle, data: str | bytes) -> None:
+        """Keystrokes for the terminal (``"\x03"`` is Ctrl-C)."""
+        return shared_loop().run(self._core.send_input(pty, data))
+
+    def resize(self, pty: PtyHandle, cols: int, rows: int) -> None:
+        return shared_loop().run(self._core.resize(pty, cols, rows))
+
+    def kill(self, pty: PtyHandle) -> None:
+        """End the terminal's whole process tree."""
+        return shared_loop().run(self._core.kill(pty))
+
+    def wait(self, pty: PtyHandle, timeout: float | None = None) -> int:
+        """The exit code once the terminal's command ended (128+N if signal N ended it)."""
+        return shared_loop().run(self._core.wait(pty, timeout))
+
+
 class Sandbox:
     """One isolated VM: ``create()`` it, or use it as a context manager.
 
@@ -210,6 +256,7 @@ class Sandbox:
         )
         self.commands = Commands(self._core.commands)
         self.files = Files(self._core.files)
+        self.pty = Pty(self._core.pty)
         shared_loop().run(self._core.start())
 
     @classmethod
