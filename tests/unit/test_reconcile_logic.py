@@ -159,7 +159,7 @@ def test_a_rewrite_failing_because_the_table_went_meanwhile_is_retried(
     vms: dict[str, Any] = {"a": vm}
     r = Reconciler(None, None, None, vms, lambda **_: None, lambda: None)  # type: ignore[arg-type]
     r.directory = type("D", (), {"lookup": lambda self, a: True})()
-    vm.addressing = type("A", (), {"address": "10.0.0.2"})()  # type: ignore[attr-defined]
+    vm.addressing = type("A", (), {"address": "10.213.0.2"})()  # type: ignore[attr-defined]
     fixes = r._reconcile_one(vm)  # type: ignore[arg-type]
     assert bool(stops) is stopped, fixes
     assert ("tap-a" in kernel.taps) is not stopped
