@@ -287,7 +287,7 @@ class AttachedWorkspace:
             started = time.monotonic()
             try:
                 await asyncio.to_thread(self.check)
-            except OSError as exc:
+            except (OSError, AgentVMError) as exc:  # the next round tries again
                 log.warning("workspace_scan_failed", path=str(self.source), error=str(exc))
             spent = time.monotonic() - started
             await asyncio.sleep(min(MAX_INTERVAL, max(MIN_INTERVAL, 10 * spent)))

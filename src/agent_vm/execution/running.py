@@ -24,12 +24,14 @@ from agent_vm.execution.teardown import teardown
 from agent_vm.host.identities import Identity
 from agent_vm.host.procs import is_alive
 from agent_vm.image.store import Image
+from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.policy import EgressPolicy
 
 if TYPE_CHECKING:
     from agent_vm.execution.launch import Nic
 
+log = get_logger(__name__)
 ALIVE_STATES = (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED)
 
 
@@ -202,7 +204,10 @@ class RunningVM:
         self._closed = True
         if self.workspace is not None:  # off the VM first, even if its domain must wait
             attached, self.workspace = self.workspace, None
-            await attached.detach(None)
+            try:
+                await attached.detach(None)
+            except AgentVMError as exc:  # the teardown still runs; it never crosses a mount
+                log.error("workspace_detach_failed", vm=self.name, error=str(exc))
         await teardown(
             self.name,
             vm=self.vm,
