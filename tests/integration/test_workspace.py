@@ -298,3 +298,23 @@ async def test_reaping_a_vm_with_its_workspace_attached_leaves_the_project_alone
         assert sorted(p.name for p in project.iterdir()) == ["input", "output", "src", "work"]
     finally:
         await vm.close()
+
+
+async def test_a_workspace_for_one_run_as_the_seeds_use_it(
+    fresh_vm: RunningVM, executor: AgentExecutor, project: Path
+) -> None:
+    """``execute(vm, cmd, workspace=DIR)``: a directory with input/, output/, work/ gets
+    the layout for that run only."""
+    for name in ("input", "output", "work"):
+        (project / name).mkdir()
+        os.chown(project / name, *OWNER)
+    (project / "input" / "data.txt").write_text("seed data\n")
+    result = await executor.execute(
+        fresh_vm, "cat input/data.txt > output/copy.txt && pwd", workspace=project, timeout=60
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "/workspace\n"
+    assert [(f.path, f.size) for f in result.output] == [("copy.txt", 10)]
+    assert fresh_vm.workspace is None
+    assert not [p for p in mounts_under(fresh_vm.workdir) if p.name in ("ws", "input")]
+    assert (project / "output" / "copy.txt").read_text() == "seed data\n"

@@ -89,6 +89,14 @@ class Workspace(Model):
         return self.mount
 
 
+def workspace_for(path: str | os.PathLike[str]) -> Workspace:
+    """The workspace for a directory: with the layout when it has input/, output/ and
+    work/ already (the seeds' structure), plain otherwise."""
+    root = Path(path)
+    layout = all((root / name).is_dir() and not (root / name).is_symlink() for name in LAYOUT)
+    return Workspace(path=root, layout=layout)
+
+
 @dataclass(frozen=True)
 class OutputFile:
     """One entry a run left in the layout's ``output/`` (path relative to it)."""

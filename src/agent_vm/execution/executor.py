@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 
 from agent_vm.communication.channel import RESULT_GRACE, AgentChannel, OutputCallback
+from agent_vm.communication.workspace import Workspace, workspace_for
 from agent_vm.errors import ChannelClosedError, ConfigError, ProtocolError
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.execution.running import RunningVM
@@ -39,13 +41,52 @@ class AgentExecutor:
         user: str = "root",
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        workspace: Workspace | str | os.PathLike[str] | None = None,
     ) -> ExecutionResult:
         """Run ``command`` (a string goes through bash, a sequence is exec'd as argv) or
         ``code`` (Python source, run with the guest's python3).
 
         The guest enforces ``timeout`` and kills the whole process tree; the result then
         has ``timed_out=True``. A VM that dies meanwhile raises ``VMDiedError``.
+        ``workspace`` shares a host directory for this run only (attached before it,
+        detached after; a directory with ``input/``, ``output/`` and ``work/`` gets the
+        layout, and ``result.output``), unless the VM has it attached already.
         """
+        if workspace is None:
+            return await self._execute(
+                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr
+            )
+        share = workspace if isinstance(workspace, Workspace) else workspace_for(workspace)
+        if vm.workspace is not None:
+            if vm.workspace.workspace != share:
+                raise ConfigError(
+                    f"{vm.name} already has {vm.workspace.source} attached",
+                    hint="detach_workspace() first, or run without workspace=",
+                )
+            return await self._execute(
+                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr
+            )
+        await vm.attach_workspace(share)
+        try:
+            return await self._execute(
+                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr
+            )
+        finally:
+            await vm.detach_workspace()
+
+    async def _execute(
+        self,
+        vm: RunningVM,
+        command: str | Sequence[str] | None,
+        code: str | None,
+        timeout: float | None,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        stdin: bytes | str | None,
+        user: str,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> ExecutionResult:
         pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
         workspace = vm.workspace
         if cwd is None and workspace is not None:
