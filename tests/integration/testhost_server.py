@@ -4,6 +4,13 @@ HTTP on 80 and 8080 (``/`` names the port and the client, ``/bytes/N`` sends N b
 a TCP listener on 22 that sends an SSH-like banner, UDP echo on 443 and 5000, and a DNS
 server on 53 (UDP and TCP) answering the names of a zone given as JSON. Prints "ready"
 once everything listens. Only ever answers; it never opens a connection itself.
+
+The HTTP ports also serve a **scripted model API** for agents under test: the Anthropic
+Messages API (``POST /v1/messages``) and OpenAI's chat completions (``POST
+/v1/chat/completions``), streamed (SSE) or not. ``POST /_script`` with a JSON list of
+turns (``{"text": "...", "tool_calls": [{"name": ..., "input": {...}}]}``) sets what
+the next requests get, one turn each (then a plain "done"); ``GET /_requests`` returns
+the requests received (paths and bodies), so a test can see what an agent asked.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import socketserver
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSRecord, DNSServer
@@ -24,10 +32,167 @@ UDP_ECHO_PORTS = (443, 5000)
 CHUNK = b"x" * 65536
 
 
+class _Model:
+    """The scripted turns and the requests seen (shared by both HTTP ports)."""
+
+    lock = threading.Lock()
+    turns: ClassVar[list[dict[str, Any]]] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
+
+    @classmethod
+    def next_turn(cls, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        with cls.lock:
+            cls.requests.append({"path": path, "body": body})
+            return cls.turns.pop(0) if cls.turns else {"text": "done"}
+
+
+def _anthropic_events(turn: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    calls = turn.get("tool_calls", [])
+    events: list[dict[str, Any]] = [{
+        "type": "message_start",
+        "message": {"id": f"msg_{len(_Model.requests)}", "type": "message",
+                    "role": "assistant", "model": model, "content": [], "stop_reason": None,
+                    "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}},
+    }]  # fmt: skip
+    index = 0
+    if turn.get("text"):
+        events += [
+            {"type": "content_block_start", "index": index,
+             "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": index,
+             "delta": {"type": "text_delta", "text": turn["text"]}},
+            {"type": "content_block_stop", "index": index},
+        ]  # fmt: skip
+        index += 1
+    for number, call in enumerate(calls):
+        events += [
+            {"type": "content_block_start", "index": index,
+             "content_block": {"type": "tool_use", "id": f"toolu_{number}",
+                               "name": call["name"], "input": {}}},
+            {"type": "content_block_delta", "index": index,
+             "delta": {"type": "input_json_delta", "partial_json": json.dumps(call["input"])}},
+            {"type": "content_block_stop", "index": index},
+        ]  # fmt: skip
+        index += 1
+    stop = "tool_use" if calls else "end_turn"
+    events += [
+        {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+         "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+    return events
+
+
+def _anthropic_message(turn: dict[str, Any], model: str) -> dict[str, Any]:
+    content: list[dict[str, Any]] = (
+        [{"type": "text", "text": turn["text"]}] if turn.get("text") else []
+    )
+    content += [
+        {"type": "tool_use", "id": f"toolu_{n}", "name": c["name"], "input": c["input"]}
+        for n, c in enumerate(turn.get("tool_calls", []))
+    ]
+    return {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": content, "stop_reason": "tool_use" if turn.get("tool_calls") else "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1},
+    }  # fmt: skip
+
+
+def _openai_chunks(turn: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+
+    chunks = [chunk({"role": "assistant", "content": turn.get("text", "")})]
+    calls = turn.get("tool_calls", [])
+    for number, call in enumerate(calls):
+        chunks.append(chunk({"tool_calls": [{
+            "index": number, "id": f"call_{number}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["input"])},
+        }]}))  # fmt: skip
+    chunks.append(chunk({}, "tool_calls" if calls else "stop"))
+    return chunks
+
+
+def _openai_completion(turn: dict[str, Any], model: str) -> dict[str, Any]:
+    calls = [
+        {"id": f"call_{n}", "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["input"])}}
+        for n, c in enumerate(turn.get("tool_calls", []))
+    ]  # fmt: skip
+    message: dict[str, Any] = {"role": "assistant", "content": turn.get("text", "")}
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "message": message,
+                     "finish_reason": "tool_calls" if calls else "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }  # fmt: skip
+
+
 class _HTTP(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def _json(self, status: int, data: object) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _stream(self, lines: list[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for line in lines:
+            self.wfile.write(line)
+            self.wfile.flush()
+        self.close_connection = True
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            self._json(400, {"error": "body is not JSON"})
+            return
+        path = self.path.split("?")[0]
+        if path == "/_script":
+            with _Model.lock:
+                _Model.turns = list(body)
+                _Model.requests = []
+            self._json(200, {"turns": len(body)})
+            return
+        if path not in ("/v1/messages", "/v1/chat/completions"):
+            self._json(404, {"error": f"no {path}"})
+            return
+        turn = _Model.next_turn(path, body)
+        model = str(body.get("model", "fake-model"))
+        streamed = bool(body.get("stream"))
+        if path == "/v1/messages":
+            if not streamed:
+                self._json(200, _anthropic_message(turn, model))
+                return
+            self._stream([
+                f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+                for e in _anthropic_events(turn, model)
+            ])  # fmt: skip
+        elif not streamed:
+            self._json(200, _openai_completion(turn, model))
+        else:
+            chunks = [f"data: {json.dumps(c)}\n\n".encode() for c in _openai_chunks(turn, model)]
+            self._stream([*chunks, b"data: [DONE]\n\n"])
+
     def do_GET(self) -> None:
+        if self.path == "/_requests":
+            with _Model.lock:
+                self._json(200, list(_Model.requests))
+            return
         if self.path.startswith("/bytes/"):
             size = int(self.path.removeprefix("/bytes/"))
             self.send_response(200)
