@@ -31,6 +31,7 @@ from agent_vm.protocol.files import (
     Done,
     Segment,
     check_events,
+    read_segment,
 )
 from agent_vm.protocol.frame import FLAG_EOF, Frame
 from agent_vm.protocol.messages import MessageType
@@ -222,12 +223,7 @@ def _take_segment(staging: Path, segment: Segment) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size != segment.bytes:
             raise ProtocolError(f"segment {segment.name} is not {segment.bytes} bytes of a file")
-        data = os.read(fd, segment.bytes)
-        while len(data) < segment.bytes:
-            more = os.read(fd, segment.bytes - len(data))
-            if not more:
-                raise ProtocolError(f"segment {segment.name} shrank while read")
-            data += more
+        data = read_segment(fd, segment)
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):

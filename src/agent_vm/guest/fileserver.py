@@ -32,6 +32,7 @@ from agent_vm.protocol.files import (
     Done,
     FileRequest,
     Segment,
+    read_segment,
 )
 from agent_vm.protocol.frame import FLAG_EOF
 from agent_vm.protocol.messages import MessageType
@@ -393,12 +394,7 @@ def _take(segment: Segment) -> bytes:
     path = _staging(segment.name)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        data = os.read(fd, segment.bytes)
-        while len(data) < segment.bytes:
-            more = os.read(fd, segment.bytes - len(data))
-            if not more:
-                raise ProtocolError(f"segment {segment.name} is shorter than announced")
-            data += more
+        data = read_segment(fd, segment)
     finally:
         os.close(fd)
     os.unlink(path)

@@ -16,6 +16,8 @@ error. Every operation ends with DONE (its result) or ERROR (a ``code`` from
 
 from __future__ import annotations
 
+import os
+
 from agent_vm.errors import ProtocolError
 from agent_vm.protocol.messages import JsonMessage, _check_only, _field, _loads
 
@@ -95,6 +97,20 @@ class FileRequest(JsonMessage):
             recursive=_field(data, "recursive", (bool,), False),
             staged=_field(data, "staged", (bool,), False),
         )
+
+
+def read_segment(fd: int, segment: Segment) -> bytes:
+    """Exactly ``segment.bytes`` from ``fd`` (either side's reader of a staged segment);
+    a shorter file is a protocol error, and nothing past the announced size is read."""
+    parts: list[bytes] = []
+    left = segment.bytes
+    while left:
+        data = os.read(fd, left)
+        if not data:
+            raise ProtocolError(f"segment {segment.name} is shorter than announced")
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
 
 
 def _segment_name(name: object) -> bool:
