@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -22,10 +23,12 @@ from agent_vm.communication.files import FileService
 from agent_vm.communication.workspace import Workspace
 from agent_vm.config import load_settings
 from agent_vm.errors import AgentVMError, ConfigError
+from agent_vm.execution.agents import agent_plan
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.spec import MachineSpec
+from agent_vm.image.recipe import LoadedRecipe, find_recipe, load_recipe
 from agent_vm.image.store import Image
 from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
 from agent_vm.protocol.messages import Result
@@ -141,34 +144,55 @@ def doctor() -> None:
 @image_app.command("build")
 def image_build(
     name: Annotated[str | None, typer.Option(help="image name (default: settings)")] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="a recipe (TOML): build a layer on the base image instead"),
+    ] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
 ) -> None:
-    """Build the guest image (reused when its inputs did not change)."""
+    """Build the guest image, or with --recipe an image layered on it (each reused when
+    its inputs did not change)."""
     runtime = _runtime()
     try:
         with _progress() as progress:
-            progress("image: resolving inputs")
-            image = runtime.build_image(name, force=force, progress=progress)
+            if recipe is not None:
+                loaded = load_recipe(recipe)
+                image = asyncio.run(_build_recipe(runtime, loaded, name, force, progress))
+            else:
+                progress("image: resolving inputs")
+                image = runtime.build_image(name, force=force, progress=progress)
     except AgentVMError as exc:
         raise _fail(exc) from exc
     m = image.manifest
     typer.echo(f"{image.name} {image.key} ({m.build_seconds:.1f} s to build) at {image.path}")
 
 
+async def _build_recipe(
+    runtime: Runtime,
+    loaded: LoadedRecipe,
+    name: str | None,
+    force: bool,
+    progress: Callable[[str], None],
+) -> Image:
+    async with runtime:
+        return await runtime.build_recipe(loaded, name=name, force=force, progress=progress)
+
+
 @image_app.command("list")
 def image_list() -> None:
-    """List built images."""
-    table = Table("name", "key", "current", "created", "kernel", "disk MiB", "packages")
+    """List built images; a recipe image shows the base it is layered on."""
+    table = Table("name", "key", "current", "created", "layer on", "disk MiB", "recipe/kernel")
     for image, current in _runtime().images.all():
         m = image.manifest
+        layer = m.layer
         table.add_row(
             image.name,
             image.key,
             "*" if current else "",
             m.created_at.isoformat(timespec="seconds"),
-            m.kernel_release,
+            f"{layer.base_name} {layer.base_key}" if layer else "",
             f"{m.sizes.get('rootfs.qcow2', 0) / 2**20:.0f}",
-            str(len(m.installed_packages)),
+            layer.recipe_path if layer else m.kernel_release,
         )
     Console().print(table)
 
@@ -282,7 +306,9 @@ def run(
         ),
     ] = None,
     cwd: Annotated[str | None, typer.Option(help="working directory in the VM")] = None,
-    user: Annotated[str, typer.Option(help="root or agent (unprivileged)")] = "root",
+    user: Annotated[
+        str | None, typer.Option(help="root or agent (default: the image's, else root)")
+    ] = None,
     interactive: Annotated[
         bool, typer.Option("--interactive", "-i", help="send this process's stdin")
     ] = False,
@@ -344,11 +370,15 @@ def run(
         spec = runtime.spec(
             profile=profile, network=network, cpus=cpus, memory_mib=memory, disk_gib=disk
         )
-        policy = EgressPolicy(
-            tcp_ports=tuple(port) if port else DEFAULT_TCP_PORTS,
-            allow_domains=tuple(allow_domain) if allow_domain else None,
-            allow_ipv6=ipv6,
-            allow_cidrs=tuple(allow_cidr or ()),
+        policy = (
+            EgressPolicy(
+                tcp_ports=tuple(port) if port else DEFAULT_TCP_PORTS,
+                allow_domains=tuple(allow_domain) if allow_domain else None,
+                allow_ipv6=ipv6,
+                allow_cidrs=tuple(allow_cidr or ()),
+            )
+            if port or allow_domain or ipv6 or allow_cidr
+            else None  # the image's: a recipe's allowlist, else any name on the usual ports
         )
         if tty and interactive:
             raise ConfigError("-t forwards this terminal itself; drop -i")
@@ -441,7 +471,7 @@ class _Request:
         timeout: float,
         env: dict[str, str],
         cwd: str | None,
-        user: str,
+        user: str | None,
         stdin: bytes | None,
         tty: bool = False,
     ) -> None:
@@ -472,7 +502,7 @@ async def _run(
     runtime: Runtime,
     image: Image,
     spec: MachineSpec,
-    policy: EgressPolicy,
+    policy: EgressPolicy | None,
     cold: bool,
     request: _Request,
     workspace: Workspace | None = None,
@@ -562,6 +592,74 @@ def shell(
         workspace=workspace, readonly=readonly, secret=secret, cold=cold, tty=True,
         timeout=SHELL_TIMEOUT,
     )  # fmt: skip
+
+
+@app.command()
+def agent(
+    name: Annotated[
+        str, typer.Argument(help="claude, aider, codex, or a recipe file with an [agent] table")
+    ],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="the agent's own arguments (after --)")
+    ] = None,
+    workspace: Annotated[
+        Path | None, typer.Option(help="the project to share at /workspace (default: here)")
+    ] = None,
+    readonly: Annotated[bool, typer.Option("--ro", help="share the workspace read-only")] = False,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            help="the model API's URL (a proxy; default: the agent's own, or $..._BASE_URL)"
+        ),
+    ] = None,
+    secret: Annotated[
+        list[str] | None, typer.Option("--secret", help="more secrets: NAME or NAME=@FILE")
+    ] = None,
+    allow_domain: Annotated[
+        list[str] | None, typer.Option("--allow-domain", help="a name to allow besides the API's")
+    ] = None,
+    profile: Annotated[str, typer.Option(help="light, standard or intensive")] = "standard",
+    memory: Annotated[int | None, typer.Option(help="MiB of RAM (overrides the profile)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds before the agent is stopped")] = 3600,
+    cold: Annotated[bool, typer.Option("--cold", help="boot instead of the golden state")] = False,
+) -> None:
+    """Run a coding agent on a project in a fresh sandbox: interactive with a terminal,
+    headless (``--print``-style) without one. Its image is built on first use."""
+    runtime = _runtime()
+    try:
+        loaded = find_recipe(name)
+        spec = runtime.spec(profile=profile, memory_mib=memory)
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+        plan = agent_plan(loaded, list(args or []), base_url, os.environ, tty=tty)
+        hidden = secrets.parse(secret or []) | plan.secrets
+        secrets.register(hidden)
+        policy = EgressPolicy(allow_domains=(*plan.allowlist, *(allow_domain or ())))
+        share = Workspace(path=_existing_dir(workspace or Path.cwd()), readonly=readonly)
+        request = _Request(plan.command, None, timeout, plan.env | hidden, None, None, None, tty)
+        exit_code = asyncio.run(_agent(runtime, loaded, spec, policy, cold, request, share))
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(exit_code)
+
+
+async def _agent(
+    runtime: Runtime,
+    loaded: LoadedRecipe,
+    spec: MachineSpec,
+    policy: EgressPolicy,
+    cold: bool,
+    request: _Request,
+    share: Workspace,
+) -> int:
+    try:
+        with _progress() as progress:
+            image = await runtime.build_recipe(loaded, progress=progress)
+    except BaseException:
+        await runtime.close()
+        raise
+    return await _run(runtime, image, spec, policy, cold, request, share)
 
 
 def main() -> None:

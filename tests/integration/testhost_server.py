@@ -9,8 +9,10 @@ The HTTP ports also serve a **scripted model API** for agents under test: the An
 Messages API (``POST /v1/messages``) and OpenAI's chat completions (``POST
 /v1/chat/completions``), streamed (SSE) or not. ``POST /_script`` with a JSON list of
 turns (``{"text": "...", "tool_calls": [{"name": ..., "input": {...}}]}``) sets what
-the next requests get, one turn each (then a plain "done"); ``GET /_requests`` returns
-the requests received (paths and bodies), so a test can see what an agent asked.
+the next requests get, one turn each (then a plain "done"); with ``{"turns": [...],
+"tools_only": true}`` only requests that offer tools take turns (an agent's side calls
+get "done"). ``GET /_requests`` returns the requests received (paths, bodies and the API
+key sent), so a test can see what an agent asked.
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ class _Model:
     lock = threading.Lock()
     turns: ClassVar[list[dict[str, Any]]] = []
     requests: ClassVar[list[dict[str, Any]]] = []
+    tools_only: ClassVar[bool] = False  # side requests (titles, summaries) get "done"
 
     @classmethod
-    def next_turn(cls, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def next_turn(cls, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
         with cls.lock:
-            cls.requests.append({"path": path, "body": body})
+            cls.requests.append({"path": path, "body": body, "key": key})
+            if cls.tools_only and not body.get("tools"):
+                return {"text": "done"}
             return cls.turns.pop(0) if cls.turns else {"text": "done"}
+
+
+def _tool_id(number: int) -> str:
+    """Unique across turns, as the real APIs' are (agents key their tool results by it)."""
+    return f"toolu_{len(_Model.requests)}_{number}"
 
 
 def _anthropic_events(turn: dict[str, Any], model: str) -> list[dict[str, Any]]:
@@ -67,7 +77,7 @@ def _anthropic_events(turn: dict[str, Any], model: str) -> list[dict[str, Any]]:
     for number, call in enumerate(calls):
         events += [
             {"type": "content_block_start", "index": index,
-             "content_block": {"type": "tool_use", "id": f"toolu_{number}",
+             "content_block": {"type": "tool_use", "id": _tool_id(number),
                                "name": call["name"], "input": {}}},
             {"type": "content_block_delta", "index": index,
              "delta": {"type": "input_json_delta", "partial_json": json.dumps(call["input"])}},
@@ -88,7 +98,7 @@ def _anthropic_message(turn: dict[str, Any], model: str) -> dict[str, Any]:
         [{"type": "text", "text": turn["text"]}] if turn.get("text") else []
     )
     content += [
-        {"type": "tool_use", "id": f"toolu_{n}", "name": c["name"], "input": c["input"]}
+        {"type": "tool_use", "id": _tool_id(n), "name": c["name"], "input": c["input"]}
         for n, c in enumerate(turn.get("tool_calls", []))
     ]
     return {
@@ -162,16 +172,19 @@ class _HTTP(BaseHTTPRequestHandler):
             self._json(400, {"error": "body is not JSON"})
             return
         path = self.path.split("?")[0]
-        if path == "/_script":
+        if path == "/_script":  # a list of turns, or {"turns": [...], "tools_only": true}
+            script = body if isinstance(body, dict) else {"turns": body}
             with _Model.lock:
-                _Model.turns = list(body)
+                _Model.turns = list(script["turns"])
+                _Model.tools_only = bool(script.get("tools_only"))
                 _Model.requests = []
-            self._json(200, {"turns": len(body)})
+            self._json(200, {"turns": len(_Model.turns)})
             return
         if path not in ("/v1/messages", "/v1/chat/completions"):
             self._json(404, {"error": f"no {path}"})
             return
-        turn = _Model.next_turn(path, body)
+        auth = self.headers.get("x-api-key") or self.headers.get("Authorization") or ""
+        turn = _Model.next_turn(path, body, auth.removeprefix("Bearer "))
         model = str(body.get("model", "fake-model"))
         streamed = bool(body.get("stream"))
         if path == "/v1/messages":

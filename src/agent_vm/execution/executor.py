@@ -38,7 +38,7 @@ class AgentExecutor:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         stdin: bytes | str | None = None,
-        user: str = "root",
+        user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         workspace: Workspace | str | os.PathLike[str] | None = None,
@@ -83,7 +83,7 @@ class AgentExecutor:
         env: dict[str, str] | None,
         cwd: str | None,
         stdin: bytes | str | None,
-        user: str,
+        user: str | None,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
     ) -> ExecutionResult:
@@ -131,7 +131,7 @@ class AgentExecutor:
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
-        user: str = "root",
+        user: str | None = None,
     ) -> tuple[AgentChannel, int, asyncio.Future[Result]]:
         """Start ``command`` in a ``cols`` x ``rows`` PTY in the guest; drive it through
         the returned channel's ``send_input``/``resize``/``signal`` by request id."""
@@ -155,7 +155,7 @@ class AgentExecutor:
         timeout: float | None,
         env: dict[str, str] | None,
         cwd: str | None,
-        user: str,
+        user: str | None,
         stdin: bool,
         pids_max: int | None = None,
     ) -> Execute:

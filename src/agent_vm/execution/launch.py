@@ -249,8 +249,9 @@ async def define_vm(
         identity=held.identity,
         boot_files=confinement.boot_files(image) if confinement is not None else None,
     )
+    disk_gib = max(spec.profile.disk_gib, image.min_disk_gib)  # never below its file system
     await finish_in_thread(
-        create_overlay, backing_disk, template.disk_path, held.identity, spec.profile.disk_gib
+        create_overlay, backing_disk, template.disk_path, held.identity, disk_gib
     )
     await finish_in_thread(make_share, held.workdir, held.identity)
     xml = template.generate_xml()

@@ -18,6 +18,7 @@ the blocking ``Sandbox`` therefore makes its runtimes on its own background loop
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.confine import Confinement, qemu_opens_private_ram_read_only
 from agent_vm.execution.golden import GoldenState, GoldenStore, start_clone
 from agent_vm.execution.launch import launch_vm
+from agent_vm.execution.layers import build_layer
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.reaper import reap
 from agent_vm.execution.running import RunningVM
@@ -40,6 +42,7 @@ from agent_vm.host.daemons import ensure_daemons
 from agent_vm.host.identities import Identities
 from agent_vm.host.resources import HostResources, read_resources
 from agent_vm.image.builder import ImageBuilder, Progress
+from agent_vm.image.recipe import LoadedRecipe, load_recipe
 from agent_vm.image.store import Image, ImageStore
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
@@ -144,6 +147,12 @@ class Runtime:
         built = image if isinstance(image, Image) else await self.image(image, progress)
         chosen = spec or self.spec()
         guard = await self.guard_for(chosen)
+        if (
+            policy is None
+            and built.allowlist is not None
+            and chosen.network_mode is NetworkMode.NAT_FILTERED
+        ):
+            policy = EgressPolicy(allow_domains=built.allowlist)  # the recipe's names only
         if cold:
             vm = await launch_vm(
                 self.connection, built, chosen, vms_dir=self.settings.vms_dir, guard=guard,
@@ -264,6 +273,20 @@ class Runtime:
     ) -> Image:
         """Build (or find, when its inputs did not change) an image; blocking."""
         return self._builder.build(name, force=force, progress=progress)
+
+    async def build_recipe(
+        self,
+        recipe: str | os.PathLike[str] | LoadedRecipe,
+        *,
+        name: str | None = None,
+        force: bool = False,
+        progress: Progress = _quiet,
+    ) -> Image:
+        """The image of a recipe: a layer on the base image, built unless one with the
+        same inputs exists (then this takes well under a second)."""
+        loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+        await self.start()
+        return await build_layer(self, loaded, name=name, force=force, progress=progress)
 
     async def golden(
         self, image: Image, spec: MachineSpec, progress: Progress = _quiet

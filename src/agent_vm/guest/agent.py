@@ -32,6 +32,7 @@ import time
 
 import agent_vm
 from agent_vm.errors import ProtocolError
+from agent_vm.guest.defaults import image_defaults
 from agent_vm.guest.files import SETTLED_MARKER, read_file, set_identity, write_file
 from agent_vm.guest.fileserver import Operation
 from agent_vm.protocol.files import Ack, FileRequest, WorkspaceRequest
@@ -266,7 +267,8 @@ class Execution:
         return [shell, "-c", self.req.shell or ""]
 
     def _env_and_ids(self) -> tuple[dict[str, str], int | None, int | None, str]:
-        entry = pwd.getpwnam(self.req.user)
+        defaults = image_defaults()
+        entry = pwd.getpwnam(self.req.user or defaults.user)
         env = {
             "PATH": BASE_PATH,
             "HOME": entry.pw_dir,
@@ -275,6 +277,7 @@ class Execution:
             "SHELL": entry.pw_shell,
             "LANG": "C.UTF-8",
         }
+        env.update(defaults.env)
         env.update(self.req.env)
         if entry.pw_uid == os.getuid():
             return env, None, None, entry.pw_dir
@@ -374,7 +377,8 @@ class Execution:
 
     def _spawn(self) -> None:
         env, uid, gid, home = self._env_and_ids()
-        cwd = self.req.cwd or home
+        workdir = image_defaults().workdir
+        cwd = self.req.cwd or (workdir if workdir and os.path.isdir(workdir) else home)
         argv = self._argv()
         slave = None
         if self.req.pty is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent_vm import timeutil
 from agent_vm.config import Settings
+from agent_vm.errors import ImageError
 from agent_vm.image import disk, kernel, rootfs
 from agent_vm.image.initramfs import build_initramfs
 from agent_vm.image.manifest import BuildInputs, ImageManifest
@@ -84,6 +85,13 @@ class ImageBuilder:
             and current.manifest.inputs.cmdline == BASE_CMDLINE
         ):
             return current
+        if current is not None and current.manifest.layer is not None:
+            recipe = current.manifest.layer.recipe_path
+            raise ImageError(
+                f"image {current.name!r} was built on a base image this agent-vm no longer "
+                "boots (its guest code changed)",
+                hint=f"rebuild it: agent-vm image build --recipe {recipe}",
+            )
         return self.build(name, force=False, progress=progress)
 
     def build(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -35,6 +36,20 @@ class BuildInputs(BaseModel):
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+class LayerInfo(BaseModel):
+    """A recipe's layer: a qcow2 whose backing file is its base image's disk."""
+
+    base_name: str
+    base_key: str
+    base_disk: str = Field(description="the backing file, which must outlive the layer")
+    recipe_path: str
+    recipe: dict[str, Any] = Field(description="the recipe as built (agent-vm's model dump)")
+    tar_bytes: int
+    entries: int
+    removed: int
+    disk_gib: int = Field(description="the layer's virtual size: VMs get at least this")
+
+
 class ImageManifest(BaseModel):
     name: str
     key: str
@@ -46,6 +61,7 @@ class ImageManifest(BaseModel):
     cmdline: str
     installed_packages: list[str]
     sizes: dict[str, int]
+    layer: LayerInfo | None = None
 
     @classmethod
     def load(cls, path: Path) -> ImageManifest:

@@ -40,6 +40,7 @@ GUEST_SOURCES = [
     "protocol/ports.py",
     "protocol/files.py",
     "guest/__init__.py",
+    "guest/defaults.py",
     "guest/files.py",
     "guest/fileserver.py",
     "guest/inotify.py",

@@ -47,6 +47,19 @@ class Image:
     def cmdline(self) -> str:
         return self.manifest.cmdline
 
+    @property
+    def min_disk_gib(self) -> int:
+        """A VM's disk may not be smaller than the file system its image holds."""
+        layer = self.manifest.layer
+        return layer.disk_gib if layer is not None else 2
+
+    @property
+    def allowlist(self) -> tuple[str, ...] | None:
+        """The names a recipe image's sandboxes may reach by default (None: no limit)."""
+        layer = self.manifest.layer
+        names = layer.recipe.get("allowlist") if layer is not None else None
+        return tuple(names) if names else None
+
 
 class ImageStore:
     def __init__(self, root: Path) -> None:
@@ -59,10 +72,14 @@ class ImageStore:
         if not manifest.is_file():
             return None
         try:
-            return Image(name, path, ImageManifest.load(manifest))
+            loaded = ImageManifest.load(manifest)
         except ValidationError as exc:
             log.warning("image_manifest_outdated", path=str(manifest), errors=exc.error_count())
             return None
+        if loaded.layer is not None and not Path(loaded.layer.base_disk).is_file():
+            log.warning("image_base_missing", image=name, base=loaded.layer.base_disk)
+            return None  # its backing file went: rebuilt from the recipe on next use
+        return Image(name, path, loaded)
 
     def get(self, name: str, key: str | None = None) -> Image | None:
         base = self.root / name
@@ -112,6 +129,7 @@ class ImageStore:
         image = self._load(name, final)
         assert image is not None
         self.make_current(image)
+        backing = self.backing_dirs()
         versions = sorted(
             (
                 p
@@ -120,14 +138,40 @@ class ImageStore:
             ),
             key=lambda p: p.stat().st_mtime,
         )
+        versions = [p for p in versions if p not in backing]  # a layer still stands on it
         for old in versions[: max(0, len(versions) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return image
+
+    def backing_dirs(self) -> set[Path]:
+        """Image directories whose disk some layer uses as its backing file."""
+        return {
+            Path(image.manifest.layer.base_disk).parent
+            for image, _ in self.all()
+            if image.manifest.layer is not None
+        }
 
     def remove(self, name: str, key: str | None = None) -> list[Path]:
         base = self.root / name
         if not base.is_dir():
             raise ImageError(f"no image named {name!r}", hint="see `agent-vm image list`")
+        going = base if key is None else base / key
+        layers = sorted(
+            image.name
+            for image, _ in self.all()
+            if image.manifest.layer is not None
+            and going
+            in (
+                Path(image.manifest.layer.base_disk).parent,
+                *Path(image.manifest.layer.base_disk).parents,
+            )
+            and image.name != name
+        )
+        if layers:
+            raise ImageError(
+                f"image {name!r} is the base of {', '.join(layers)}",
+                hint="remove those first: agent-vm image rm NAME",
+            )
         if key is None:
             shutil.rmtree(base)
             return [base]

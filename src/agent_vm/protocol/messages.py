@@ -142,7 +142,7 @@ class Execute(JsonMessage):
         shell: str | None = None,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
-        user: str = "root",
+        user: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
         pids_max: int | None = None,
@@ -177,8 +177,8 @@ class Execute(JsonMessage):
                 raise ProtocolError(f"invalid environment variable {key!r}")
         if self.timeout is not None and not 0 < self.timeout <= 7 * 86400:
             raise ProtocolError("timeout must be between 0 and 7 days")
-        if self.user not in ("root", "agent"):
-            raise ProtocolError("user must be 'root' or 'agent'")
+        if self.user not in (None, "root", "agent"):
+            raise ProtocolError("user must be 'root' or 'agent' (or unset: the image's default)")
         if self.pids_max is not None and not 1 <= self.pids_max <= 4_194_304:
             raise ProtocolError("pids_max must be between 1 and 4194304")
         if self.pty is not None:
@@ -202,7 +202,7 @@ class Execute(JsonMessage):
             shell=_field(data, "shell", (str, type(None)), None),
             env=env,
             cwd=_field(data, "cwd", (str, type(None)), None),
-            user=_field(data, "user", (str,), "root"),
+            user=_field(data, "user", (str, type(None)), None),
             timeout=float(timeout) if timeout is not None else None,
             stdin=_field(data, "stdin", (bool,), False),
             pids_max=_field(data, "pids_max", (int, type(None)), None),

@@ -16,3 +16,6 @@ SHARE_TAG = "agentvm_share"
 SHARE_WORKSPACE = "ws"
 # the bulk lane inside the share: a small tmpfs the host mounts for file streams
 SHARE_STAGING = "xfer"
+# an image's run-time defaults (environment, user, working directory), written by a
+# recipe build; read by the agent for every command that does not say otherwise
+IMAGE_DEFAULTS = "/etc/agent-vm/image.json"

@@ -79,7 +79,7 @@ class AsyncCommands:
         timeout: float | None = 60.0,
         envs: dict[str, str] | None = None,
         cwd: str | None = None,
-        user: str = "root",
+        user: str | None = None,
         stdin: str | bytes | None = None,
         on_stdout: TextCallback | None = None,
         on_stderr: TextCallback | None = None,
@@ -207,7 +207,7 @@ class AsyncPty:
         cmd: str | Sequence[str] | None = None,
         envs: dict[str, str] | None = None,
         cwd: str | None = None,
-        user: str = "root",
+        user: str | None = None,
         timeout: float | None = None,
     ) -> PtyHandle:
         """Start ``cmd`` (default: a login shell) in a ``cols`` x ``rows`` terminal;

@@ -1,0 +1,193 @@
+"""Real agents in real sandboxes: the Claude Code binary and Aider, from the images of the
+shipped recipes, edit a workspace file through their own tools, driven by the scripted
+model API on the test host. Their allowlist resolves only the test host's name: every
+other name they try (update checks, telemetry, the real APIs) is refused, and the test
+says which were.
+
+The first run builds both images from the recipes (npm and PyPI at build time, about
+three minutes here); later runs reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as token
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest_asyncio
+
+from agent_vm.communication.workspace import Workspace
+from agent_vm.execution.agents import agent_plan
+from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.runtime import Runtime
+from agent_vm.image.recipe import find_recipe
+from agent_vm.image.store import Image
+from agent_vm.network.guard import NetworkGuard
+from agent_vm.network.policy import EgressPolicy
+from tests.integration.conftest import TEST_HOST_IP
+from tests.integration.testnet import TestHost
+
+API = "api.allowed.test"
+CLI = [sys.executable, "-m", "agent_vm"]
+ORIGINAL = "def greet():\n    return 'hello'\n"
+EDITED = "def greet():\n    return 'hello, world'\n"
+
+
+def control(path: str, body: Any | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{TEST_HOST_IP}{path}", data=data)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "greet.py").write_text(ORIGINAL)
+    return root
+
+
+@pytest_asyncio.fixture(scope="module")
+async def claude_image(runtime: Runtime) -> Image:
+    return await runtime.build_recipe(find_recipe("claude").path)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def aider_image(runtime: Runtime) -> Image:
+    return await runtime.build_recipe(find_recipe("aider").path)
+
+
+NONESSENTIAL_SWITCHES = (
+    "DISABLE_AUTOUPDATER", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+)  # fmt: skip
+CLAUDE_SCRIPT = {
+    "tools_only": True,  # Claude Code's side calls (titles, summaries) get a plain "done"
+    "turns": [
+        {"text": "Reading it.", "tool_calls": [
+            {"name": "Read", "input": {"file_path": "/workspace/greet.py"}}]},
+        {"text": "Editing it.", "tool_calls": [
+            {"name": "Edit", "input": {"file_path": "/workspace/greet.py",
+                                       "old_string": "'hello'", "new_string": "'hello, world'"}}]},
+        {"text": "Done: greet() now says hello, world."},
+    ],
+}  # fmt: skip
+
+
+async def run_agent(
+    runtime: Runtime, image: Image, name: str, args: list[str], workspace: Path, key: str,
+    base_url: str = f"http://{API}", extra_env: dict[str, str] | None = None,
+) -> tuple[int, str, str, set[str]]:  # fmt: skip
+    plan = agent_plan(find_recipe(name), args, base_url, {_key_env(name): key}, tty=False)
+    assert plan.allowlist == (API,)
+    vm = await runtime.vm(
+        image=image,
+        spec=runtime.spec(profile="standard"),
+        policy=EgressPolicy(allow_domains=plan.allowlist),
+    )
+    try:
+        await vm.attach_workspace(Workspace(path=workspace))
+        result = await AgentExecutor().execute(
+            vm, plan.command, env={**plan.env, **(extra_env or {}), **plan.secrets}, timeout=900
+        )
+        refused = {b.destination for b in vm.guard.blocked(vm.name)} if vm.guard else set()
+    finally:
+        await vm.close()
+    return result.exit_code, result.stdout, result.stderr, refused
+
+
+def _key_env(name: str) -> str:
+    agent = find_recipe(name).recipe.agent
+    assert agent is not None and agent.api_key_env
+    return agent.api_key_env
+
+
+async def test_claude_code_edits_a_workspace_file(
+    runtime: Runtime, claude_image: Image, guard: NetworkGuard, test_host: TestHost,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    workspace = project(tmp_path)
+    key = f"sk-ant-test-{token.token_hex(8)}"
+    control("/_script", CLAUDE_SCRIPT)
+    # the recipe's switches for telemetry, error reports and update checks turned off
+    # here, so that the policy is what stops them
+    traffic_on = {name: "" for name in NONESSENTIAL_SWITCHES}
+    code, out, err, refused = await run_agent(
+        runtime, claude_image, "claude", ["Make greet() say hello, world."], workspace, key,
+        extra_env=traffic_on,
+    )  # fmt: skip
+    asked = control("/_requests")
+    assert code == 0, f"stdout: {out}\nstderr: {err}\nrequests: {[r['path'] for r in asked]}"
+    assert (workspace / "greet.py").read_text() == EDITED
+    assert "hello, world" in out
+    with_tools = [r for r in asked if r["body"].get("tools")]
+    assert len(with_tools) == 3, [r["path"] for r in asked]
+    assert {r["key"] for r in asked} == {key}  # the key arrived, as a secret
+    # the tool results went back to the model: the Read saw the file's content
+    assert "return 'hello'" in json.dumps(with_tools[1]["body"]["messages"])
+    # its own traffic (metrics, feature flags, update checks) goes to the real API's
+    # name, which the policy refused: the only name it got was the test host's
+    assert "api.anthropic.com" in refused and API not in refused, refused
+    print(f"Claude Code's names refused by the policy: {sorted(refused)}")
+
+
+async def test_aider_edits_a_workspace_file(
+    runtime: Runtime, aider_image: Image, guard: NetworkGuard, test_host: TestHost,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    workspace = project(tmp_path)
+    key = f"sk-test-{token.token_hex(8)}"
+    reply = f"greet.py\n```python\n{EDITED}```\n"
+    control("/_script", [{"text": reply}])
+    args = [
+        "--model", "openai/gpt-test", "--edit-format", "whole", "--no-show-model-warnings",
+        "--message", "Make greet() say hello, world.", "greet.py",
+    ]  # fmt: skip
+    code, out, err, refused = await run_agent(
+        runtime, aider_image, "aider", args, workspace, key, f"http://{API}/v1"
+    )
+    asked = control("/_requests")
+    assert code == 0, f"stdout: {out}\nstderr: {err}\nrequests: {[r['path'] for r in asked]}"
+    assert (workspace / "greet.py").read_text() == EDITED, out
+    chats = [r for r in asked if r["path"] == "/v1/chat/completions"]
+    assert chats and {r["key"] for r in chats} == {key}
+    assert "return 'hello'" in json.dumps(chats[0]["body"]["messages"])  # it sent the file
+    # its model-price download (litellm's table on GitHub) was refused, not made
+    assert "raw.githubusercontent.com" in refused and API not in refused
+    print(f"Aider's names refused by the policy: {sorted(refused)}")
+
+
+def test_the_agent_command_runs_claude_headless(
+    claude_image: Image, test_host: TestHost, tmp_path: Path
+) -> None:
+    """``agent-vm agent claude`` as a user types it: image (built), workspace, key from
+    the environment, base URL, headless without a terminal, the agent's exit code."""
+    workspace = project(tmp_path)
+    key = f"sk-ant-test-{token.token_hex(8)}"
+    control("/_script", CLAUDE_SCRIPT)
+    proc = subprocess.run(
+        [*CLI, "agent", "claude", "--workspace", str(workspace), "--base-url", f"http://{API}",
+         "--", "Make greet() say hello, world."],
+        env={**os.environ, "ANTHROPIC_API_KEY": key}, capture_output=True, timeout=900,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert (workspace / "greet.py").read_text() == EDITED
+    assert {r["key"] for r in control("/_requests")} == {key}
+    assert key.encode() not in proc.stderr
+
+
+def test_the_agent_command_says_what_is_missing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    proc = subprocess.run(
+        [*CLI, "agent", "claude", "--workspace", str(tmp_path), "--", "hi"],
+        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 125
+    assert "ANTHROPIC_API_KEY is not set" in proc.stderr
+    assert "Traceback" not in proc.stderr
