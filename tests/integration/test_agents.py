@@ -15,41 +15,29 @@ import os
 import secrets as token
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest_asyncio
 
-from agent_vm.communication.workspace import Workspace
-from agent_vm.execution.agents import agent_plan
-from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.recipe import find_recipe
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
-from agent_vm.network.policy import EgressPolicy
-from tests.integration.conftest import TEST_HOST_IP
+from tests.integration.agent_tasks import (
+    AIDER_ARGS,
+    AIDER_REPLY,
+    API,
+    CLAUDE_ARGS,
+    CLAUDE_SCRIPT,
+    EDITED,
+    NONESSENTIAL_SWITCHES,
+    control,
+    project,
+    run_agent,
+)  # fmt: skip
 from tests.integration.testnet import TestHost
 
-API = "api.allowed.test"
 CLI = [sys.executable, "-m", "agent_vm"]
-ORIGINAL = "def greet():\n    return 'hello'\n"
-EDITED = "def greet():\n    return 'hello, world'\n"
-
-
-def control(path: str, body: Any | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{TEST_HOST_IP}{path}", data=data)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "greet.py").write_text(ORIGINAL)
-    return root
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -60,51 +48,6 @@ async def claude_image(runtime: Runtime) -> Image:
 @pytest_asyncio.fixture(scope="module")
 async def aider_image(runtime: Runtime) -> Image:
     return await runtime.build_recipe(find_recipe("aider").path)
-
-
-NONESSENTIAL_SWITCHES = (
-    "DISABLE_AUTOUPDATER", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
-    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-)  # fmt: skip
-CLAUDE_SCRIPT = {
-    "tools_only": True,  # Claude Code's side calls (titles, summaries) get a plain "done"
-    "turns": [
-        {"text": "Reading it.", "tool_calls": [
-            {"name": "Read", "input": {"file_path": "/workspace/greet.py"}}]},
-        {"text": "Editing it.", "tool_calls": [
-            {"name": "Edit", "input": {"file_path": "/workspace/greet.py",
-                                       "old_string": "'hello'", "new_string": "'hello, world'"}}]},
-        {"text": "Done: greet() now says hello, world."},
-    ],
-}  # fmt: skip
-
-
-async def run_agent(
-    runtime: Runtime, image: Image, name: str, args: list[str], workspace: Path, key: str,
-    base_url: str = f"http://{API}", extra_env: dict[str, str] | None = None,
-) -> tuple[int, str, str, set[str]]:  # fmt: skip
-    plan = agent_plan(find_recipe(name), args, base_url, {_key_env(name): key}, tty=False)
-    assert plan.allowlist == (API,)
-    vm = await runtime.vm(
-        image=image,
-        spec=runtime.spec(profile="standard"),
-        policy=EgressPolicy(allow_domains=plan.allowlist),
-    )
-    try:
-        await vm.attach_workspace(Workspace(path=workspace))
-        result = await AgentExecutor().execute(
-            vm, plan.command, env={**plan.env, **(extra_env or {}), **plan.secrets}, timeout=900
-        )
-        refused = {b.destination for b in vm.guard.blocked(vm.name)} if vm.guard else set()
-    finally:
-        await vm.close()
-    return result.exit_code, result.stdout, result.stderr, refused
-
-
-def _key_env(name: str) -> str:
-    agent = find_recipe(name).recipe.agent
-    assert agent is not None and agent.api_key_env
-    return agent.api_key_env
 
 
 async def test_claude_code_edits_a_workspace_file(
@@ -118,7 +61,7 @@ async def test_claude_code_edits_a_workspace_file(
     # here, so that the policy is what stops them
     traffic_on = {name: "" for name in NONESSENTIAL_SWITCHES}
     code, out, err, refused = await run_agent(
-        runtime, claude_image, "claude", ["Make greet() say hello, world."], workspace, key,
+        runtime, claude_image, "claude", CLAUDE_ARGS, workspace, key,
         extra_env=traffic_on,
     )  # fmt: skip
     asked = control("/_requests")
@@ -142,12 +85,8 @@ async def test_aider_edits_a_workspace_file(
 ) -> None:  # fmt: skip
     workspace = project(tmp_path)
     key = f"sk-test-{token.token_hex(8)}"
-    reply = f"greet.py\n```python\n{EDITED}```\n"
-    control("/_script", [{"text": reply}])
-    args = [
-        "--model", "openai/gpt-test", "--edit-format", "whole", "--no-show-model-warnings",
-        "--message", "Make greet() say hello, world.", "greet.py",
-    ]  # fmt: skip
+    control("/_script", AIDER_REPLY)
+    args = AIDER_ARGS
     code, out, err, refused = await run_agent(
         runtime, aider_image, "aider", args, workspace, key, f"http://{API}/v1"
     )

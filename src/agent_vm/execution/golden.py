@@ -159,7 +159,7 @@ class GoldenStore:
         return GoldenState(digest, self.root / digest, self.shm_dir / f"{digest}.ram")
 
     def locate_for(self, image: Image, spec: MachineSpec) -> GoldenState:
-        return self.locate(GoldenKey(image_key=image.key, spec=spec))
+        return self.locate(GoldenKey(image_key=image.build_id, spec=spec))
 
     def all(self) -> list[GoldenState]:
         if not self.root.is_dir():
@@ -200,7 +200,7 @@ class GoldenStore:
         """The golden state for (image, spec), captured now if it does not exist yet, or
         captured again if its RAM file was changed since (see ``GoldenState.intact``).
         File system work runs in threads (the event loop keeps serving other VMs)."""
-        key = GoldenKey(image_key=image.key, spec=spec)
+        key = GoldenKey(image_key=image.build_id, spec=spec)
         golden = self.locate(key)
         if await asyncio.to_thread(golden.ready):
             return golden
@@ -216,8 +216,8 @@ class GoldenStore:
             os.close(lock)
 
     def _prune_after_capture(self, image: Image) -> None:
-        live = {img.key for img, _ in ImageStore(self.root.parent / "images").all()}
-        self.prune(live | {image.key})
+        live = {img.build_id for img, _ in ImageStore(self.root.parent / "images").all()}
+        self.prune(live | {image.build_id})
 
     async def _capture(
         self,

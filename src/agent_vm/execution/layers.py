@@ -103,7 +103,7 @@ async def build_layer(
     name = name or loaded.recipe.name
     if name == base.name:
         raise ImageError(f"a recipe image cannot be called {name!r}: that is the base image")
-    key = loaded.key(base.key)
+    key = loaded.key(base.build_id)  # a rebuilt base (even with the same key) is new
     store = runtime.images
     settings = runtime.settings
     lock = await finish_in_thread(_lock, settings.images_dir / f".layer-{name}.lock")
@@ -165,6 +165,7 @@ async def _build(
             layer=LayerInfo(
                 base_name=base.name,
                 base_key=base.key,
+                base_build=base.build_id,
                 base_disk=str(base.disk),
                 recipe_path=str(loaded.path),
                 recipe=loaded.recipe.model_dump(),

@@ -334,7 +334,7 @@ class Runtime:
                 network_records=sandbox_directory(self.settings.network_name),
                 identities=self.identities,
             )
-            live = {image.key for image, _ in self.images.all()}
+            live = {image.build_id for image, _ in self.images.all()}
             return removed + [f"golden state {d}" for d in self.golden_store.prune(live)]
 
         return await asyncio.to_thread(collect)

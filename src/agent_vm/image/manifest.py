@@ -41,6 +41,7 @@ class LayerInfo(BaseModel):
 
     base_name: str
     base_key: str
+    base_build: str = Field(description="the base's build id: a rebuilt base is another disk")
     base_disk: str = Field(description="the backing file, which must outlive the layer")
     recipe_path: str
     recipe: dict[str, Any] = Field(description="the recipe as built (agent-vm's model dump)")

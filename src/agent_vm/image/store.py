@@ -32,6 +32,12 @@ class Image:
         return self.manifest.key
 
     @property
+    def build_id(self) -> str:
+        """This build of the image: a forced rebuild keeps the key but is another disk, so
+        states captured on the old one (golden states) must not be used with it."""
+        return f"{self.key}.{self.manifest.created_at:%Y%m%d%H%M%S%f}"
+
+    @property
     def disk(self) -> Path:
         return self.path / DISK_FILE
 
@@ -74,12 +80,22 @@ class ImageStore:
         try:
             loaded = ImageManifest.load(manifest)
         except ValidationError as exc:
-            log.warning("image_manifest_outdated", path=str(manifest), errors=exc.error_count())
+            log.info("image_manifest_outdated", path=str(manifest), errors=exc.error_count())
             return None
-        if loaded.layer is not None and not Path(loaded.layer.base_disk).is_file():
-            log.warning("image_base_missing", image=name, base=loaded.layer.base_disk)
-            return None  # its backing file went: rebuilt from the recipe on next use
+        if loaded.layer is not None and not self._base_intact(loaded.layer.base_disk, loaded):
+            log.info("image_base_changed", image=name, base=loaded.layer.base_disk)
+            return None  # its backing file went or was rebuilt: rebuilt from the recipe
         return Image(name, path, loaded)
+
+    def _base_intact(self, base_disk: str, layer_manifest: ImageManifest) -> bool:
+        base = self._load("base", Path(base_disk).parent)
+        layer = layer_manifest.layer
+        return (
+            base is not None
+            and layer is not None
+            and base.disk.is_file()
+            and base.build_id == layer.base_build
+        )
 
     def get(self, name: str, key: str | None = None) -> Image | None:
         base = self.root / name
