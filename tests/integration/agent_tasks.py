@@ -90,3 +90,21 @@ AIDER_ARGS = [
     "--message", "Make greet() say hello, world.", "greet.py",
 ]  # fmt: skip
 CLAUDE_ARGS = ["Make greet() say hello, world."]
+
+# Codex (0.171) offers one freeform tool, ``exec``: JavaScript that calls its nested
+# tools; the script has it call its own ``apply_patch`` on the file, then answer
+CODEX_PATCH = (
+    "*** Begin Patch\n*** Update File: greet.py\n@@\n-    return 'hello'\n"
+    "+    return 'hello, world'\n*** End Patch\n"
+)
+CODEX_JS = f"text(JSON.stringify(await tools.apply_patch({json.dumps(CODEX_PATCH)})));"
+CODEX_SCRIPT = {
+    "tools_only": True,
+    "turns": [
+        {"text": "Patching greet.py.", "tool_calls": [
+            {"name": "exec", "custom": True,
+             "input": CODEX_JS}]},
+        {"text": "Done: greet() now says hello, world."},
+    ],
+}  # fmt: skip
+CODEX_ARGS = ["Make greet() say hello, world."]

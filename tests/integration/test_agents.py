@@ -29,6 +29,8 @@ from tests.integration.agent_tasks import (
     API,
     CLAUDE_ARGS,
     CLAUDE_SCRIPT,
+    CODEX_ARGS,
+    CODEX_SCRIPT,
     EDITED,
     NONESSENTIAL_SWITCHES,
     control,
@@ -48,6 +50,11 @@ async def claude_image(runtime: Runtime) -> Image:
 @pytest_asyncio.fixture(scope="module")
 async def aider_image(runtime: Runtime) -> Image:
     return await runtime.build_recipe(find_recipe("aider").path)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def codex_image(runtime: Runtime) -> Image:
+    return await runtime.build_recipe(find_recipe("codex").path)
 
 
 async def test_claude_code_edits_a_workspace_file(
@@ -99,6 +106,29 @@ async def test_aider_edits_a_workspace_file(
     # its model-price download (litellm's table on GitHub) was refused, not made
     assert "raw.githubusercontent.com" in refused and API not in refused
     print(f"Aider's names refused by the policy: {sorted(refused)}")
+
+
+async def test_codex_edits_a_workspace_file(
+    runtime: Runtime, codex_image: Image, guard: NetworkGuard, test_host: TestHost,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    workspace = project(tmp_path)
+    key = f"sk-test-{token.token_hex(8)}"
+    control("/_script", CODEX_SCRIPT)
+    code, out, err, refused = await run_agent(
+        runtime, codex_image, "codex", CODEX_ARGS, workspace, key, f"http://{API}/v1"
+    )
+    asked = control("/_requests")
+    assert code == 0, f"stdout: {out}\nstderr: {err}\nrequests: {[r['path'] for r in asked]}"
+    assert (workspace / "greet.py").read_text() == EDITED
+    turns = [r for r in asked if r["path"] == "/v1/responses"]
+    assert len(turns) == 2 and {r["key"] for r in turns} == {key}
+    # the second turn carried the result of Codex's own apply_patch back to the model
+    assert "custom_tool_call_output" in json.dumps(turns[1]["body"]["input"])
+    assert "Done: greet() now says hello, world." in out
+    # its plugin sync (GitHub) and its ChatGPT back end were refused, not reached
+    assert {"github.com", "chatgpt.com"} <= refused and API not in refused, refused
+    print(f"Codex's names refused by the policy: {sorted(refused)}")
 
 
 def test_the_agent_command_runs_claude_headless(

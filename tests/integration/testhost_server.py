@@ -6,8 +6,10 @@ server on 53 (UDP and TCP) answering the names of a zone given as JSON. Prints "
 once everything listens. Only ever answers; it never opens a connection itself.
 
 The HTTP ports also serve a **scripted model API** for agents under test: the Anthropic
-Messages API (``POST /v1/messages``) and OpenAI's chat completions (``POST
-/v1/chat/completions``), streamed (SSE) or not. ``POST /_script`` with a JSON list of
+Messages API (``POST /v1/messages``), OpenAI's chat completions (``POST
+/v1/chat/completions``), streamed (SSE) or not, and OpenAI's Responses API (``POST
+/v1/responses``, streamed; a scripted ``shell`` call takes the shape of the shell tool the
+client offers). ``POST /_script`` with a JSON list of
 turns (``{"text": "...", "tool_calls": [{"name": ..., "input": {...}}]}``) sets what
 the next requests get, one turn each (then a plain "done"); with ``{"turns": [...],
 "tools_only": true}`` only requests that offer tools take turns (an agent's side calls
@@ -34,6 +36,16 @@ UDP_ECHO_PORTS = (443, 5000)
 CHUNK = b"x" * 65536
 
 
+def _offers_tools(body: dict[str, Any]) -> bool:
+    """A request of an agent's main loop: it offers tools (at the top, or as the
+    Responses API's ``additional_tools`` input item that Codex sends)."""
+    given = body.get("input")
+    items: list[Any] = given if isinstance(given, list) else []
+    return bool(body.get("tools")) or any(
+        isinstance(i, dict) and i.get("type") == "additional_tools" for i in items
+    )
+
+
 class _Model:
     """The scripted turns and the requests seen (shared by both HTTP ports)."""
 
@@ -46,7 +58,7 @@ class _Model:
     def next_turn(cls, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
         with cls.lock:
             cls.requests.append({"path": path, "body": body, "key": key})
-            if cls.tools_only and not body.get("tools"):
+            if cls.tools_only and not _offers_tools(body):
                 return {"text": "done"}
             return cls.turns.pop(0) if cls.turns else {"text": "done"}
 
@@ -142,6 +154,60 @@ def _openai_completion(turn: dict[str, Any], model: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _responses_call(call: dict[str, Any], number: int, tools: list[Any]) -> dict[str, Any]:
+    """A scripted ``shell`` call in the shape of whichever shell tool the client offered
+    (Codex's tool set depends on its version and model family)."""
+    call_id = f"call_{len(_Model.requests)}_{number}"
+    if call.get("custom"):  # a freeform tool (Codex's ``exec``: JavaScript calling tools)
+        return {"type": "custom_tool_call", "id": f"ctc_{call_id}", "call_id": call_id,
+                "name": call["name"], "input": call["input"], "status": "completed"}  # fmt: skip
+    offered = {t.get("name") or t.get("type") for t in tools if isinstance(t, dict)}
+    name, arguments = call["name"], call["input"]
+    if name == "shell":
+        command = arguments["command"]
+        if "shell_command" in offered:
+            name, arguments = "shell_command", {"command": command}
+        elif "exec_command" in offered:
+            name, arguments = "exec_command", {"cmd": command}
+        elif "local_shell" in offered and "shell" not in offered:
+            return {"type": "local_shell_call", "id": f"lsh_{call_id}", "call_id": call_id,
+                    "status": "completed",
+                    "action": {"type": "exec", "command": ["bash", "-lc", command]}}  # fmt: skip
+        else:
+            arguments = {"command": ["bash", "-lc", command]}
+    return {"type": "function_call", "id": f"fc_{call_id}", "call_id": call_id, "name": name,
+            "arguments": json.dumps(arguments)}  # fmt: skip
+
+
+def _responses_events(turn: dict[str, Any], model: str, tools: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI's Responses API, streamed: the events Codex acts on."""
+    rid = f"resp_{len(_Model.requests)}"
+    items: list[dict[str, Any]] = []
+    if turn.get("text"):
+        items.append({"type": "message", "id": f"msg_{rid}", "role": "assistant",
+                      "status": "completed",
+                      "content": [{"type": "output_text", "text": turn["text"],
+                                   "annotations": []}]})  # fmt: skip
+    items += [_responses_call(c, n, tools) for n, c in enumerate(turn.get("tool_calls", []))]
+    response = {"id": rid, "object": "response", "model": model, "status": "in_progress",
+                "output": []}  # fmt: skip
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": response}]
+    for index, item in enumerate(items):
+        events.append({"type": "response.output_item.added", "output_index": index, "item": item})
+        if item["type"] == "message":
+            events.append({"type": "response.output_text.delta", "output_index": index,
+                           "item_id": item["id"], "content_index": 0,
+                           "delta": turn["text"]})  # fmt: skip
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    usage = {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": 1, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": 2}  # fmt: skip
+    events.append({"type": "response.completed",
+                   "response": {**response, "status": "completed", "output": items,
+                                "usage": usage}})  # fmt: skip
+    return events
+
+
 class _HTTP(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -180,14 +246,20 @@ class _HTTP(BaseHTTPRequestHandler):
                 _Model.requests = []
             self._json(200, {"turns": len(_Model.turns)})
             return
-        if path not in ("/v1/messages", "/v1/chat/completions"):
+        if path not in ("/v1/messages", "/v1/chat/completions", "/v1/responses"):
             self._json(404, {"error": f"no {path}"})
             return
         auth = self.headers.get("x-api-key") or self.headers.get("Authorization") or ""
         turn = _Model.next_turn(path, body, auth.removeprefix("Bearer "))
         model = str(body.get("model", "fake-model"))
         streamed = bool(body.get("stream"))
-        if path == "/v1/messages":
+        if path == "/v1/responses":
+            tools = body.get("tools") or []
+            self._stream([
+                f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode()
+                for e in _responses_events(turn, model, tools)
+            ])  # fmt: skip
+        elif path == "/v1/messages":
             if not streamed:
                 self._json(200, _anthropic_message(turn, model))
                 return

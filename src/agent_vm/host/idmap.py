@@ -18,6 +18,7 @@ import errno
 import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
 MOUNT_ATTR_IDMAP = 0x100000
 MNT_DETACH = 2
+USERNS_TIMEOUT = 10.0
 
 
 class _MountAttr(ctypes.Structure):
@@ -77,7 +79,8 @@ def _userns_fd(idmap: IdMap) -> int:
     )
     try:
         own = Path("/proc/self/ns/user").stat().st_ino
-        for _ in range(500):  # until the child has unshared
+        deadline = time.monotonic() + USERNS_TIMEOUT
+        while True:  # until the child has unshared (slow when booting VMs load the CPUs)
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{child.pid}/ns/user").stat().st_ino != own:
                     break
@@ -88,7 +91,13 @@ def _userns_fd(idmap: IdMap) -> int:
                     hint="user namespaces must be enabled (kernel.unprivileged_userns_clone "
                     "does not matter: agent-vm runs as root)",
                 )
-            os.sched_yield()
+            if time.monotonic() > deadline:
+                raise HostError(
+                    f"the user namespace for an idmapped mount was not ready in "
+                    f"{USERNS_TIMEOUT:.0f} s (unshare did not run)",
+                    hint="the host is overloaded; try again",
+                )
+            time.sleep(0.001)
         Path(f"/proc/{child.pid}/uid_map").write_text(f"{idmap.disk_uid} {idmap.seen_uid} 1\n")
         Path(f"/proc/{child.pid}/setgroups").write_text("deny\n")
         Path(f"/proc/{child.pid}/gid_map").write_text(f"{idmap.disk_gid} {idmap.seen_gid} 1\n")
