@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket as socket_module
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated, BinaryIO, TextIO
 
 import typer
 from rich.console import Console
@@ -19,6 +20,7 @@ from rich.status import Status
 from rich.table import Table
 
 from agent_vm import __version__, logs, secrets, terminal
+from agent_vm.api.tokens import TokenStore
 from agent_vm.communication.files import FileService
 from agent_vm.communication.workspace import Workspace
 from agent_vm.config import load_settings
@@ -44,6 +46,8 @@ app = typer.Typer(
 )
 image_app = typer.Typer(help="Build, list and remove guest images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+token_app = typer.Typer(help="API tokens for `agent-vm serve`.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
 golden_app = typer.Typer(
     help="Golden states (booted once; VMs start from them). Their RAM lives in /dev/shm.",
     no_args_is_help=True,
@@ -346,6 +350,16 @@ def run(
         list[str] | None,
         typer.Option("--download", help="VM:HOST, a file or directory copied out after it"),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="run on this `agent-vm serve` (URL or socket; default: the local one when "
+            "it listens and a token is set)"
+        ),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="the server's token (default: $AGENT_VM_TOKEN)")
+    ] = None,
 ) -> None:
     """Start a fresh VM, run a command in it with live output, remove the VM.
 
@@ -382,6 +396,21 @@ def run(
         )
         if tty and interactive:
             raise ConfigError("-t forwards this terminal itself; drop -i")
+        local_only = [
+            flag for flag, given in (
+                ("--tty", tty), ("--workspace", workspace), ("--cold", cold), ("--code", code),
+                ("--cpus", cpus), ("--memory", memory), ("--disk", disk),
+                ("--upload", upload), ("--download", download),
+            ) if given
+        ]  # fmt: skip
+        target = _server_for(server, token, local_only)
+        if target is not None:
+            stdin = sys.stdin.buffer.read() if interactive else None
+            request = _Request(command, None, timeout, variables, cwd, user, stdin, tty)
+            exit_code = asyncio.run(
+                _run_remote(target, token, image, profile, network, policy, request)
+            )
+            raise typer.Exit(exit_code)
         if readonly and workspace is None:
             raise ConfigError("--ro needs --workspace DIR")
         share = Workspace(path=_existing_dir(workspace), readonly=readonly) if workspace else None
@@ -399,6 +428,66 @@ def run(
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(exit_code)
+
+
+def _server_for(server: str | None, token: str | None, local_only: list[str]) -> str | None:
+    """The server ``run`` should use: the one asked for, else the local one when it
+    listens and a token is set (unless an option needs a local VM), else None."""
+    if server is not None:
+        if local_only:
+            raise ConfigError(f"{', '.join(local_only)} cannot be used with --server (yet)")
+        return server
+    from agent_vm.sandbox.remote import DEFAULT_SOCKET
+
+    if local_only or not (token or os.environ.get("AGENT_VM_TOKEN")):
+        return None
+    probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    try:
+        probe.connect(DEFAULT_SOCKET)
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return DEFAULT_SOCKET
+
+
+async def _run_remote(
+    server: str,
+    token: str | None,
+    image: str | None,
+    profile: str,
+    network: str,
+    policy: EgressPolicy | None,
+    request: _Request,
+) -> int:
+    from agent_vm.sandbox.remote import RemoteClient
+
+    client = RemoteClient(server, token)
+    await client.create({
+        "image": image, "profile": profile, "network": network,
+        "policy": policy.model_dump(mode="json") if policy is not None else None,
+    })  # fmt: skip
+    try:
+        assert request.command is not None
+        result = await client.run(
+            request.command, timeout=request.timeout, envs=request.env, cwd=request.cwd,
+            user=request.user, stdin=request.stdin, on_stdout=_text_writer(sys.stdout),
+            on_stderr=_text_writer(sys.stderr),
+        )  # fmt: skip
+    finally:
+        await asyncio.shield(client.delete())
+    if result.timed_out:
+        err.print(f"[bold red]agent-vm:[/] command timed out after {request.timeout:g} s")
+        return EXIT_TIMEOUT
+    return result.exit_code
+
+
+def _text_writer(stream: TextIO) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+
+    return write
 
 
 @dataclass(frozen=True)
@@ -660,6 +749,127 @@ async def _agent(
         await runtime.close()
         raise
     return await _run(runtime, image, spec, policy, cold, request, share)
+
+
+@app.command()
+def serve(
+    socket: Annotated[
+        Path, typer.Option(help="the Unix socket to listen on (root's, 0600)")
+    ] = Path("/run/agent-vm/api.sock"),
+    host: Annotated[
+        str | None, typer.Option(help="listen on TCP at this address instead (e.g. 127.0.0.1)")
+    ] = None,
+    port: Annotated[int, typer.Option(help="the TCP port (with --host)")] = 8177,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM), TCP only")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(help="a warm pool, IMAGE:PROFILE:NETWORK:MIN:MAX (IMAGE empty: default)"),
+    ] = None,
+) -> None:
+    """Serve the HTTP API in the foreground (Ctrl-C or SIGTERM stops it and its sandboxes).
+
+    Clients need a token: `agent-vm token create NAME`. OpenAPI at /openapi.json.
+    """
+    from agent_vm.api.server import serve as run_server
+    from agent_vm.api.service import PoolSpec
+
+    try:
+        specs = [PoolSpec.parse(item) for item in pool or []]
+        run_server(
+            load_settings(), specs, socket=socket, host=host, port=port, tls_cert=tls_cert,
+            tls_key=tls_key,
+        )  # fmt: skip
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+
+
+service_app = typer.Typer(help="Run `agent-vm serve` as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+
+@service_app.command("install")
+def service_install(
+    pool: Annotated[
+        list[str] | None, typer.Option(help="warm pools, as for serve (IMAGE:PROFILE:NET:MIN:MAX)")
+    ] = None,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="print the unit, change nothing")
+    ] = False,
+) -> None:
+    """Install /etc/systemd/system/agent-vm.service (and enable it) on a host with systemd."""
+    import subprocess
+
+    from agent_vm.api.service import PoolSpec
+    from agent_vm.api.systemd import UNIT_PATH, has_systemd, render_unit
+
+    try:
+        for item in pool or []:
+            PoolSpec.parse(item)
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    launcher = Path(__file__).resolve().parents[2] / "agent-vm"
+    args = [part for item in pool or [] for part in ("--pool", item)]
+    unit = render_unit(launcher, args)
+    if print_only:
+        typer.echo(unit, nl=False)
+        return
+    if not has_systemd():
+        raise _fail(
+            ConfigError(
+                "this host does not run systemd",
+                hint="run `./agent-vm serve` in the foreground (or under your supervisor)",
+            )
+        )
+    UNIT_PATH.write_text(unit)
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    subprocess.run(["systemctl", "enable", "--now", "agent-vm.service"], check=True)
+    typer.echo(f"installed and started {UNIT_PATH}")
+
+
+def _tokens() -> TokenStore:
+    from agent_vm.api.server import token_store
+
+    return token_store(load_settings())
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    max_sandboxes: Annotated[int, typer.Option(help="sandboxes at once")] = 8,
+    max_executions: Annotated[int, typer.Option(help="executions running at once")] = 16,
+) -> None:
+    """Create a token; it is printed once and stored only as a hash."""
+    try:
+        _, token = _tokens().create(
+            name, max_sandboxes=max_sandboxes, max_executions=max_executions
+        )
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    typer.echo(token)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List tokens (never their values)."""
+    table = Table("id", "name", "created", "sandboxes", "executions", "state")
+    for record in _tokens().all():
+        table.add_row(
+            record.id, record.name, record.created_at.isoformat(timespec="seconds"),
+            str(record.max_sandboxes), str(record.max_executions),
+            "revoked" if record.revoked else "active",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name_or_id: str) -> None:
+    """Revoke a token: requests with it get 401 from then on."""
+    try:
+        record = _tokens().revoke(name_or_id)
+    except AgentVMError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"revoked {record.id} ({record.name})")
 
 
 def main() -> None:

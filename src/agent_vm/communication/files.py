@@ -311,9 +311,13 @@ class FileService:
                     await stream.cancel()
 
 
+def file_error(code: str, message: str, path: str) -> SandboxFileError:
+    """The exception for a guest's refusal ``code`` (here, or relayed by a server)."""
+    return _ERRORS.get(code, SandboxFileError)(message, code=code, path=path)
+
+
 def _mapped(exc: AgentRefusedError, path: str) -> SandboxFileError:
-    kind = _ERRORS.get(exc.code, SandboxFileError)
-    return kind(exc.detail or exc.message, code=exc.code, path=path)
+    return file_error(exc.code, exc.detail or exc.message, path)
 
 
 def _expect(value: object, kind: type[_T]) -> _T:

@@ -38,6 +38,7 @@ from agent_vm.execution.spec import NetworkChoice
 from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.protocol.messages import Execute, Result
+from agent_vm.sandbox.remote import RemoteClient, RemoteFiles
 
 CommandResult = ExecutionResult
 TextCallback = Callable[[str], None]
@@ -86,6 +87,12 @@ class AsyncCommands:
     ) -> CommandResult:
         """Run ``cmd`` (a string goes through bash, a list is exec'd) and wait for it.
         The sandbox's secrets are in its environment (``envs`` may override them)."""
+        remote = self._sandbox.remote
+        if remote is not None:
+            return await remote.run(
+                cmd, timeout=timeout, envs={**self._sandbox.secrets, **(envs or {})}, cwd=cwd,
+                user=user, stdin=stdin, on_stdout=on_stdout, on_stderr=on_stderr,
+            )  # fmt: skip
         return await self._executor.execute(
             self._sandbox.vm,
             cmd,
@@ -106,7 +113,11 @@ class AsyncFiles:
     ``SandboxPermissionError`` (also a ``PermissionError``)."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._service = FileService(lambda: sandbox.vm.channel(), lambda: sandbox.vm.staging())
+        self._service: FileService | RemoteFiles
+        if sandbox.remote is not None:  # the server's files API, same names
+            self._service = RemoteFiles(sandbox.remote)
+        else:
+            self._service = FileService(lambda: sandbox.vm.channel(), lambda: sandbox.vm.staging())
 
     async def read(self, path: str, format: str = "text") -> str | bytes:
         """The whole file as text (``format="text"``) or bytes (``"bytes"``), up to 64 MiB;
@@ -152,7 +163,7 @@ class AsyncFiles:
     async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[WatchEvent]:
         """Events under ``path`` (create, modify, delete, ...) as the guest's inotify
         reports them, for as long as the caller iterates."""
-        async for event in self._service.watch(path, recursive):
+        async for event in self._local("watch").watch(path, recursive):
             yield event
 
     async def upload(self, local: str | os.PathLike[str], remote: str) -> int:
@@ -165,7 +176,7 @@ class AsyncFiles:
 
     async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
         """A host directory into the sandbox (a tar stream)."""
-        return await self._service.upload_dir(local, remote)
+        return await self._local("upload_dir").upload_dir(local, remote)
 
     async def download_dir(
         self,
@@ -178,9 +189,14 @@ class AsyncFiles:
         """A sandbox directory onto the host, safely: nothing outside ``local`` is read or
         written, links are not followed, devices, FIFOs and setuid bits never appear;
         past a cap it stops with ``ExtractionError``."""
-        return await self._service.download_dir(
+        return await self._local("download_dir").download_dir(
             remote, local, max_bytes=max_bytes, max_entries=max_entries
         )
+
+    def _local(self, what: str) -> FileService:
+        if isinstance(self._service, FileService):
+            return self._service
+        raise AgentVMError(f"files.{what} is not offered through a server yet")
 
 
 @dataclass(frozen=True)
@@ -285,7 +301,22 @@ class AsyncSandbox:
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
         secrets: Mapping[str, str] | None = None,
+        server: str | None = None,
+        token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lifetime_seconds: float = 3600.0,
     ) -> None:
+        self.remote: RemoteClient | None = None
+        if server is not None:  # an `agent-vm serve` holds the VM
+            if pool is not None or runtime is not None or workspace is not None:
+                raise ConfigError("server= cannot be combined with pool=, runtime= or workspace=")
+            self.remote = RemoteClient(server, token)
+            self._request = {
+                "image": image, "profile": profile if isinstance(profile, str) else "light",
+                "network": network if isinstance(network, str) else "nat",
+                "labels": dict(labels or {}), "lifetime_seconds": lifetime_seconds,
+                "policy": policy.model_dump(mode="json") if policy is not None else None,
+            }  # fmt: skip
         self._workspace = _workspace(workspace, workspace_readonly)
         self._secrets = dict(secrets or {})
         secret_store.register(self._secrets)
@@ -294,9 +325,10 @@ class AsyncSandbox:
         self._policy = policy
         self._timeout = timeout
         self._settings = settings
-        self._own_runtime = pool is None and runtime is None
+        self._own_runtime = pool is None and runtime is None and server is None
         self._runtime = pool.runtime if pool is not None else runtime or Runtime(settings)
-        self._spec = self._runtime.spec(profile=profile, network=network)
+        if server is None:
+            self._spec = self._runtime.spec(profile=profile, network=network)
         self._vm: RunningVM | None = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
@@ -317,8 +349,13 @@ class AsyncSandbox:
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
         secrets: Mapping[str, str] | None = None,
+        server: str | None = None,
+        token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lifetime_seconds: float = 3600.0,
     ) -> AsyncSandbox:
-        """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
+        """A running sandbox (from ``pool`` when given; then its network comes from the
+        pool; from an ``agent-vm serve`` at ``server`` when given)."""
         sandbox = cls(
             pool=pool,
             image=image,
@@ -331,32 +368,54 @@ class AsyncSandbox:
             workspace=workspace,
             workspace_readonly=workspace_readonly,
             secrets=secrets,
+            server=server,
+            token=token,
+            labels=labels,
+            lifetime_seconds=lifetime_seconds,
         )
         await sandbox.start()
         return sandbox
 
     @property
     def blocked(self) -> list[Blocked]:
-        """Recent blocked network attempts of this sandbox (destination, port, reason)."""
+        """Recent blocked network attempts of this sandbox (destination, port, reason);
+        through a server: ``await blocked_attempts()``."""
         vm = self.vm
         return vm.guard.blocked(vm.name) if vm.guard is not None else []
 
+    async def blocked_attempts(self) -> list[Blocked]:
+        """Recent blocked network attempts, locally or through the server."""
+        if self.remote is not None:
+            return await self.remote.blocked()
+        return self.blocked
+
     async def set_policy(self, policy: EgressPolicy) -> None:
         """Change what this sandbox may reach; in force when this returns."""
+        if self.remote is not None:
+            await self.remote.set_policy(policy)
+            return
         await self.vm.set_policy(policy)
 
     @property
     def vm(self) -> RunningVM:
+        if self.remote is not None:
+            raise AgentVMError("this sandbox runs on a server: it has no local VM")
         if self._vm is None:
             raise AgentVMError("the sandbox is not running", hint="create() or start() it first")
         return self._vm
 
     @property
     def sandbox_id(self) -> str:
+        if self.remote is not None:
+            return self.remote.prefix.rsplit("/", 1)[1]
         return self.vm.name
 
     async def start(self) -> None:
         """Start (or acquire) the VM and attach its workspace; a no-op when running."""
+        if self.remote is not None:
+            if self.remote.id is None:
+                await self.remote.create(self._request)
+            return
         if self._vm is not None:
             return
         if self._pool is not None:
@@ -399,6 +458,9 @@ class AsyncSandbox:
 
     async def kill(self) -> None:
         """Destroy the sandbox (or hand it back to its pool). Idempotent."""
+        if self.remote is not None:
+            await self.remote.delete()
+            return
         vm, self._vm = self._vm, None
         if vm is None:
             return

@@ -240,6 +240,10 @@ class Sandbox:
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
         secrets: Mapping[str, str] | None = None,
+        server: str | None = None,
+        token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lifetime_seconds: float = 3600.0,
     ) -> None:
         self._core = AsyncSandbox(
             pool=pool,
@@ -253,6 +257,10 @@ class Sandbox:
             workspace=workspace,
             workspace_readonly=workspace_readonly,
             secrets=secrets,
+            server=server,
+            token=token,
+            labels=labels,
+            lifetime_seconds=lifetime_seconds,
         )
         self.commands = Commands(self._core.commands)
         self.files = Files(self._core.files)
@@ -274,8 +282,13 @@ class Sandbox:
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
         secrets: Mapping[str, str] | None = None,
+        server: str | None = None,
+        token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        lifetime_seconds: float = 3600.0,
     ) -> Sandbox:
-        """A running sandbox (from ``pool`` when given; then its network comes from the pool)."""
+        """A running sandbox (from ``pool`` when given; then its network comes from the
+        pool; from an ``agent-vm serve`` at ``server`` when given)."""
         return cls(
             pool=pool,
             image=image,
@@ -288,12 +301,21 @@ class Sandbox:
             workspace=workspace,
             workspace_readonly=workspace_readonly,
             secrets=secrets,
+            server=server,
+            token=token,
+            labels=labels,
+            lifetime_seconds=lifetime_seconds,
         )
 
     @property
     def blocked(self) -> list[Blocked]:
-        """Recent blocked network attempts of this sandbox (destination, port, reason)."""
+        """Recent blocked network attempts of this sandbox (destination, port, reason);
+        through a server: ``await blocked_attempts()``."""
         return self._core.blocked
+
+    def blocked_attempts(self) -> list[Blocked]:
+        """Recent blocked network attempts, locally or through the server."""
+        return shared_loop().run(self._core.blocked_attempts())
 
     def set_policy(self, policy: EgressPolicy) -> None:
         """Change what this sandbox may reach; in force when this returns."""

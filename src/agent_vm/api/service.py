@@ -1,0 +1,378 @@
+"""What the server holds: warm pools, sandboxes by owner, executions that can be
+re-attached to, lifetimes, quotas. HTTP-free (``app.py`` maps it to routes).
+
+Where sandboxes come from is one seam, :class:`SandboxSource`: today the local runtime
+(its pools first, then a fresh clone from a golden state); a backend on other hosts would
+implement the same two calls and nothing above it would change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from agent_vm import timeutil
+from agent_vm.api.tokens import TokenRecord
+from agent_vm.errors import AgentVMError, ConfigError
+from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.pool import VMPool
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
+from agent_vm.logs import get_logger
+from agent_vm.network.policy import EgressPolicy
+
+log = get_logger(__name__)
+
+MAX_EVENT_BYTES = 16 * 2**20  # kept per execution for re-attaching clients
+FINISHED_BUDGET = 256 * 2**20  # output of finished executions kept, all together
+FINISHED_KEEP = 1000
+REAP_INTERVAL = 1.0
+
+
+class NotFound(AgentVMError):
+    """No such sandbox or execution for this token (also when another token owns it)."""
+
+
+class OverQuota(AgentVMError):
+    """The token's quota is used up."""
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A warm pool the server holds: ``image:profile:network:min:max`` on the command line."""
+
+    image: str | None = None
+    profile: str = "light"
+    network: str = "nat"
+    min_size: int = 2
+    max_size: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> PoolSpec:
+        parts = text.split(":")
+        if len(parts) != 5:
+            raise ConfigError(f"--pool {text!r}: give IMAGE:PROFILE:NETWORK:MIN:MAX")
+        image, profile, network, low, high = parts
+        try:
+            min_size, max_size = int(low), int(high)
+        except ValueError:
+            raise ConfigError(f"--pool {text!r}: MIN and MAX must be numbers") from None
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ConfigError(f"--pool {text!r}: need 0 <= MIN <= MAX and MAX >= 1")
+        return cls(image or None, profile, network, min_size, max_size)
+
+
+class SandboxSource(Protocol):
+    """Where sandboxes come from (the seam for other backends)."""
+
+    async def acquire(
+        self, image: str | None, profile: str, network: str, policy: EgressPolicy | None
+    ) -> tuple[RunningVM, VMPool | None]: ...
+
+    async def release(self, vm: RunningVM, pool: VMPool | None) -> None: ...
+
+
+class LocalSource:
+    """The local runtime: a matching warm pool when there is one, else a fresh clone."""
+
+    def __init__(self, runtime: Runtime, pools: dict[PoolSpec, VMPool]) -> None:
+        self.runtime = runtime
+        self.pools = pools
+
+    async def acquire(
+        self, image: str | None, profile: str, network: str, policy: EgressPolicy | None
+    ) -> tuple[RunningVM, VMPool | None]:
+        for held, pool in self.pools.items():
+            if (held.image, held.profile, held.network) == (image, profile, network):
+                vm = await pool.acquire(timeout=60)
+                if policy is not None:
+                    try:
+                        await vm.set_policy(policy)
+                    except BaseException:
+                        await pool.release(vm)
+                        raise
+                return vm, pool
+        spec = self.runtime.spec(profile=profile, network=network)
+        return await self.runtime.vm(image=image, spec=spec, policy=policy), None
+
+    async def release(self, vm: RunningVM, pool: VMPool | None) -> None:
+        if pool is not None:
+            await pool.release(vm)
+        else:
+            await vm.close()
+
+
+@dataclass
+class Hosted:
+    """A sandbox the server hands out."""
+
+    id: str
+    owner: str
+    vm: RunningVM
+    pool: VMPool | None
+    image: str | None
+    profile: str
+    network: str
+    labels: dict[str, str]
+    created_at: datetime
+    lifetime: float
+    deadline: float  # monotonic
+    executions: set[str] = field(default_factory=set)
+
+    def view(self) -> dict[str, Any]:
+        remaining = max(0.0, self.deadline - time.monotonic())
+        return {
+            "id": self.id,
+            "image": self.image,
+            "profile": self.profile,
+            "network": self.network,
+            "labels": self.labels,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": (timeutil.now() + timedelta(seconds=remaining)).isoformat(),
+            "pooled": self.pool is not None,
+        }
+
+
+@dataclass
+class Execution:
+    """One command's events (output chunks, then its result), kept so that a client that
+    lost its connection can come back with the last sequence number it saw."""
+
+    id: str
+    sandbox: str
+    owner: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+    size: int = 0
+    dropped: int = 0
+    done: bool = False
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, event: dict[str, Any], size: int = 0) -> None:
+        event["seq"] = len(self.events) + self.dropped
+        self.events.append(event)
+        self.size += size
+        while self.size > MAX_EVENT_BYTES and len(self.events) > 1:  # oldest output first
+            old = self.events.pop(0)
+            self.dropped += 1
+            self.size -= len(old.get("text", ""))
+        self.changed.set()
+
+    async def follow(self, after: int) -> AsyncIterator[dict[str, Any]]:
+        """Events with ``seq > after``, live until the result."""
+        position = after + 1
+        while True:
+            start = max(0, position - self.dropped)
+            for event in self.events[start:]:
+                position = event["seq"] + 1
+                yield event
+            if self.done and position >= len(self.events) + self.dropped:
+                return
+            self.changed.clear()
+            if position < len(self.events) + self.dropped:
+                continue
+            await self.changed.wait()
+
+
+class _Text:
+    """Bytes to text across chunk boundaries (a character split over two chunks)."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, data: bytes) -> str:
+        return self.decoder.decode(data)
+
+
+class SandboxService:
+    def __init__(self, runtime: Runtime, source: SandboxSource) -> None:
+        self.runtime = runtime
+        self.source = source
+        self.sandboxes: dict[str, Hosted] = {}
+        self.executions: dict[str, Execution] = {}
+        self.executor = AgentExecutor()
+        self._reaper: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._starting: dict[str, int] = {}  # token id -> sandboxes being acquired
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_expired(), name="agent-vm-lifetimes")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for sandbox_id in list(self.sandboxes):
+            with contextlib.suppress(Exception):
+                await self._remove(sandbox_id)
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            now = time.monotonic()
+            for hosted in list(self.sandboxes.values()):
+                if hosted.deadline <= now:
+                    log.info("sandbox_expired", sandbox=hosted.id, owner=hosted.owner)
+                    with contextlib.suppress(Exception):
+                        await self._remove(hosted.id)
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def _owned(self, token: TokenRecord, sandbox_id: str) -> Hosted:
+        hosted = self.sandboxes.get(sandbox_id)
+        if hosted is None or hosted.owner != token.id:
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+        return hosted
+
+    async def create(
+        self,
+        token: TokenRecord,
+        *,
+        image: str | None,
+        profile: str,
+        network: str,
+        labels: dict[str, str],
+        lifetime: float,
+        policy: EgressPolicy | None,
+    ) -> Hosted:
+        async with self._lock:  # quota check and reservation in one step
+            mine = sum(1 for h in self.sandboxes.values() if h.owner == token.id)
+            mine += self._starting.get(token.id, 0)
+            if mine >= token.max_sandboxes:
+                raise OverQuota(
+                    f"token {token.name!r} has {mine} sandboxes, its limit",
+                    hint="delete one, or raise max_sandboxes (agent-vm token create)",
+                )
+            self._starting[token.id] = self._starting.get(token.id, 0) + 1
+        try:
+            vm, pool = await self.source.acquire(image, profile, network, policy)
+        finally:
+            self._starting[token.id] -= 1
+        hosted = Hosted(
+            f"sb-{secrets.token_hex(6)}", token.id, vm, pool, image, profile, network, labels,
+            timeutil.now(), lifetime, time.monotonic() + lifetime,
+        )  # fmt: skip
+        self.sandboxes[hosted.id] = hosted
+        log.info("sandbox_created", sandbox=hosted.id, owner=token.id, vm=vm.name)
+        return hosted
+
+    def list(self, token: TokenRecord) -> list[Hosted]:
+        return [h for h in self.sandboxes.values() if h.owner == token.id]
+
+    def get(self, token: TokenRecord, sandbox_id: str) -> Hosted:
+        return self._owned(token, sandbox_id)
+
+    def keep_alive(self, token: TokenRecord, sandbox_id: str, lifetime: float) -> Hosted:
+        hosted = self.get(token, sandbox_id)
+        hosted.lifetime = lifetime
+        hosted.deadline = time.monotonic() + lifetime
+        return hosted
+
+    async def delete(self, token: TokenRecord, sandbox_id: str) -> None:
+        self.get(token, sandbox_id)
+        await self._remove(sandbox_id)
+
+    async def _remove(self, sandbox_id: str) -> None:
+        hosted = self.sandboxes.pop(sandbox_id, None)
+        if hosted is None:
+            return
+        for execution_id in list(hosted.executions):
+            execution = self.executions.get(execution_id)
+            if execution is not None and execution.task is not None:
+                execution.task.cancel()
+        await self.source.release(hosted.vm, hosted.pool)
+        log.info("sandbox_deleted", sandbox=sandbox_id, owner=hosted.owner)
+
+    # ------------------------------------------------------------------ executions
+
+    def start_execution(
+        self,
+        token: TokenRecord,
+        sandbox_id: str,
+        command: str | Sequence[str],
+        *,
+        env: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,
+        stdin: str | None,
+    ) -> Execution:
+        hosted = self.get(token, sandbox_id)
+        running = sum(1 for e in self.executions.values() if e.owner == token.id and not e.done)
+        if running >= token.max_executions:
+            raise OverQuota(
+                f"token {token.name!r} has {running} executions running, its limit",
+                hint="wait for one to finish, or raise max_executions",
+            )
+        execution = Execution(f"ex-{secrets.token_hex(6)}", sandbox_id, token.id)
+        self.executions[execution.id] = execution
+        hosted.executions.add(execution.id)
+        out, err = _Text(), _Text()
+
+        def emit(stream: str, decode: _Text) -> Any:
+            def on_data(data: bytes) -> None:
+                text = decode(data)
+                if text:
+                    execution.add({"type": stream, "text": text}, len(text))
+
+            return on_data
+
+        async def run() -> None:
+            try:
+                result = await self.executor.execute(
+                    hosted.vm, command, env=env, cwd=cwd, user=user, timeout=timeout,
+                    stdin=stdin, on_stdout=emit("stdout", out), on_stderr=emit("stderr", err),
+                )  # fmt: skip
+                execution.add({
+                    "type": "result", "exit_code": result.exit_code,
+                    "timed_out": result.timed_out, "signal": result.signal,
+                    "error": result.error, "duration": round(result.duration, 4),
+                    "truncated": result.truncated,
+                })  # fmt: skip
+            except asyncio.CancelledError:
+                execution.add({"type": "result", "exit_code": None, "killed": True,
+                               "error": "killed"})  # fmt: skip
+            except AgentVMError as exc:
+                execution.add({"type": "result", "exit_code": None, "error": exc.message})
+            finally:
+                execution.done = True
+                execution.changed.set()
+                hosted.executions.discard(execution.id)
+                self._forget_old_executions()
+
+        execution.task = asyncio.create_task(run(), name=execution.id)
+        return execution
+
+    def execution(self, token: TokenRecord, execution_id: str) -> Execution:
+        execution = self.executions.get(execution_id)
+        if execution is None or execution.owner != token.id:
+            raise NotFound(f"no execution {execution_id!r}")
+        return execution
+
+    def kill(self, token: TokenRecord, execution_id: str) -> Execution:
+        execution = self.execution(token, execution_id)
+        if execution.task is not None and not execution.done:
+            execution.task.cancel()  # the channel sends SIGKILL to the guest's process tree
+        return execution
+
+    def _forget_old_executions(self) -> None:
+        """Finished executions stay re-attachable while they fit a count and a byte
+        budget (oldest go first): a guest's output never grows the server unbounded."""
+        finished = [e for e in self.executions.values() if e.done]  # oldest first
+        total = sum(e.size for e in finished)
+        for execution in finished:
+            if len(finished) <= FINISHED_KEEP and total <= FINISHED_BUDGET:
+                break
+            self.executions.pop(execution.id, None)
+            finished = finished[1:]
+            total -= execution.size

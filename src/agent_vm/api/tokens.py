@@ -1,0 +1,110 @@
+"""API tokens: created once, shown once, stored hashed.
+
+A token reads ``avm_<id>_<secret>``. The file (``<state>/tokens.json``, root's, 0600)
+keeps the id, a name, quotas and the SHA-256 of the secret, never the secret: a copy of
+the file lets nobody in. The secret has 256 bits, so a plain hash (no key stretching) is
+enough; comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from agent_vm import timeutil
+from agent_vm.errors import ConfigError
+
+PREFIX = "avm_"
+
+
+class TokenRecord(BaseModel):
+    id: str
+    name: str
+    digest: str
+    created_at: datetime
+    revoked: bool = False
+    max_sandboxes: int = Field(default=8, ge=0)
+    max_executions: int = Field(default=16, ge=0)
+
+    def public(self) -> dict[str, object]:
+        return self.model_dump(mode="json", exclude={"digest"})
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> list[TokenRecord]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        return [TokenRecord.model_validate(item) for item in data]
+
+    def _save(self, records: list[TokenRecord]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump([r.model_dump(mode="json") for r in records], out, indent=2)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(self.path)
+
+    def create(
+        self, name: str, *, max_sandboxes: int = 8, max_executions: int = 16
+    ) -> tuple[TokenRecord, str]:
+        """A new token: its record and the token itself (shown to the caller only)."""
+        records = self._load()
+        if any(r.name == name and not r.revoked for r in records):
+            raise ConfigError(f"a token named {name!r} exists", hint="revoke it or pick a name")
+        token_id = secrets.token_hex(4)
+        secret = secrets.token_urlsafe(32)
+        record = TokenRecord(
+            id=token_id,
+            name=name,
+            digest=_digest(secret),
+            created_at=timeutil.now(),
+            max_sandboxes=max_sandboxes,
+            max_executions=max_executions,
+        )
+        self._save([*records, record])
+        return record, f"{PREFIX}{token_id}_{secret}"
+
+    def all(self) -> list[TokenRecord]:
+        return self._load()
+
+    def revoke(self, name_or_id: str) -> TokenRecord:
+        records = self._load()
+        for record in records:
+            if name_or_id in (record.id, record.name) and not record.revoked:
+                record.revoked = True
+                self._save(records)
+                return record
+        raise ConfigError(f"no active token {name_or_id!r}", hint="see `agent-vm token list`")
+
+    def verify(self, token: str) -> TokenRecord | None:
+        """The token's record, or None for anything that is not a live token."""
+        if not token.startswith(PREFIX):
+            return None
+        token_id, sep, secret = token[len(PREFIX) :].partition("_")
+        if not sep or not secret:
+            return None
+        digest = _digest(secret)
+        for record in self._load():
+            if record.id == token_id:
+                if record.revoked:
+                    return None
+                return record if hmac.compare_digest(record.digest, digest) else None
+        return None

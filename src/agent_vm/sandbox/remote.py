@@ -1,0 +1,275 @@
+"""The client half of ``agent-vm serve``: what ``AsyncSandbox(server=..., token=...)``
+uses instead of a local VM. httpx for requests, httpx-sse for streamed output.
+
+``server`` is ``http(s)://host:port`` or a Unix socket path (``/run/agent-vm/api.sock``
+or ``unix:///run/agent-vm/api.sock``). The token comes from the argument or from
+``AGENT_VM_TOKEN``. Errors come back as the local ones: a missing file is a
+``SandboxFileNotFoundError``, a refused request an ``AgentVMError`` with the server's
+message and hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from agent_vm.communication.files import FileEntry, file_error
+from agent_vm.errors import AgentVMError, AgentVMTimeout, ConfigError, SandboxFileNotFoundError
+from agent_vm.execution.result import ExecutionResult
+from agent_vm.network.blocked import Blocked
+from agent_vm.network.policy import EgressPolicy
+
+DEFAULT_SOCKET = "/run/agent-vm/api.sock"
+CHUNK = 1 << 20
+
+
+def _transport(server: str) -> tuple[str, httpx.AsyncHTTPTransport | None]:
+    if server.startswith(("http://", "https://")):
+        return server.rstrip("/"), None
+    path = server.removeprefix("unix://")
+    if not path.startswith("/"):
+        raise ConfigError(f"server {server!r}: give http(s)://HOST:PORT or a socket path")
+    return "http://agent-vm", httpx.AsyncHTTPTransport(uds=path)
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    detail = body.get("detail")
+    message = detail if isinstance(detail, str) else json.dumps(detail)
+    hint = body.get("hint")
+    if body.get("kind") == "file":
+        raise file_error(str(body.get("code")), message, str(body.get("path")))
+    if response.status_code in (400, 422):
+        raise ConfigError(message, hint=hint)
+    if response.status_code == 504:
+        raise AgentVMTimeout(message, hint=hint)
+    raise AgentVMError(f"server: {response.status_code} {message}", hint=hint)
+
+
+def _entry(data: dict[str, Any]) -> FileEntry:
+    return FileEntry(**{**data, "modified": datetime.fromisoformat(data["modified"])})
+
+
+class RemoteClient:
+    """One sandbox on a server."""
+
+    def __init__(self, server: str | None, token: str | None) -> None:
+        base, transport = _transport(server or DEFAULT_SOCKET)
+        token = token or os.environ.get("AGENT_VM_TOKEN")
+        if not token:
+            raise ConfigError(
+                "a server needs a token",
+                hint="token=..., or AGENT_VM_TOKEN=avm_... in the environment",
+            )
+        self.http = httpx.AsyncClient(
+            base_url=base, transport=transport, headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(60.0, read=None),
+        )  # fmt: skip
+        self.id: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        if self.id is None:
+            raise AgentVMError("the sandbox is not running", hint="create() or start() it first")
+        return f"/v1/sandboxes/{self.id}"
+
+    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self.http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise AgentVMError(
+                f"cannot reach the agent-vm server: {exc}",
+                hint="is `agent-vm serve` running there?",
+            ) from exc
+        _raise_for(response)
+        return response
+
+    async def create(self, body: dict[str, Any]) -> str:
+        self.id = (await self._call("POST", "/v1/sandboxes", json=body)).json()["id"]
+        return self.id
+
+    async def delete(self) -> None:
+        if self.id is None:
+            return
+        sandbox, self.id = self.id, None
+        try:
+            await self._call("DELETE", f"/v1/sandboxes/{sandbox}")
+        finally:
+            await self.http.aclose()
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        timeout: float | None,
+        envs: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+        stdin: str | bytes | None,
+        on_stdout: Callable[[str], None] | None,
+        on_stderr: Callable[[str], None] | None,
+    ) -> ExecutionResult:
+        if isinstance(stdin, bytes):
+            stdin = stdin.decode()
+        body = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "env": envs, "cwd": cwd,
+                "user": user, "timeout": timeout, "stdin": stdin}  # fmt: skip
+        execution = (await self._call("POST", f"{self.prefix}/executions", json=body)).json()
+        out: list[str] = []
+        err: list[str] = []
+        result: dict[str, Any] = {}
+        last = -1
+        while not result:  # reconnect with the last event seen if the stream drops
+            try:
+                async with aconnect_sse(
+                    self.http, "GET", execution["events"], params={"after": last}
+                ) as source:
+                    _raise_for(source.response)
+                    async for sse in source.aiter_sse():
+                        event = json.loads(sse.data)
+                        last = event["seq"]
+                        if event["type"] == "stdout":
+                            out.append(event["text"])
+                            if on_stdout:
+                                on_stdout(event["text"])
+                        elif event["type"] == "stderr":
+                            err.append(event["text"])
+                            if on_stderr:
+                                on_stderr(event["text"])
+                        elif event["type"] == "result":
+                            result = event
+            except httpx.TransportError:
+                continue
+        if result.get("exit_code") is None and result.get("error"):
+            raise AgentVMError(f"the execution failed on the server: {result['error']}")
+        return ExecutionResult(
+            exit_code=result["exit_code"],
+            stdout_bytes="".join(out).encode(),
+            stderr_bytes="".join(err).encode(),
+            duration=result.get("duration", 0.0),
+            timed_out=result.get("timed_out", False),
+            signal=result.get("signal"),
+            error=result.get("error"),
+            truncated=result.get("truncated", False),
+        )
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        await self._call("PUT", f"{self.prefix}/policy", json=policy.model_dump(mode="json"))
+
+    async def blocked(self) -> list[Blocked]:
+        data = (await self._call("GET", f"{self.prefix}/blocked")).json()
+        return [Blocked(**{**b, "at": datetime.fromisoformat(b["at"])}) for b in data]
+
+
+class RemoteFiles:
+    """The files API over HTTP (the methods ``AsyncFiles`` forwards)."""
+
+    def __init__(self, client: RemoteClient) -> None:
+        self.client = client
+
+    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        url = f"{self.client.prefix}/files/content"
+        async with self.client.http.stream("GET", url, params={"path": path}) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for(response)
+            async for chunk in response.aiter_bytes(CHUNK):
+                yield chunk
+
+    async def read(self, path: str, format: str = "text") -> str | bytes:
+        data = b"".join([chunk async for chunk in self.read_stream(path)])
+        return data.decode() if format == "text" else data
+
+    async def write(
+        self,
+        path: str,
+        data: str | bytes | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes],
+        mode: int | None = None,
+    ) -> int:
+        async def body() -> AsyncIterator[bytes]:
+            if isinstance(data, str):
+                yield data.encode()
+            elif isinstance(data, bytes | bytearray):
+                yield bytes(data)
+            elif hasattr(data, "read"):
+                while chunk := data.read(CHUNK):
+                    yield chunk
+            elif isinstance(data, AsyncIterable):
+                async for chunk in data:
+                    yield chunk
+            else:
+                for chunk in data:
+                    yield bytes(chunk)
+
+        params: dict[str, Any] = {"path": path}
+        if mode is not None:
+            params["mode"] = mode
+        response = await self.client._call(
+            "PUT", f"{self.client.prefix}/files/content", params=params, content=body()
+        )
+        return int(response.json()["bytes"])
+
+    async def list(self, path: str, depth: int = 1) -> list[FileEntry]:
+        data = (
+            await self.client._call(
+                "GET", f"{self.client.prefix}/files", params={"path": path, "depth": depth}
+            )
+        ).json()
+        return [_entry(item) for item in data]
+
+    async def stat(self, path: str) -> FileEntry:
+        url = f"{self.client.prefix}/files/stat"
+        return _entry((await self.client._call("GET", url, params={"path": path})).json())
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except SandboxFileNotFoundError:
+            return False
+        return True
+
+    async def make_dir(self, path: str) -> bool:
+        url = f"{self.client.prefix}/files/dir"
+        return bool((await self.client._call("POST", url, params={"path": path})).json()["made"])
+
+    async def remove(self, path: str) -> None:
+        await self.client._call("DELETE", f"{self.client.prefix}/files", params={"path": path})
+
+    async def rename(self, old_path: str, new_path: str) -> None:
+        await self.client._call(
+            "POST", f"{self.client.prefix}/files/rename", params={"old": old_path, "new": new_path}
+        )
+
+    async def upload(self, local: str | os.PathLike[str], remote: str) -> int:
+        source = await asyncio.to_thread(Path(local).open, "rb")
+        try:
+            mode = os.fstat(source.fileno()).st_mode & 0o755
+            return await self.write(remote, source, mode=mode)
+        finally:
+            source.close()
+
+    async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
+        target = Path(local)
+        temporary = target.with_name(f".{target.name}.agentvm-part")
+        total = 0
+        try:
+            with temporary.open("wb") as out:
+                async for chunk in self.read_stream(remote):
+                    out.write(chunk)
+                    total += len(chunk)
+            temporary.replace(target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return total
