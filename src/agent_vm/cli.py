@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Annotated, BinaryIO, TextIO
 
 import typer
 from rich.console import Console
@@ -34,6 +34,9 @@ from agent_vm.image.recipe import LoadedRecipe, find_recipe, load_recipe
 from agent_vm.image.store import Image
 from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
 from agent_vm.protocol.messages import Result
+
+if TYPE_CHECKING:
+    from agent_vm.sandbox.remote import RemoteClient
 
 EXIT_TIMEOUT = 124
 EXIT_AGENT_VM_ERROR = 125
@@ -398,7 +401,7 @@ def run(
             raise ConfigError("-t forwards this terminal itself; drop -i")
         local_only = [
             flag for flag, given in (
-                ("--tty", tty), ("--workspace", workspace), ("--cold", cold), ("--code", code),
+                ("--workspace", workspace), ("--cold", cold), ("--code", code),
                 ("--cpus", cpus), ("--memory", memory), ("--disk", disk),
                 ("--upload", upload), ("--download", download),
             ) if given
@@ -469,6 +472,8 @@ async def _run_remote(
     })  # fmt: skip
     try:
         assert request.command is not None
+        if request.tty:
+            return await _remote_terminal(client, server, token, request)
         result = await client.run(
             request.command, timeout=request.timeout, envs=request.env, cwd=request.cwd,
             user=request.user, stdin=request.stdin, on_stdout=_text_writer(sys.stdout),
@@ -480,6 +485,30 @@ async def _run_remote(
         err.print(f"[bold red]agent-vm:[/] command timed out after {request.timeout:g} s")
         return EXIT_TIMEOUT
     return result.exit_code
+
+
+async def _remote_terminal(
+    client: RemoteClient, server: str, token: str | None, request: _Request
+) -> int:
+    """``run -t`` through a server: this terminal in raw mode, the guest PTY over the
+    server's WebSocket (window size follows, keys in order)."""
+    from agent_vm.sandbox.remote import RemotePty, RemoteTerminal
+
+    fd = sys.stdin.fileno()
+    cols, rows = terminal.size_of(fd)
+    pty = RemotePty(client, server, token)
+    with terminal.raw_mode(fd):
+        handle = await pty.create(
+            cols, rows, _writer(sys.stdout.buffer), cmd=request.command, envs=request.env,
+            cwd=request.cwd, user=request.user, timeout=request.timeout,
+        )  # fmt: skip
+        driver = RemoteTerminal(pty, handle)
+        done = asyncio.ensure_future(driver.result())
+        outcome = await terminal.attach(driver, handle, done, fd, lambda: terminal.size_of(fd))
+    if outcome.timed_out:
+        err.print(f"\r\nagent-vm: command timed out after {request.timeout:g} s")
+        return EXIT_TIMEOUT
+    return terminal.exit_status(outcome.exit_code, outcome.signal)
 
 
 def _text_writer(stream: TextIO) -> Callable[[str], None]:
@@ -620,9 +649,7 @@ async def _run(
                 return EXIT_TIMEOUT
             if outcome.error:
                 err.print(f"agent-vm: {escape(outcome.error)}", highlight=False)
-            return (
-                outcome.exit_code if outcome.exit_code is not None else 128 + (outcome.signal or 0)
-            )
+            return terminal.exit_status(outcome.exit_code, outcome.signal)
         result = await AgentExecutor().execute(
             vm,
             request.command,
@@ -674,12 +701,16 @@ def shell(
         list[str] | None, typer.Option("--secret", help="NAME or NAME=@FILE (see run)")
     ] = None,
     cold: Annotated[bool, typer.Option("--cold", help="boot instead of the golden state")] = False,
+    server: Annotated[
+        str | None, typer.Option(help="open it on this `agent-vm serve` (URL or socket)")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="the server's token")] = None,
 ) -> None:
     """An interactive login shell in a fresh sandbox (removed when the shell exits)."""
     run(
         command=["bash", "-l"], image=image, profile=profile, network=network,
         workspace=workspace, readonly=readonly, secret=secret, cold=cold, tty=True,
-        timeout=SHELL_TIMEOUT,
+        timeout=SHELL_TIMEOUT, server=server, token=token,
     )  # fmt: skip
 
 
@@ -766,6 +797,10 @@ def serve(
         list[str] | None,
         typer.Option(help="a warm pool, IMAGE:PROFILE:NETWORK:MIN:MAX (IMAGE empty: default)"),
     ] = None,
+    workspace_root: Annotated[
+        Path | None,
+        typer.Option(help="clients may share directories below this one (else none)"),
+    ] = None,
 ) -> None:
     """Serve the HTTP API in the foreground (Ctrl-C or SIGTERM stops it and its sandboxes).
 
@@ -778,7 +813,7 @@ def serve(
         specs = [PoolSpec.parse(item) for item in pool or []]
         run_server(
             load_settings(), specs, socket=socket, host=host, port=port, tls_cert=tls_cert,
-            tls_key=tls_key,
+            tls_key=tls_key, workspace_root=workspace_root,
         )  # fmt: skip
     except AgentVMError as exc:
         raise _fail(exc) from exc

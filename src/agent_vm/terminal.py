@@ -15,10 +15,40 @@ import os
 import signal
 import termios
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol, TypeVar
 
-from agent_vm.communication.channel import AgentChannel
+from agent_vm.errors import AgentReplyTimeout
 from agent_vm.protocol.messages import Result
+
+T = TypeVar("T")
+
+
+class Terminal(Protocol):
+    """What drives a guest PTY by request id: the agent channel, or a server's socket."""
+
+    async def send_input(self, request_id: int, data: bytes) -> None: ...
+
+    async def resize(self, request_id: int, cols: int, rows: int) -> None: ...
+
+    def end_terminal(self, request_id: int) -> None: ...
+
+
+async def wait_for_end(ended: Awaitable[T], name: object, timeout: float | None) -> T:
+    """What a terminal's command ended with; AgentVMTimeout naming it after ``timeout``."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(ended), timeout)
+    except TimeoutError:
+        raise AgentReplyTimeout(
+            f"terminal {name} still running after {timeout} s",
+            hint="send it input, or kill() it",
+        ) from None
+
+
+def exit_status(exit_code: int | None, signum: int | None) -> int:
+    """A shell's way: the exit code, or 128+N when signal N ended the command."""
+    return exit_code if exit_code is not None else 128 + (signum or 0)
+
 
 EOT = b"\x04"  # what ends input in a terminal (stdin was not one: its end becomes ^D)
 
@@ -47,7 +77,7 @@ def raw_mode(fd: int) -> Iterator[None]:
 
 
 async def attach(
-    channel: AgentChannel,
+    channel: Terminal,
     request_id: int,
     done: asyncio.Future[Result],
     stdin_fd: int,

@@ -26,34 +26,40 @@ async def until(seen: bytearray, marker: bytes, seconds: float = 30) -> None:
 
 
 async def test_a_sandbox_terminal(settings: Settings) -> None:
-    out = bytearray()
     async with AsyncSandbox(network="isolated", settings=settings) as sb:
-        pty = await sb.pty.create(80, 24, out.extend)
-        await sb.pty.send_input(pty, "tty; stty size; echo TERM=$TERM\n")
-        await until(out, b"TERM=xterm-256color")
-        assert b"/dev/pts/" in out and b"24 80" in out
-        await sb.pty.resize(pty, 100, 30)
-        await sb.pty.send_input(pty, "stty size\n")
-        await until(out, b"30 100")
-        await sb.pty.send_input(pty, "sleep 60\n")
-        await asyncio.sleep(1.0)
-        started = time.monotonic()
-        await sb.pty.send_input(pty, "\x03")  # Ctrl-C: the guest's tty signals the sleep
-        await sb.pty.send_input(pty, "echo rc=$?\n")
-        await until(out, b"rc=130", 10)
-        assert time.monotonic() - started < 10
-        out.clear()
-        await sb.pty.send_input(pty, "top -d 1\n")  # a full-screen program
-        await until(out, b"load average")
-        assert b"\x1b[" in out  # its screen control sequences arrive as they are
-        out.clear()
-        await sb.pty.send_input(pty, "q")
-        await until(out, b"root@")  # the prompt is back (top flushes typeahead as it quits)
-        await sb.pty.send_input(pty, "exit 3\n")
-        assert await sb.pty.wait(pty, 30) == 3
-        killed = await sb.pty.create(on_data=lambda data: None, cmd="sleep 300")
-        await sb.pty.kill(killed)
-        assert await sb.pty.wait(killed, 30) == 137
+        await terminal_scenario(sb)
+
+
+async def terminal_scenario(sb: AsyncSandbox) -> None:
+    """tty, size and resize, Ctrl-C, a full-screen program, exit codes; also run against
+    a sandbox on a server (``test_server.py``)."""
+    out = bytearray()
+    pty = await sb.pty.create(80, 24, out.extend)
+    await sb.pty.send_input(pty, "tty; stty size; echo TERM=$TERM\n")
+    await until(out, b"TERM=xterm-256color")
+    assert b"/dev/pts/" in out and b"24 80" in out
+    await sb.pty.resize(pty, 100, 30)
+    await sb.pty.send_input(pty, "stty size\n")
+    await until(out, b"30 100")
+    await sb.pty.send_input(pty, "sleep 60\n")
+    await asyncio.sleep(1.0)
+    started = time.monotonic()
+    await sb.pty.send_input(pty, "\x03")  # Ctrl-C: the guest's tty signals the sleep
+    await sb.pty.send_input(pty, "echo rc=$?\n")
+    await until(out, b"rc=130", 10)
+    assert time.monotonic() - started < 10
+    out.clear()
+    await sb.pty.send_input(pty, "top -d 1\n")  # a full-screen program
+    await until(out, b"load average")
+    assert b"\x1b[" in out  # its screen control sequences arrive as they are
+    out.clear()
+    await sb.pty.send_input(pty, "q")
+    await until(out, b"root@")  # the prompt is back (top flushes typeahead as it quits)
+    await sb.pty.send_input(pty, "exit 3\n")
+    assert await sb.pty.wait(pty, 30) == 3
+    killed = await sb.pty.create(on_data=lambda data: None, cmd="sleep 300")
+    await sb.pty.kill(killed)
+    assert await sb.pty.wait(killed, 30) == 137
 
 
 def run_on_a_host_terminal(
@@ -97,7 +103,13 @@ def run_on_a_host_terminal(
     return out, os.waitstatus_to_exitcode(status or 0), restored
 
 
-def test_run_t_follows_the_host_terminal(image: Image) -> None:
+RESIZE_SCRIPT = "tty; stty size; echo READY; sleep 3; stty size; exit 4"
+
+
+def check_run_t_follows_the_host_terminal(options: list[str]) -> None:
+    """``agent-vm run -t [options]`` on a host PTY of 120x33 that becomes 100x40 once the
+    command said READY: the guest sees both sizes, the exit code comes back, and the host
+    terminal is restored."""
     resized: list[bool] = []
 
     def on_output(seen: bytes, slave: int) -> bytes | None:
@@ -106,12 +118,16 @@ def test_run_t_follows_the_host_terminal(image: Image) -> None:
             resized.append(True)
         return None
 
-    script = "tty; stty size; echo READY; sleep 3; stty size; exit 4"
-    argv = ["-m", "agent_vm", "run", "--network", "isolated", "-t", "--", "sh", "-c", script]
+    argv = ["-m", "agent_vm", "run", *options, "--network", "isolated", "-t", "--",
+            "sh", "-c", RESIZE_SCRIPT]  # fmt: skip
     out, code, restored = run_on_a_host_terminal(argv, 120, 33, on_output)
     assert code == 4, out
     assert b"/dev/pts/" in out and b"33 120" in out and b"40 100" in out, out
     assert restored, "the host terminal was left in raw mode"
+
+
+def test_run_t_follows_the_host_terminal(image: Image) -> None:
+    check_run_t_follows_the_host_terminal([])
 
 
 def test_ctrl_c_in_run_t_interrupts_the_guest_command(image: Image) -> None:

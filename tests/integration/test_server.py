@@ -25,7 +25,8 @@ from httpx_sse import connect_sse
 from agent_vm.api.tokens import TokenStore
 from agent_vm.config import Settings
 from agent_vm.image.store import Image
-from agent_vm.sandbox import Sandbox
+from agent_vm.sandbox import AsyncSandbox, Sandbox
+from tests.integration.test_pty import check_run_t_follows_the_host_terminal, terminal_scenario
 
 CLI = [sys.executable, "-m", "agent_vm"]
 POOL = ":light:isolated:1:2"
@@ -96,7 +97,9 @@ def server(
     settings: Settings, image: Image, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     before = domains()
-    running = Server(settings, tmp_path_factory.mktemp("server"), "--pool", POOL)
+    root = tmp_path_factory.mktemp("server")
+    (root / "projects" / "demo").mkdir(parents=True)
+    running = Server(settings, root, "--pool", POOL, "--workspace-root", str(root / "projects"))
     try:
         running.wait_ready()
         yield running
@@ -229,6 +232,11 @@ def test_a_sandbox_past_its_lifetime_is_reclaimed(server: Server, tokens: dict[s
         client.delete(f"/v1/sandboxes/{kept}")
 
 
+def network_records() -> list[str]:
+    """The filtered network's per-sandbox records (address, policy, ipset, tap)."""
+    return [p.read_text() for p in Path("/run/agent-vm/networks").glob("*/sandboxes/*.json")]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -253,20 +261,25 @@ def test_loopback_tcp_and_a_killed_server_leaves_nothing_after_restart(
                 assert time.monotonic() < deadline and first.proc.poll() is None
                 time.sleep(0.2)
         with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
-            sid = create(client, profile="standard")["id"]
+            sid = create(client, profile="standard", network="nat")["id"]
             ran = client.post(f"/v1/sandboxes/{sid}/executions", params={"wait": True},
                               json={"cmd": "echo over tcp"}).json()  # fmt: skip
             assert ran["stdout"] == "over tcp\n"
             assert len(domains() - before) == 1
+        left = domains() - before
         first.proc.kill()  # SIGKILL: no clean-up at all
         first.proc.wait()
-        assert len(domains() - before) == 1  # left behind ...
+        assert domains() - before == left and len(left) == 1  # left behind ...
+        assert all((settings.vms_dir / name).exists() for name in left)
+        assert any(name in text for name in left for text in network_records())
     finally:
         first.stop()
     second = Server(settings, tmp_path / "again")
     try:
         second.wait_ready()
-        assert domains() <= before  # ... and reaped by the next server's start
+        assert domains() <= before  # ... and reaped by the next server's start:
+        assert not any((settings.vms_dir / name).exists() for name in left)  # overlay
+        assert not any(name in text for name in left for text in network_records())
     finally:
         second.stop()
 
@@ -332,8 +345,23 @@ def test_the_cli_runs_through_the_server(
     )  # fmt: skip
     assert absent.returncode == 125 and "cannot reach the agent-vm server" in absent.stderr
     refused = subprocess.run(
-        [*CLI, "run", "--server", str(server.socket), "--tty", "--", "true"],
+        [*CLI, "run", "--server", str(server.socket), "--workspace", "/tmp", "--", "true"],
         env={**os.environ, "AGENT_VM_TOKEN": tokens["alice"]}, capture_output=True, text=True,
         timeout=60,
     )  # fmt: skip
-    assert refused.returncode == 125 and "--tty cannot be used with --server" in refused.stderr
+    assert refused.returncode == 125
+    assert "--workspace cannot be used with --server" in refused.stderr
+
+
+async def test_a_terminal_through_the_server(server: Server, tokens: dict[str, str]) -> None:
+    async with AsyncSandbox(
+        server=str(server.socket), token=tokens["alice"], network="isolated"
+    ) as sb:
+        await terminal_scenario(sb)
+
+
+def test_run_t_through_the_server_follows_the_host_terminal(
+    server: Server, tokens: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_VM_TOKEN", tokens["alice"])
+    check_run_t_follows_the_host_terminal(["--server", str(server.socket)])

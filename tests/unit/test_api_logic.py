@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_vm.api import service
-from agent_vm.api.service import Execution, PoolSpec
+from agent_vm.api.service import Execution, PoolSpec, resolve_workspace
 from agent_vm.api.systemd import render_unit
 from agent_vm.api.tokens import TokenStore
 from agent_vm.errors import ConfigError
@@ -77,3 +77,18 @@ def test_the_systemd_unit_runs_serve() -> None:
     unit = render_unit(Path("/opt/agent vm/agent-vm"), ["--pool", ":light:nat:2:4"])
     assert "ExecStart='/opt/agent vm/agent-vm' serve --pool :light:nat:2:4" in unit
     assert "KillSignal=SIGTERM" in unit
+
+
+def test_workspaces_stay_below_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    assert resolve_workspace(root, "a/b") == (root / "a" / "b").resolve()
+    assert resolve_workspace(root, "/a") == (root / "a").resolve()  # rooted at the root
+    for bad, says in (("..", "outside"), ("link", "outside"), ("a/../..", "outside"),
+                      ("missing", "not a directory")):  # fmt: skip
+        with pytest.raises(ConfigError, match=says):
+            resolve_workspace(root, bad)
+    with pytest.raises(ConfigError, match="shares no host directories"):
+        resolve_workspace(None, "a")

@@ -10,12 +10,13 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_vm import __version__
+from agent_vm.api.pty import serve_pty
 from agent_vm.api.service import Execution, Hosted, NotFound, OverQuota, SandboxService
 from agent_vm.api.tokens import TokenRecord, TokenStore
 from agent_vm.communication.files import FileService
@@ -39,6 +40,11 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class WorkspaceRequest(_Body):
+    path: str = Field(description="a directory below the server's --workspace-root")
+    readonly: bool = False
+
+
 class CreateSandbox(_Body):
     image: str | None = None
     profile: Literal["light", "standard", "intensive"] = "light"
@@ -46,6 +52,7 @@ class CreateSandbox(_Body):
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default={}, max_length=32)
     lifetime_seconds: float = Field(default=3600.0, gt=0, le=MAX_LIFETIME)
     policy: EgressPolicy | None = None
+    workspace: WorkspaceRequest | None = None
 
 
 class KeepAlive(_Body):
@@ -133,6 +140,7 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
         hosted = await service().create(
             owner, image=body.image, profile=body.profile, network=body.network,
             labels=body.labels, lifetime=body.lifetime_seconds, policy=body.policy,
+            workspace=(body.workspace.path, body.workspace.readonly) if body.workspace else None,
         )  # fmt: skip
         return _sandbox_view(hosted)
 
@@ -202,6 +210,11 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     async def kill(execution_id: str, owner: Token) -> dict[str, Any]:
         execution = service().kill(owner, execution_id)
         return {"id": execution.id, "done": execution.done}
+
+    @app.websocket("/v1/sandboxes/{sandbox_id}/pty")
+    async def pty(websocket: WebSocket, sandbox_id: str) -> None:
+        """A terminal in the sandbox (see ``api/pty.py`` for the messages)."""
+        await serve_pty(websocket, sandbox_id, service(), tokens)
 
     # ------------------------------------------------------------------ files
 

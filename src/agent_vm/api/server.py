@@ -46,7 +46,9 @@ def token_store(settings: Settings) -> TokenStore:
     return TokenStore(settings.state_dir / "tokens.json")
 
 
-def build_app(settings: Settings, pool_specs: list[PoolSpec]) -> FastAPI:
+def build_app(
+    settings: Settings, pool_specs: list[PoolSpec], workspace_root: Path | None = None
+) -> FastAPI:
     holder: dict[str, SandboxService] = {}
 
     def current() -> SandboxService:
@@ -67,7 +69,7 @@ def build_app(settings: Settings, pool_specs: list[PoolSpec]) -> FastAPI:
                 )  # fmt: skip
                 await pool.initialize()
                 pools[spec] = pool
-            service = SandboxService(runtime, LocalSource(runtime, pools))
+            service = SandboxService(runtime, LocalSource(runtime, pools), workspace_root)
             service.start()
             holder["service"] = service
             log.info("server_ready", pools=len(pools))
@@ -93,11 +95,14 @@ def serve(
     port: int = 8177,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    workspace_root: Path | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. TCP when ``host`` is given (TLS with cert and key)."""
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
-    app = build_app(settings, pool_specs)
+    if workspace_root is not None and not workspace_root.is_dir():
+        raise ConfigError(f"--workspace-root {workspace_root}: not a directory")
+    app = build_app(settings, pool_specs, workspace_root)
     if host is not None:
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", ssl_certfile=tls_cert,

@@ -16,10 +16,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent_vm import timeutil
 from agent_vm.api.tokens import TokenRecord
+from agent_vm.communication.workspace import Workspace
 from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.pool import VMPool
@@ -104,7 +106,10 @@ class LocalSource:
 
     async def release(self, vm: RunningVM, pool: VMPool | None) -> None:
         if pool is not None:
-            await pool.release(vm)
+            try:
+                await vm.detach_workspace()  # the user's directory goes before the VM does
+            finally:
+                await pool.release(vm)
         else:
             await vm.close()
 
@@ -191,16 +196,39 @@ class _Text:
         return self.decoder.decode(data)
 
 
+def resolve_workspace(root: Path | None, relative: str) -> Path:
+    """A directory below the server's ``--workspace-root``: the only host directories a
+    token holder may share (a path that leaves the root, also through a symlink, is
+    refused)."""
+    if root is None:
+        raise ConfigError(
+            "this server shares no host directories",
+            hint="start it with --workspace-root DIR to allow directories below DIR",
+        )
+    base = root.resolve()
+    target = (base / relative.lstrip("/")).resolve()
+    if target != base and base not in target.parents:
+        raise ConfigError(f"workspace {relative!r} is outside the server's workspace root")
+    if not target.is_dir():
+        raise ConfigError(f"workspace {relative!r} is not a directory on the server")
+    return target
+
+
 class SandboxService:
-    def __init__(self, runtime: Runtime, source: SandboxSource) -> None:
+    def __init__(
+        self, runtime: Runtime, source: SandboxSource, workspace_root: Path | None = None
+    ) -> None:
         self.runtime = runtime
         self.source = source
+        self.workspace_root = workspace_root
         self.sandboxes: dict[str, Hosted] = {}
         self.executions: dict[str, Execution] = {}
         self.executor = AgentExecutor()
         self._reaper: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._starting: dict[str, int] = {}  # token id -> sandboxes being acquired
+        self._pending: dict[str, int] = {}  # token id -> sandboxes being released
+        self._releasing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,6 +243,8 @@ class SandboxService:
         for sandbox_id in list(self.sandboxes):
             with contextlib.suppress(Exception):
                 await self._remove(sandbox_id)
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def _reap_expired(self) -> None:
         while True:
@@ -244,10 +274,15 @@ class SandboxService:
         labels: dict[str, str],
         lifetime: float,
         policy: EgressPolicy | None,
+        workspace: tuple[str, bool] | None = None,
     ) -> Hosted:
+        share = None
+        if workspace is not None:  # checked before any VM is taken
+            path, readonly = workspace
+            share = Workspace(path=resolve_workspace(self.workspace_root, path), readonly=readonly)
         async with self._lock:  # quota check and reservation in one step
             mine = sum(1 for h in self.sandboxes.values() if h.owner == token.id)
-            mine += self._starting.get(token.id, 0)
+            mine += self._starting.get(token.id, 0) + self._pending.get(token.id, 0)
             if mine >= token.max_sandboxes:
                 raise OverQuota(
                     f"token {token.name!r} has {mine} sandboxes, its limit",
@@ -256,6 +291,12 @@ class SandboxService:
             self._starting[token.id] = self._starting.get(token.id, 0) + 1
         try:
             vm, pool = await self.source.acquire(image, profile, network, policy)
+            if share is not None:
+                try:
+                    await vm.attach_workspace(share)
+                except BaseException:
+                    await self.source.release(vm, pool)
+                    raise
         finally:
             self._starting[token.id] -= 1
         hosted = Hosted(
@@ -279,19 +320,39 @@ class SandboxService:
         return hosted
 
     async def delete(self, token: TokenRecord, sandbox_id: str) -> None:
+        """Gone for the caller at once; the VM is released in the background (a pool
+        resets it, a fresh one is destroyed), still counted in the token's quota."""
         self.get(token, sandbox_id)
-        await self._remove(sandbox_id)
+        hosted = self._detach(sandbox_id)
+        if hosted is not None:
+            task = asyncio.create_task(self._release(hosted), name=f"release-{sandbox_id}")
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
 
     async def _remove(self, sandbox_id: str) -> None:
+        hosted = self._detach(sandbox_id)
+        if hosted is not None:
+            await self._release(hosted)
+
+    def _detach(self, sandbox_id: str) -> Hosted | None:
         hosted = self.sandboxes.pop(sandbox_id, None)
         if hosted is None:
-            return
+            return None
         for execution_id in list(hosted.executions):
             execution = self.executions.get(execution_id)
             if execution is not None and execution.task is not None:
                 execution.task.cancel()
-        await self.source.release(hosted.vm, hosted.pool)
-        log.info("sandbox_deleted", sandbox=sandbox_id, owner=hosted.owner)
+        self._pending[hosted.owner] = self._pending.get(hosted.owner, 0) + 1
+        return hosted
+
+    async def _release(self, hosted: Hosted) -> None:
+        try:
+            await self.source.release(hosted.vm, hosted.pool)
+            log.info("sandbox_deleted", sandbox=hosted.id, owner=hosted.owner)
+        except Exception as exc:  # the VM's own teardown logs and retries what it can
+            log.warning("sandbox_release_failed", sandbox=hosted.id, error=str(exc))
+        finally:
+            self._pending[hosted.owner] -= 1
 
     # ------------------------------------------------------------------ executions
 

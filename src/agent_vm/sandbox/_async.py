@@ -28,7 +28,7 @@ from agent_vm.communication.files import (
 from agent_vm.communication.workspace import Workspace
 from agent_vm.config import Settings
 from agent_vm.core.template import ResourceProfile
-from agent_vm.errors import AgentReplyTimeout, AgentVMError, ConfigError, ProtocolError
+from agent_vm.errors import AgentVMError, ConfigError, ProtocolError
 from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.result import ExecutionResult
@@ -38,7 +38,8 @@ from agent_vm.execution.spec import NetworkChoice
 from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.protocol.messages import Execute, Result
-from agent_vm.sandbox.remote import RemoteClient, RemoteFiles
+from agent_vm.sandbox.remote import RemoteClient, RemoteFiles, RemotePty
+from agent_vm.terminal import exit_status, wait_for_end
 
 CommandResult = ExecutionResult
 TextCallback = Callable[[str], None]
@@ -213,6 +214,11 @@ class AsyncPty:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
         self._running: dict[int, asyncio.Future[Result]] = {}
+        self._remote = (
+            RemotePty(sandbox.remote, sandbox.server, sandbox.token)
+            if sandbox.remote is not None
+            else None
+        )
 
     async def create(
         self,
@@ -228,6 +234,12 @@ class AsyncPty:
     ) -> PtyHandle:
         """Start ``cmd`` (default: a login shell) in a ``cols`` x ``rows`` terminal;
         ``on_data`` gets its output as it comes."""
+        if self._remote is not None:
+            handle = await self._remote.create(
+                cols, rows, on_data, cmd=cmd, envs={**self._sandbox.secrets, **(envs or {})},
+                cwd=cwd, user=user, timeout=timeout,
+            )  # fmt: skip
+            return PtyHandle(handle)
         vm = self._sandbox.vm
         argv = ["bash", "-l"] if cmd is None else None
         try:
@@ -252,30 +264,32 @@ class AsyncPty:
     async def send_input(self, pty: PtyHandle, data: str | bytes) -> None:
         """Keystrokes for the terminal (``"\\x03"`` is Ctrl-C)."""
         payload = data.encode() if isinstance(data, str) else data
+        if self._remote is not None:
+            await self._remote.send_input(pty.pid, payload)
+            return
         await (await self._sandbox.vm.channel()).send_input(pty.pid, payload)
 
     async def resize(self, pty: PtyHandle, cols: int, rows: int) -> None:
+        if self._remote is not None:
+            await self._remote.resize(pty.pid, cols, rows)
+            return
         await (await self._sandbox.vm.channel()).resize(pty.pid, cols, rows)
 
     async def kill(self, pty: PtyHandle) -> None:
         """End the terminal's whole process tree."""
+        if self._remote is not None:
+            await self._remote.kill(pty.pid)
+            return
         await (await self._sandbox.vm.channel()).signal(pty.pid, signal.SIGKILL)
 
     async def wait(self, pty: PtyHandle, timeout: float | None = None) -> int:
         """The exit code once the terminal's command ended (128+N if signal N ended it)."""
-        future = self._running[pty.pid]
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise AgentReplyTimeout(
-                f"terminal {pty.pid} still running after {timeout} s",
-                hint="send it input, or kill() it",
-            ) from None
+        if self._remote is not None:
+            return await self._remote.wait(pty.pid, timeout)
+        result = await wait_for_end(self._running[pty.pid], pty.pid, timeout)
         self._running.pop(pty.pid, None)
         (await self._sandbox.vm.channel()).end_terminal(pty.pid)
-        if result.exit_code is not None:
-            return result.exit_code
-        return 128 + (result.signal or 0)
+        return exit_status(result.exit_code, result.signal)
 
 
 class AsyncSandbox:
@@ -307,16 +321,20 @@ class AsyncSandbox:
         lifetime_seconds: float = 3600.0,
     ) -> None:
         self.remote: RemoteClient | None = None
+        self.server, self.token = server, token
         if server is not None:  # an `agent-vm serve` holds the VM
-            if pool is not None or runtime is not None or workspace is not None:
-                raise ConfigError("server= cannot be combined with pool=, runtime= or workspace=")
+            if pool is not None or runtime is not None or isinstance(workspace, Workspace):
+                raise ConfigError("server= cannot be combined with pool= or runtime=")
             self.remote = RemoteClient(server, token)
             self._request = {
                 "image": image, "profile": profile if isinstance(profile, str) else "light",
                 "network": network if isinstance(network, str) else "nat",
                 "labels": dict(labels or {}), "lifetime_seconds": lifetime_seconds,
                 "policy": policy.model_dump(mode="json") if policy is not None else None,
+                "workspace": {"path": os.fspath(workspace), "readonly": workspace_readonly}
+                if workspace is not None else None,  # below the server's --workspace-root
             }  # fmt: skip
+            workspace = None
         self._workspace = _workspace(workspace, workspace_readonly)
         self._secrets = dict(secrets or {})
         secret_store.register(self._secrets)

@@ -20,12 +20,18 @@ from typing import IO, Any
 
 import httpx
 from httpx_sse import aconnect_sse
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.client import unix_connect as ws_unix_connect
+from websockets.exceptions import InvalidStatus
 
 from agent_vm.communication.files import FileEntry, file_error
 from agent_vm.errors import AgentVMError, AgentVMTimeout, ConfigError, SandboxFileNotFoundError
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.network.blocked import Blocked
 from agent_vm.network.policy import EgressPolicy
+from agent_vm.protocol.messages import Result
+from agent_vm.terminal import exit_status, wait_for_end
 
 DEFAULT_SOCKET = "/run/agent-vm/api.sock"
 CHUNK = 1 << 20
@@ -273,3 +279,105 @@ class RemoteFiles:
         finally:
             temporary.unlink(missing_ok=True)
         return total
+
+
+class RemotePty:
+    """Terminals over the server's WebSocket (``/v1/sandboxes/{id}/pty``)."""
+
+    def __init__(self, client: RemoteClient, server: str | None, token: str | None) -> None:
+        self.client = client
+        self.server = server or DEFAULT_SOCKET
+        self.token = token or os.environ.get("AGENT_VM_TOKEN") or ""
+        self._sessions: dict[int, tuple[ClientConnection, asyncio.Task[dict[str, Any]]]] = {}
+        self._next = 0
+
+    async def _connect(self) -> ClientConnection:
+        path = f"{self.client.prefix}/pty"
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            if self.server.startswith(("http://", "https://")):
+                url = "ws" + self.server.rstrip("/").removeprefix("http") + path
+                return await ws_connect(url, additional_headers=headers, max_size=2**20)
+            return await ws_unix_connect(
+                self.server.removeprefix("unix://"), f"ws://agent-vm{path}",
+                additional_headers=headers, max_size=2**20,
+            )  # fmt: skip
+        except (OSError, InvalidStatus) as exc:
+            raise AgentVMError(f"cannot open a terminal on the server: {exc}") from exc
+
+    async def create(
+        self,
+        cols: int,
+        rows: int,
+        on_data: Callable[[bytes], None] | None,
+        *,
+        cmd: str | Sequence[str] | None,
+        envs: dict[str, str],
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,
+    ) -> int:
+        ws = await self._connect()
+        start = {"cols": cols, "rows": rows, "env": envs, "cwd": cwd, "user": user,
+                 "timeout": timeout, "cmd": cmd if cmd is None or isinstance(cmd, str)
+                 else list(cmd)}  # fmt: skip
+        await ws.send(json.dumps(start))
+
+        async def read() -> dict[str, Any]:
+            async for message in ws:
+                if isinstance(message, bytes):
+                    if on_data is not None:
+                        on_data(message)
+                    continue
+                data: dict[str, Any] = json.loads(message)
+                if "error" in data:
+                    raise ConfigError(f"the server refused the terminal: {data['error']}")
+                return data
+            raise AgentVMError("the terminal's connection closed before its command ended")
+
+        self._next += 1
+        self._sessions[self._next] = (ws, asyncio.create_task(read()))
+        return self._next
+
+    def _ws(self, handle: int) -> ClientConnection:
+        return self._sessions[handle][0]
+
+    async def send_input(self, handle: int, data: bytes) -> None:
+        await self._ws(handle).send(data)
+
+    async def resize(self, handle: int, cols: int, rows: int) -> None:
+        await self._ws(handle).send(json.dumps({"resize": [cols, rows]}))
+
+    async def kill(self, handle: int) -> None:
+        await self._ws(handle).send(json.dumps({"kill": True}))
+
+    async def wait(self, handle: int, timeout: float | None) -> int:
+        ws, reader = self._sessions[handle]
+        result = await wait_for_end(reader, handle, timeout)
+        self._sessions.pop(handle, None)
+        await ws.close()
+        return exit_status(result.get("exit_code"), result.get("signal"))
+
+
+class RemoteTerminal:
+    """One server terminal in the shape ``terminal.attach`` drives (``agent-vm run -t``
+    and ``shell`` through a server)."""
+
+    def __init__(self, pty: RemotePty, handle: int) -> None:
+        self.pty = pty
+        self.handle = handle
+
+    async def send_input(self, request_id: int, data: bytes) -> None:
+        await self.pty.send_input(self.handle, data)
+
+    async def resize(self, request_id: int, cols: int, rows: int) -> None:
+        await self.pty.resize(self.handle, cols, rows)
+
+    def end_terminal(self, request_id: int) -> None:
+        return None
+
+    async def result(self) -> Result:
+        reader = self.pty._sessions[self.handle][1]
+        data = await asyncio.shield(reader)
+        await self.pty._ws(self.handle).close()
+        return Result(data.get("exit_code"), data.get("signal"), bool(data.get("timed_out")), 0.0)
