@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import threading
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
@@ -74,9 +75,31 @@ class Resolver:
         self.on_blocked = on_blocked
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the resolver's own
+        self._thread: threading.Thread | None = None
+        self._caller: asyncio.AbstractEventLoop | None = None  # where on_blocked runs
 
     async def start(self) -> None:
-        """Serve UDP and TCP. SO_REUSEPORT: every agent-vm process on the host can serve."""
+        """Serve UDP and TCP on an event loop of the resolver's own, in a thread.
+
+        SO_REUSEPORT: every agent-vm process on the host serves, and the kernel hands
+        each query to any one of them, whichever sandbox it comes from. So a process
+        must answer at all times, also while its own event loop is blocked or idle (a
+        test runner between async tests, a caller busy in a blocking call): a query
+        that lands on a socket nobody reads is lost, and the guest sees its name fail.
+        """
+        self._caller = asyncio.get_running_loop()
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="agent-vm-dns", daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._bind(), loop))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _bind(self) -> None:
         loop = asyncio.get_running_loop()
         self._udp, _ = await loop.create_datagram_endpoint(
             lambda: _UDP(self), local_addr=(str(self.listen), self.port), reuse_port=True
@@ -85,12 +108,34 @@ class Resolver:
             self._tcp_client, str(self.listen), self.port, reuse_port=True
         )
 
-    async def close(self) -> None:
+    async def _unbind(self) -> None:
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
             await self._tcp.wait_closed()
+
+    async def close(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._unbind(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 10)
+        if not thread.is_alive():
+            loop.close()
+
+    def _blocked(self, *args: object) -> None:
+        """Count a refusal on the caller's loop (the guard's counters live there)."""
+        if self.on_blocked is None:
+            return
+        caller = self._caller
+        if caller is not None and not caller.is_closed():
+            caller.call_soon_threadsafe(self.on_blocked, *args)
+        elif caller is None:
+            self.on_blocked(*args)
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -123,8 +168,7 @@ class Resolver:
         name = str(question.qname).rstrip(".")
         if not record.policy.allows_name(name):
             log.info("dns_blocked", vm=record.vm, name=name)
-            if self.on_blocked is not None:
-                self.on_blocked(record.vm, "dns", name, 53)
+            self._blocked(record.vm, "dns", name, 53)
             return _reply(request, RCODE.NXDOMAIN)
         if question.qtype == QTYPE.AAAA and not record.policy.allow_ipv6:
             return _reply(request, RCODE.NOERROR)
@@ -135,8 +179,7 @@ class Resolver:
             upstream, refused = public_only(upstream, record)
             if refused:
                 log.info("dns_rebinding_refused", vm=record.vm, name=name, addresses=refused)
-                if self.on_blocked is not None:
-                    self.on_blocked(record.vm, "dns", name, 53, "non-public answer")
+                self._blocked(record.vm, "dns", name, 53, "non-public answer")
             if upstream is None:
                 return _reply(request, RCODE.REFUSED)
             await asyncio.to_thread(self._remember, upstream, record.ipset, record.policy.tcp_ports)
