@@ -159,14 +159,7 @@ def main() -> None:
         data = asyncio.run(measure(runtime, args))
     finally:
         test_host.stop()
-    peer_rows: dict[str, Any] = {}
-    for tool, prefix in (("bwrap", peers.BWRAP), ("runsc", peers.RUNSC)):
-        problem = peers.available(tool)
-        peer_rows[tool] = (
-            {"error": problem}
-            if problem
-            else summary(peers.time_command(prefix, ["true"], args.peer_runs))
-        )
+    peer_rows = peers.measure(["true"], args.peer_runs)
     results: dict[str, Any] = {
         "host": {**host_info(), "accel": runtime.accel.reason},
         "config": {k: v for k, v in vars(args).items() if k != "out"},

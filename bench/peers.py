@@ -11,6 +11,9 @@ import os
 import shutil
 import subprocess
 import time
+from typing import Any
+
+from bench.stats import summary
 
 BWRAP = [
     "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
@@ -48,3 +51,13 @@ def time_command(prefix: list[str], argv: list[str], runs: int) -> list[float]:
         if proc.returncode != 0:
             raise RuntimeError(f"{prefix[0]} {argv} failed: {proc.stderr.decode()[-300:]}")
     return samples
+
+
+def measure(argv: list[str], runs: int) -> dict[str, dict[str, Any]]:
+    """Each peer's timing summary for ``argv`` (a fresh sandbox per run), or
+    ``{"error": why}`` where the peer cannot run here."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool, prefix in (("bwrap", BWRAP), ("runsc", RUNSC)):
+        problem = available(tool)
+        out[tool] = {"error": problem} if problem else summary(time_command(prefix, argv, runs))
+    return out

@@ -157,14 +157,7 @@ def main() -> None:
         log.close()
         store.revoke(name)
     leaked = sorted(domains() - before)
-    peer_rows: dict[str, Any] = {}
-    for tool, prefix in (("bwrap", peers.BWRAP), ("runsc", peers.RUNSC)):
-        problem = peers.available(tool)
-        peer_rows[tool] = (
-            {"error": problem}
-            if problem
-            else summary(peers.time_command(prefix, ONE_LINER, args.runs))
-        )
+    peer_rows = peers.measure(ONE_LINER, args.runs)
     executions = len(loaded["exec"])
     results: dict[str, Any] = {
         "host": host_info(),
