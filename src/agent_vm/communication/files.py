@@ -217,18 +217,7 @@ class FileService:
 
     async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
         """A sandbox file onto the host, streamed; written to a temporary name first."""
-        target = Path(local)
-        temporary = target.with_name(f".{target.name}.agentvm-part")
-        total = 0
-        try:
-            with temporary.open("wb") as out:
-                async for chunk in self.read_stream(remote):
-                    await asyncio.to_thread(out.write, chunk)
-                    total += len(chunk)
-            temporary.replace(target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return total
+        return await save_stream(self.read_stream(remote), local)
 
     # ------------------------------------------------------------------ trees
 
@@ -309,6 +298,23 @@ class FileService:
             finally:
                 with contextlib.suppress(Exception):
                     await stream.cancel()
+
+
+async def save_stream(chunks: AsyncIterator[bytes], local: str | os.PathLike[str]) -> int:
+    """Bytes onto a host file, under a temporary name until complete (a failed transfer
+    leaves no partial file); returns the bytes written."""
+    target = Path(local)
+    temporary = target.with_name(f".{target.name}.agentvm-part")
+    total = 0
+    try:
+        with temporary.open("wb") as out:
+            async for chunk in chunks:
+                await asyncio.to_thread(out.write, chunk)
+                total += len(chunk)
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return total
 
 
 def file_error(code: str, message: str, path: str) -> SandboxFileError:

@@ -25,7 +25,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.client import unix_connect as ws_unix_connect
 from websockets.exceptions import InvalidStatus
 
-from agent_vm.communication.files import FileEntry, file_error
+from agent_vm.communication.files import FileEntry, file_error, save_stream
 from agent_vm.errors import AgentVMError, AgentVMTimeout, ConfigError, SandboxFileNotFoundError
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.network.blocked import Blocked
@@ -267,18 +267,7 @@ class RemoteFiles:
             source.close()
 
     async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
-        target = Path(local)
-        temporary = target.with_name(f".{target.name}.agentvm-part")
-        total = 0
-        try:
-            with temporary.open("wb") as out:
-                async for chunk in self.read_stream(remote):
-                    out.write(chunk)
-                    total += len(chunk)
-            temporary.replace(target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return total
+        return await save_stream(self.read_stream(remote), local)
 
 
 class RemotePty:
