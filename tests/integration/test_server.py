@@ -178,6 +178,35 @@ def test_a_client_reconnects_to_a_running_execution(server: Server, tokens: dict
         client.delete(f"/v1/sandboxes/{sid}")
 
 
+def test_signal_and_kill_a_running_execution(server: Server, tokens: dict[str, str]) -> None:
+    with server.client(tokens["alice"]) as client:
+        sid = create(client)["id"]
+        script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+        execution = client.post(f"/v1/sandboxes/{sid}/executions", json={"cmd": script}).json()
+        url = f"/v1/executions/{execution['id']}"
+        with connect_sse(client, "GET", f"{url}/events") as source:
+            for sse in source.iter_sse():
+                if json.loads(sse.data).get("text") == "ready\n":
+                    break  # the trap is set
+        bogus = client.post(f"{url}/signal", json={"signal": "BOGUS"})
+        assert bogus.status_code == 422 and "signal" in bogus.text
+        assert client.get(url).json()["done"] is False  # the bad request changed nothing
+        assert client.post(f"{url}/signal", json={"signal": "TERM"}).status_code == 202
+        seen = events(client, execution["id"])
+        stdout = "".join(e["text"] for e in seen if e["type"] == "stdout")
+        assert stdout == "ready\ngot-term\n"  # (bash reports the killed sleep on stderr)
+        assert seen[-1]["exit_code"] == 7  # its own trap's exit, so TERM reached the shell
+        stubborn = client.post(f"/v1/sandboxes/{sid}/executions",
+                               json={"cmd": "trap '' TERM; sleep 300"}).json()  # fmt: skip
+        time.sleep(0.5)
+        assert client.post(f"/v1/executions/{stubborn['id']}/kill").status_code == 202
+        assert events(client, stubborn["id"])[-1]["killed"] is True
+        again = client.post(f"/v1/sandboxes/{sid}/executions", params={"wait": True},
+                            json={"cmd": "echo still-usable"}).json()  # fmt: skip
+        assert again["stdout"] == "still-usable\n"
+        client.delete(f"/v1/sandboxes/{sid}")
+
+
 def test_tokens_tenancy_and_quotas(server: Server, tokens: dict[str, str]) -> None:
     with server.client(None) as anonymous:
         assert anonymous.get("/v1/sandboxes").status_code == 401

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
@@ -66,6 +67,12 @@ class RunCommand(_Body):
     user: Literal["root", "agent"] | None = None
     timeout: float | None = Field(default=60.0, gt=0, le=7 * 86400)
     stdin: str | None = None
+
+
+class SendSignal(_Body):
+    signal: Literal["HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"] = Field(
+        description="delivered to the command's process group in the guest"
+    )
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -210,6 +217,11 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     async def kill(execution_id: str, owner: Token) -> dict[str, Any]:
         execution = service().kill(owner, execution_id)
         return {"id": execution.id, "done": execution.done}
+
+    @app.post("/v1/executions/{execution_id}/signal", status_code=202)
+    async def send_signal(execution_id: str, body: SendSignal, owner: Token) -> dict[str, Any]:
+        execution = await service().signal(owner, execution_id, signal.Signals[f"SIG{body.signal}"])
+        return {"id": execution.id, "done": execution.done, "signal": body.signal}
 
     @app.websocket("/v1/sandboxes/{sandbox_id}/pty")
     async def pty(websocket: WebSocket, sandbox_id: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from agent_vm import timeutil
 from agent_vm.api.tokens import TokenRecord
+from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.workspace import Workspace
 from agent_vm.errors import AgentVMError, ConfigError
 from agent_vm.execution.executor import AgentExecutor
@@ -159,6 +160,7 @@ class Execution:
     done: bool = False
     task: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    target: tuple[AgentChannel, int] | None = None  # where a signal goes while it runs
 
     def add(self, event: dict[str, Any], size: int = 0) -> None:
         event["seq"] = len(self.events) + self.dropped
@@ -393,6 +395,7 @@ class SandboxService:
                 result = await self.executor.execute(
                     hosted.vm, command, env=env, cwd=cwd, user=user, timeout=timeout,
                     stdin=stdin, on_stdout=emit("stdout", out), on_stderr=emit("stderr", err),
+                    on_started=lambda channel, rid: setattr(execution, "target", (channel, rid)),
                 )  # fmt: skip
                 execution.add({
                     "type": "result", "exit_code": result.exit_code,
@@ -407,6 +410,7 @@ class SandboxService:
                 execution.add({"type": "result", "exit_code": None, "error": exc.message})
             finally:
                 execution.done = True
+                execution.target = None
                 execution.changed.set()
                 hosted.executions.discard(execution.id)
                 self._forget_old_executions()
@@ -424,6 +428,15 @@ class SandboxService:
         execution = self.execution(token, execution_id)
         if execution.task is not None and not execution.done:
             execution.task.cancel()  # the channel sends SIGKILL to the guest's process tree
+        return execution
+
+    async def signal(self, token: TokenRecord, execution_id: str, signum: int) -> Execution:
+        """Deliver ``signum`` to the command's process group in the guest (a command that
+        ended meanwhile gets nothing; its result is already in its events)."""
+        execution = self.execution(token, execution_id)
+        if execution.target is not None and not execution.done:
+            channel, rid = execution.target
+            await channel.signal(rid, signum)
         return execution
 
     def _forget_old_executions(self) -> None:

@@ -209,8 +209,12 @@ class AgentChannel:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         wait_timeout: float | None = None,
+        on_started: Callable[[int], None] | None = None,
     ) -> RawExecution:
         """Run one command; returns when the guest reports its RESULT.
+
+        ``on_started`` gets the request id once the command is sent: what ``signal``
+        needs to reach it while it runs.
 
         ``wait_timeout`` bounds the wait on the host side; it should exceed the request's
         own (guest-enforced) timeout. On expiry the process is killed and ChannelError
@@ -224,6 +228,8 @@ class AgentChannel:
         self._pending[rid] = pending
         try:
             await self._send(Frame(MessageType.EXECUTE, rid, request.to_payload()))
+            if on_started is not None:
+                on_started(rid)
             if request.stdin:
                 data = stdin or b""
                 for start in range(0, max(len(data), 1), STDIN_CHUNK):

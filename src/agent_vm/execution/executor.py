@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent_vm.communication.channel import RESULT_GRACE, AgentChannel, OutputCallback
 from agent_vm.communication.workspace import Workspace, workspace_for
@@ -42,6 +42,7 @@ class AgentExecutor:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         workspace: Workspace | str | os.PathLike[str] | None = None,
+        on_started: Callable[[AgentChannel, int], None] | None = None,
     ) -> ExecutionResult:
         """Run ``command`` (a string goes through bash, a sequence is exec'd as argv) or
         ``code`` (Python source, run with the guest's python3).
@@ -51,10 +52,12 @@ class AgentExecutor:
         ``workspace`` shares a host directory for this run only (attached before it,
         detached after; a directory with ``input/``, ``output/`` and ``work/`` gets the
         layout, and ``result.output``), unless the VM has it attached already.
+        ``on_started(channel, request_id)`` is called once the command is on its way, for
+        callers that signal it while it runs (``channel.signal(request_id, SIGTERM)``).
         """
         if workspace is None:
             return await self._execute(
-                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr
+                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr, on_started
             )
         share = workspace if isinstance(workspace, Workspace) else workspace_for(workspace)
         if vm.workspace is not None:
@@ -64,12 +67,12 @@ class AgentExecutor:
                     hint="detach_workspace() first, or run without workspace=",
                 )
             return await self._execute(
-                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr
+                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr, on_started
             )
         await vm.attach_workspace(share)
         try:
             return await self._execute(
-                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr
+                vm, command, code, timeout, env, cwd, stdin, user, on_stdout, on_stderr, on_started
             )
         finally:
             await vm.detach_workspace()
@@ -86,6 +89,7 @@ class AgentExecutor:
         user: str | None,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
+        on_started: Callable[[AgentChannel, int], None] | None = None,
     ) -> ExecutionResult:
         pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
         workspace = vm.workspace
@@ -99,8 +103,9 @@ class AgentExecutor:
         started = time.monotonic()
         try:
             raw = await channel.execute(
-                request, stdin=data, on_stdout=on_stdout, on_stderr=on_stderr, wait_timeout=wait
-            )
+                request, stdin=data, on_stdout=on_stdout, on_stderr=on_stderr, wait_timeout=wait,
+                on_started=(lambda rid: on_started(channel, rid)) if on_started else None,
+            )  # fmt: skip
         except ChannelClosedError as exc:
             raise await vm.explain_failure(exc) from exc
         result = raw.result
