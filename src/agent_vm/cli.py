@@ -36,7 +36,7 @@ from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
 from agent_vm.protocol.messages import Result
 
 if TYPE_CHECKING:
-    from agent_vm.sandbox.remote import RemoteClient
+    from agent_vm.sandbox.remote import RemoteClient, RemoteFiles
 
 EXIT_TIMEOUT = 124
 EXIT_AGENT_VM_ERROR = 125
@@ -401,28 +401,24 @@ def run(
             raise ConfigError("-t forwards this terminal itself; drop -i")
         local_only = [
             flag for flag, given in (
-                ("--workspace", workspace), ("--cold", cold), ("--code", code),
-                ("--cpus", cpus), ("--memory", memory), ("--disk", disk),
-                ("--upload", upload), ("--download", download),
+                ("--cold", cold), ("--cpus", cpus), ("--memory", memory), ("--disk", disk),
             ) if given
         ]  # fmt: skip
-        target = _server_for(server, token, local_only)
-        if target is not None:
-            stdin = sys.stdin.buffer.read() if interactive else None
-            request = _Request(command, None, timeout, variables, cwd, user, stdin, tty)
-            exit_code = asyncio.run(
-                _run_remote(target, token, image, profile, network, policy, request)
-            )
-            raise typer.Exit(exit_code)
         if readonly and workspace is None:
             raise ConfigError("--ro needs --workspace DIR")
         share = Workspace(path=_existing_dir(workspace), readonly=readonly) if workspace else None
         copies = _Copies([_upload(item) for item in upload or []],
                          [_download(item) for item in download or []])  # fmt: skip
-        with _progress() as progress:
-            built = runtime.find_image(image, progress=progress)
         stdin = sys.stdin.buffer.read() if interactive else None
         request = _Request(command, source, timeout, variables, cwd, user, stdin, tty)
+        target = _server_for(server, token, local_only)
+        if target is not None:
+            exit_code = asyncio.run(
+                _run_remote(target, token, image, profile, network, policy, request, share, copies)
+            )
+            raise typer.Exit(exit_code)
+        with _progress() as progress:
+            built = runtime.find_image(image, progress=progress)
         exit_code = asyncio.run(_run(runtime, built, spec, policy, cold, request, share, copies))
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -435,23 +431,27 @@ def run(
 
 def _server_for(server: str | None, token: str | None, local_only: list[str]) -> str | None:
     """The server ``run`` should use: the one asked for, else the local one when it
-    listens and a token is set (unless an option needs a local VM), else None."""
+    listens and this user has a token for it ($AGENT_VM_TOKEN, or root's local token
+    file), unless an option needs a local VM; None runs locally."""
     if server is not None:
         if local_only:
-            raise ConfigError(f"{', '.join(local_only)} cannot be used with --server (yet)")
+            raise ConfigError(f"{', '.join(local_only)} cannot be used with --server")
         return server
-    from agent_vm.sandbox.remote import DEFAULT_SOCKET
+    from agent_vm.api.local import default_socket, read_local_token
 
-    if local_only or not (token or os.environ.get("AGENT_VM_TOKEN")):
+    if os.environ.get("AGENT_VM_LOCAL") == "1" or local_only:
+        return None
+    found = default_socket()
+    if not (token or os.environ.get("AGENT_VM_TOKEN") or read_local_token(found)):
         return None
     probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
     try:
-        probe.connect(DEFAULT_SOCKET)
+        probe.connect(found)
     except OSError:
         return None
     finally:
         probe.close()
-    return DEFAULT_SOCKET
+    return found
 
 
 async def _run_remote(
@@ -462,53 +462,62 @@ async def _run_remote(
     network: str,
     policy: EgressPolicy | None,
     request: _Request,
+    workspace: Workspace | None = None,
+    copies: _Copies | None = None,
 ) -> int:
-    from agent_vm.sandbox.remote import RemoteClient
+    """``run`` on a server: the same steps as ``_run`` (workspace, copies in, the
+    command, copies out), over its API."""
+    from agent_vm.sandbox.remote import RemoteClient, RemoteFiles
 
     client = RemoteClient(server, token)
+    shared = (
+        {"path": str(workspace.path.absolute()), "readonly": workspace.readonly}
+        if workspace is not None
+        else None
+    )
     await client.create({
-        "image": image, "profile": profile, "network": network,
+        "image": image, "profile": profile, "network": network, "workspace": shared,
         "policy": policy.model_dump(mode="json") if policy is not None else None,
     })  # fmt: skip
+    files = RemoteFiles(client)
     try:
-        assert request.command is not None
+        if copies is not None:
+            await _copy_in(files, copies)
         if request.tty:
-            return await _remote_terminal(client, server, token, request)
-        result = await client.run(
-            request.command, timeout=request.timeout, envs=request.env, cwd=request.cwd,
-            user=request.user, stdin=request.stdin, on_stdout=_text_writer(sys.stdout),
-            on_stderr=_text_writer(sys.stderr),
-        )  # fmt: skip
+            outcome = await _remote_terminal(client, request)
+        else:
+            result = await client.run(
+                request.command, code=request.code, timeout=request.timeout,
+                envs=request.env, cwd=request.cwd, user=request.user, stdin=request.stdin,
+                on_stdout=_text_writer(sys.stdout), on_stderr=_text_writer(sys.stderr),
+            )  # fmt: skip
+            outcome = Result(result.exit_code, result.signal, result.timed_out, 0.0)
+        if copies is not None:
+            await _copy_out(files, copies)
     finally:
         await asyncio.shield(client.delete())
-    if result.timed_out:
-        err.print(f"[bold red]agent-vm:[/] command timed out after {request.timeout:g} s")
+    if outcome.timed_out:
+        err.print(f"\r\nagent-vm: command timed out after {request.timeout:g} s")
         return EXIT_TIMEOUT
-    return result.exit_code
+    return terminal.exit_status(outcome.exit_code, outcome.signal)
 
 
-async def _remote_terminal(
-    client: RemoteClient, server: str, token: str | None, request: _Request
-) -> int:
+async def _remote_terminal(client: RemoteClient, request: _Request) -> Result:
     """``run -t`` through a server: this terminal in raw mode, the guest PTY over the
     server's WebSocket (window size follows, keys in order)."""
     from agent_vm.sandbox.remote import RemotePty, RemoteTerminal
 
     fd = sys.stdin.fileno()
     cols, rows = terminal.size_of(fd)
-    pty = RemotePty(client, server, token)
+    pty = RemotePty(client)
     with terminal.raw_mode(fd):
         handle = await pty.create(
-            cols, rows, _writer(sys.stdout.buffer), cmd=request.command, envs=request.env,
-            cwd=request.cwd, user=request.user, timeout=request.timeout,
+            cols, rows, _writer(sys.stdout.buffer), cmd=request.command, code=request.code,
+            envs=request.env, cwd=request.cwd, user=request.user, timeout=request.timeout,
         )  # fmt: skip
         driver = RemoteTerminal(pty, handle)
         done = asyncio.ensure_future(driver.result())
-        outcome = await terminal.attach(driver, handle, done, fd, lambda: terminal.size_of(fd))
-    if outcome.timed_out:
-        err.print(f"\r\nagent-vm: command timed out after {request.timeout:g} s")
-        return EXIT_TIMEOUT
-    return terminal.exit_status(outcome.exit_code, outcome.signal)
+        return await terminal.attach(driver, handle, done, fd, lambda: terminal.size_of(fd))
 
 
 def _text_writer(stream: TextIO) -> Callable[[str], None]:
@@ -561,7 +570,7 @@ def _download(item: str) -> tuple[str, Path]:
     return _vm_path(vm, "--download"), target
 
 
-async def _copy_in(files: FileService, copies: _Copies) -> None:
+async def _copy_in(files: FileService | RemoteFiles, copies: _Copies) -> None:
     for host, vm in copies.uploads:
         if host.is_dir():
             await files.upload_dir(host, vm)
@@ -569,7 +578,7 @@ async def _copy_in(files: FileService, copies: _Copies) -> None:
             await files.upload(host, vm)
 
 
-async def _copy_out(files: FileService, copies: _Copies) -> None:
+async def _copy_out(files: FileService | RemoteFiles, copies: _Copies) -> None:
     for vm, host in copies.downloads:
         if (await files.stat(vm)).type == "dir":
             report = await files.download_dir(vm, host)
@@ -742,9 +751,15 @@ def agent(
     memory: Annotated[int | None, typer.Option(help="MiB of RAM (overrides the profile)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds before the agent is stopped")] = 3600,
     cold: Annotated[bool, typer.Option("--cold", help="boot instead of the golden state")] = False,
+    server: Annotated[
+        str | None,
+        typer.Option(help="run it on this `agent-vm serve` (default: the local one if it listens)"),
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="the server's token")] = None,
 ) -> None:
     """Run a coding agent on a project in a fresh sandbox: interactive with a terminal,
-    headless (``--print``-style) without one. Its image is built on first use."""
+    headless (``--print``-style) without one. Its image is built on first use (on this
+    host: a remote server must have it already)."""
     runtime = _runtime()
     try:
         loaded = find_recipe(name)
@@ -756,7 +771,14 @@ def agent(
         policy = EgressPolicy(allow_domains=(*plan.allowlist, *(allow_domain or ())))
         share = Workspace(path=_existing_dir(workspace or Path.cwd()), readonly=readonly)
         request = _Request(plan.command, None, timeout, plan.env | hidden, None, None, None, tty)
-        exit_code = asyncio.run(_agent(runtime, loaded, spec, policy, cold, request, share))
+        local_only = [flag for flag, given in (("--cold", cold), ("--memory", memory)) if given]
+        target = _server_for(server, token, local_only)
+        if target is not None:
+            exit_code = asyncio.run(
+                _agent_remote(runtime, loaded, target, token, profile, policy, request, share)
+            )
+        else:
+            exit_code = asyncio.run(_agent(runtime, loaded, spec, policy, cold, request, share))
     except AgentVMError as exc:
         raise _fail(exc) from exc
     except KeyboardInterrupt:
@@ -782,11 +804,37 @@ async def _agent(
     return await _run(runtime, image, spec, policy, cold, request, share)
 
 
+async def _agent_remote(
+    runtime: Runtime,
+    loaded: LoadedRecipe,
+    server: str,
+    token: str | None,
+    profile: str,
+    policy: EgressPolicy,
+    request: _Request,
+    share: Workspace,
+) -> int:
+    """The agent on a server: a server on this host's socket shares this image store,
+    so the image is built (or found) here first; a remote one must have it."""
+    name = loaded.recipe.name
+    if not server.startswith(("http://", "https://")):
+        try:
+            with _progress() as progress:
+                name = (await runtime.build_recipe(loaded, progress=progress)).name
+        finally:
+            await runtime.close()
+    return await _run_remote(server, token, name, profile, "nat", policy, request, share)
+
+
 @app.command()
 def serve(
     socket: Annotated[
-        Path, typer.Option(help="the Unix socket to listen on (root's, 0600)")
-    ] = Path("/run/agent-vm/api.sock"),
+        Path | None,
+        typer.Option(
+            help="the Unix socket to listen on, root's, 0600 (default: $AGENT_VM_SOCKET, "
+            "else /run/agent-vm/api.sock)"
+        ),
+    ] = None,
     host: Annotated[
         str | None, typer.Option(help="listen on TCP at this address instead (e.g. 127.0.0.1)")
     ] = None,

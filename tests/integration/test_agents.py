@@ -10,6 +10,7 @@ three minutes here); later runs reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets as token
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from agent_vm.execution.runtime import Runtime
@@ -37,6 +39,7 @@ from tests.integration.agent_tasks import (
     project,
     run_agent,
 )  # fmt: skip
+from tests.integration.servers import running_server
 from tests.integration.testnet import TestHost
 
 CLI = [sys.executable, "-m", "agent_vm"]
@@ -131,20 +134,31 @@ async def test_codex_edits_a_workspace_file(
     print(f"Codex's names refused by the policy: {sorted(refused)}")
 
 
+@pytest.mark.parametrize("where", ["local", "server"])
 def test_the_agent_command_runs_claude_headless(
-    claude_image: Image, test_host: TestHost, tmp_path: Path
+    where: str, claude_image: Image, test_host: TestHost, tmp_path: Path
 ) -> None:
     """``agent-vm agent claude`` as a user types it: image (built), workspace, key from
-    the environment, base URL, headless without a terminal, the agent's exit code."""
+    the environment, base URL, headless without a terminal, the agent's exit code; on
+    this host, or through a server found on its socket."""
     workspace = project(tmp_path)
     key = f"sk-ant-test-{token.token_hex(8)}"
     control("/_script", CLAUDE_SCRIPT)
-    proc = subprocess.run(
-        [*CLI, "agent", "claude", "--workspace", str(workspace), "--base-url", f"http://{API}",
-         "--", "Make greet() say hello, world."],
-        env={**os.environ, "ANTHROPIC_API_KEY": key}, capture_output=True, timeout=900,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_VM_TOKEN"}
+    with contextlib.ExitStack() as stack:
+        server = None
+        if where == "server":
+            server = stack.enter_context(running_server(tmp_path / "server"))
+            env["AGENT_VM_SOCKET"] = str(server.socket)
+        proc = subprocess.run(
+            [*CLI, "agent", "claude", "--workspace", str(workspace), "--base-url",
+             f"http://{API}", "--", "Make greet() say hello, world."],
+            env={**env, "ANTHROPIC_API_KEY": key}, capture_output=True, timeout=900,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if server is not None:
+            log = server.log_path.read_text()
+            assert "sandbox_created" in log and key not in log
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert (workspace / "greet.py").read_text() == EDITED
     assert {r["key"] for r in control("/_requests")} == {key}

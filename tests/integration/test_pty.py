@@ -1,4 +1,5 @@
-"""Terminals: sb.pty against a real guest, and `agent-vm run -t` on a real host PTY."""
+"""Terminals: `agent-vm run -t` on a real host PTY (the `sb.pty` scenario, `terminal_scenario`,
+runs from `test_sandbox.py`, locally and through a server)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import termios
 import time
 from collections.abc import Callable
 
-from agent_vm.config import Settings
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox
 
@@ -25,14 +25,9 @@ async def until(seen: bytearray, marker: bytes, seconds: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_a_sandbox_terminal(settings: Settings) -> None:
-    async with AsyncSandbox(network="isolated", settings=settings) as sb:
-        await terminal_scenario(sb)
-
-
 async def terminal_scenario(sb: AsyncSandbox) -> None:
-    """tty, size and resize, Ctrl-C, a full-screen program, exit codes; also run against
-    a sandbox on a server (``test_server.py``)."""
+    """tty, size and resize, Ctrl-C, a full-screen program, exit codes; run on a local
+    sandbox and on a server's (``test_sandbox.py``)."""
     out = bytearray()
     pty = await sb.pty.create(80, 24, out.extend)
     await sb.pty.send_input(pty, "tty; stty size; echo TERM=$TERM\n")

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,59 +23,8 @@ from httpx_sse import connect_sse
 from agent_vm.api.tokens import TokenStore
 from agent_vm.config import Settings
 from agent_vm.image.store import Image
-from agent_vm.sandbox import AsyncSandbox, Sandbox
-from tests.integration.test_pty import check_run_t_follows_the_host_terminal, terminal_scenario
-
-CLI = [sys.executable, "-m", "agent_vm"]
-POOL = ":light:isolated:1:2"
-
-
-class Server:
-    def __init__(self, settings: Settings, root: Path, *args: str) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.socket = root / "api.sock"
-        self.log = (root / "server.log").open("wb")
-        self.proc = subprocess.Popen(
-            [*CLI, "serve", "--socket", str(self.socket), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.log_path = root / "server.log"
-
-    def client(self, token: str | None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://agent-vm",
-            headers=headers, timeout=120,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with self.client(None) as client:
-                    if client.get("/healthz").status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"the server did not answer within {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def domains() -> set[str]:
-    out = subprocess.run(["virsh", "list", "--all", "--name"], capture_output=True, text=True)
-    return {line for line in out.stdout.split() if line.startswith("agentvm-")}
+from tests.integration.servers import CLI, POOL, Server, domains, running_server
+from tests.integration.test_pty import check_run_t_follows_the_host_terminal
 
 
 @pytest.fixture(scope="module")
@@ -93,22 +40,13 @@ def tokens(settings: Settings) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(
-    settings: Settings, image: Image, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    before = domains()
+def server(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("server")
     (root / "projects" / "demo").mkdir(parents=True)
-    running = Server(settings, root, "--pool", POOL, "--workspace-root", str(root / "projects"))
-    try:
-        running.wait_ready()
+    with running_server(
+        root, "--pool", POOL, "--workspace-root", str(root / "projects")
+    ) as running:
         yield running
-    finally:
-        running.stop()
-    # uvicorn re-raises the SIGTERM it handled once it has shut down (so -15, not 0)
-    assert running.proc.returncode in (0, -signal.SIGTERM), running.log_path.read_text()[-2000:]
-    assert "Traceback" not in running.log_path.read_text()
-    assert domains() <= before, "the server left domains behind"
 
 
 def create(client: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -277,7 +215,7 @@ def test_loopback_tcp_and_a_killed_server_leaves_nothing_after_restart(
 ) -> None:
     before = domains()
     port = _free_port()
-    first = Server(settings, tmp_path, "--host", "127.0.0.1", "--port", str(port))
+    first = Server(tmp_path, "--host", "127.0.0.1", "--port", str(port))
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {tokens['alice']}"}
     try:
@@ -303,7 +241,7 @@ def test_loopback_tcp_and_a_killed_server_leaves_nothing_after_restart(
         assert any(name in text for name in left for text in network_records())
     finally:
         first.stop()
-    second = Server(settings, tmp_path / "again")
+    second = Server(tmp_path / "again")
     try:
         second.wait_ready()
         assert domains() <= before  # ... and reaped by the next server's start:
@@ -311,50 +249,6 @@ def test_loopback_tcp_and_a_killed_server_leaves_nothing_after_restart(
         assert not any(name in text for name in left for text in network_records())
     finally:
         second.stop()
-
-
-def sandbox_scenario(sb: Sandbox, tmp_path: Path) -> None:
-    """What a user of the SDK does; the same for a local sandbox and one on a server."""
-    streamed: list[str] = []
-    result = sb.commands.run(
-        "printf 'héllo wörld\\n'; echo oops >&2; exit 3", timeout=30, envs={"X": "1"},
-        on_stdout=streamed.append,
-    )  # fmt: skip
-    assert (result.stdout, result.stderr, result.exit_code) == ("héllo wörld\n", "oops\n", 3)
-    assert "".join(streamed) == "héllo wörld\n"
-    assert sb.commands.run(["sh", "-c", "echo $X"], envs={"X": "42"}).stdout == "42\n"
-    assert sb.commands.run("cat", stdin="fed in").stdout == "fed in"
-    assert sb.commands.run("sleep 5", timeout=1).timed_out
-    assert sb.files.write("/tmp/d/a.txt", "alpha") == 5
-    assert sb.files.read("/tmp/d/a.txt") == "alpha"
-    assert sb.files.exists("/tmp/d/a.txt") and not sb.files.exists("/tmp/d/nope")
-    assert [e.name for e in sb.files.list("/tmp/d")] == ["a.txt"]
-    assert sb.files.stat("/tmp/d/a.txt").size == 5
-    assert sb.files.make_dir("/tmp/d/sub") is True
-    sb.files.rename("/tmp/d/a.txt", "/tmp/d/sub/b.txt")
-    local = tmp_path / "blob"
-    local.write_bytes(os.urandom(2 * 2**20 + 7))
-    assert sb.files.upload(local, "/tmp/d/blob") == local.stat().st_size
-    assert sb.files.download("/tmp/d/blob", tmp_path / "back") == local.stat().st_size
-    assert (tmp_path / "back").read_bytes() == local.read_bytes()
-    sb.files.remove("/tmp/d")
-    with pytest.raises(FileNotFoundError):
-        sb.files.read("/tmp/d/sub/b.txt")
-
-
-@pytest.mark.parametrize("where", ["local", "server"])
-def test_the_client_sdk_does_what_the_local_sandbox_does(
-    where: str, server: Server, tokens: dict[str, str], settings: Settings, tmp_path: Path
-) -> None:
-    if where == "local":
-        with Sandbox(settings=settings, network="isolated") as sb:
-            sandbox_scenario(sb, tmp_path)
-        return
-    with Sandbox(server=str(server.socket), token=tokens["alice"], network="isolated") as sb:
-        sandbox_scenario(sb, tmp_path)
-        sid = sb.sandbox_id
-    with server.client(tokens["alice"]) as client:
-        assert client.get(f"/v1/sandboxes/{sid}").status_code == 404  # deleted on exit
 
 
 def test_the_cli_runs_through_the_server(
@@ -374,19 +268,55 @@ def test_the_cli_runs_through_the_server(
     )  # fmt: skip
     assert absent.returncode == 125 and "cannot reach the agent-vm server" in absent.stderr
     refused = subprocess.run(
-        [*CLI, "run", "--server", str(server.socket), "--workspace", "/tmp", "--", "true"],
+        [*CLI, "run", "--server", str(server.socket), "--cold", "--", "true"],
         env={**os.environ, "AGENT_VM_TOKEN": tokens["alice"]}, capture_output=True, text=True,
         timeout=60,
     )  # fmt: skip
     assert refused.returncode == 125
-    assert "--workspace cannot be used with --server" in refused.stderr
+    assert "--cold cannot be used with --server" in refused.stderr
 
 
-async def test_a_terminal_through_the_server(server: Server, tokens: dict[str, str]) -> None:
-    async with AsyncSandbox(
-        server=str(server.socket), token=tokens["alice"], network="isolated"
-    ) as sb:
-        await terminal_scenario(sb)
+JOB = """import os
+print(sorted(os.listdir("/root/tree/sub")), open("in.txt").read().strip())
+open("out.txt", "w").write("from the guest")
+os.makedirs("/root/result/deep", exist_ok=True)
+open("/root/result/deep/r.txt", "w").write("r")
+"""
+
+
+def test_the_cli_finds_the_local_server_and_moves_files_through_it(
+    server: Server, tmp_path: Path
+) -> None:
+    """No --server and no token: root's CLI finds the server on its socket
+    ($AGENT_VM_SOCKET here) by the local token beside it; --workspace, --upload,
+    --download and --code go through the server too."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "in.txt").write_text("from the host\n")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "a.txt").write_text("a")
+    (tmp_path / "job.py").write_text(JOB)
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_VM_TOKEN"}
+    seen_before = server.log_path.read_text().count("sandbox_created")
+    proc = subprocess.run(
+        [*CLI, "run", "--network", "isolated", "--workspace", str(project),
+         "--upload", f"{tmp_path / 'tree'}:/root/tree",
+         "--download", f"/root/result:{tmp_path / 'back'}", "--code", str(tmp_path / "job.py")],
+        env={**env, "AGENT_VM_SOCKET": str(server.socket)}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "['a.txt'] from the host\n"
+    assert (project / "out.txt").read_text() == "from the guest"
+    assert (tmp_path / "back" / "deep" / "r.txt").read_text() == "r"
+    assert server.log_path.read_text().count("sandbox_created") == seen_before + 1
+    alone = subprocess.run(  # nothing listens there: a local VM, as before
+        [*CLI, "run", "--network", "isolated", "--", "echo", "local"],
+        env={**env, "AGENT_VM_SOCKET": str(tmp_path / "none.sock")}, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert (alone.returncode, alone.stdout) == (0, "local\n"), alone.stderr
+    assert server.log_path.read_text().count("sandbox_created") == seen_before + 1
 
 
 def test_run_t_through_the_server_follows_the_host_terminal(

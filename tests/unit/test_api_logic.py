@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_vm.api import service
+from agent_vm.api.local import local_token_path, read_local_token, write_local_token
 from agent_vm.api.service import Execution, PoolSpec, resolve_workspace
 from agent_vm.api.systemd import render_unit
 from agent_vm.api.tokens import TokenStore
@@ -92,3 +93,35 @@ def test_workspaces_stay_below_the_root(tmp_path: Path) -> None:
             resolve_workspace(root, bad)
     with pytest.raises(ConfigError, match="shares no host directories"):
         resolve_workspace(None, "a")
+
+
+def test_a_workspace_may_be_named_by_its_absolute_path_below_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    assert resolve_workspace(root, str(root / "a")) == (root / "a").resolve()
+    with pytest.raises(ConfigError, match="not a directory"):  # read as below the root
+        resolve_workspace(root, str(tmp_path / "elsewhere"))
+    # the local token (root on this host) may share any absolute directory
+    assert (
+        resolve_workspace(None, str(tmp_path / "elsewhere"), anywhere=True)
+        == (tmp_path / "elsewhere").resolve()
+    )
+    with pytest.raises(ConfigError, match="absolute"):
+        resolve_workspace(None, "relative", anywhere=True)
+
+
+def test_the_local_token_lives_in_memory_and_beside_the_socket(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    token = store.issue_local()
+    record = store.verify(token)
+    assert record is not None and record.any_workspace and record.name == "local"
+    assert not (tmp_path / "tokens.json").exists()  # never written to the token file
+    assert TokenStore(tmp_path / "tokens.json").verify(token) is None  # another process
+    socket = tmp_path / "api.sock"
+    path = write_local_token(socket, token)
+    assert path == local_token_path(socket) == tmp_path / "api.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_local_token(f"unix://{socket}") == token
+    assert read_local_token(tmp_path / "other.sock") is None
+    assert store.verify(token[:-1] + "x") is None

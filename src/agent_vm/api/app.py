@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_vm import __version__
 from agent_vm.api.pty import serve_pty
@@ -61,12 +61,21 @@ class KeepAlive(_Body):
 
 
 class RunCommand(_Body):
-    cmd: str | list[str] = Field(description="a string runs through bash; a list is exec'd")
+    cmd: str | list[str] | None = Field(
+        default=None, description="a string runs through bash; a list is exec'd"
+    )
+    code: str | None = Field(default=None, description="Python source, run with python3")
     env: dict[str, str] = {}
     cwd: str | None = None
     user: Literal["root", "agent"] | None = None
     timeout: float | None = Field(default=60.0, gt=0, le=7 * 86400)
     stdin: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RunCommand:
+        if (self.cmd is None) == (self.code is None):
+            raise ValueError("give cmd or code (one of them)")
+        return self
 
 
 class SendSignal(_Body):
@@ -182,7 +191,7 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
         sandbox_id: str, body: RunCommand, owner: Token, wait: bool = False
     ) -> dict[str, Any]:
         execution = service().start_execution(
-            owner, sandbox_id, body.cmd, env=body.env, cwd=body.cwd, user=body.user,
+            owner, sandbox_id, body.cmd, code=body.code, env=body.env, cwd=body.cwd, user=body.user,
             timeout=body.timeout, stdin=body.stdin,
         )  # fmt: skip
         if not wait:
@@ -254,6 +263,36 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     ) -> dict[str, Any]:  # fmt: skip
         written = await files_of(owner, sandbox_id).write(path, request.stream(), mode=mode)
         return {"path": path, "bytes": written}
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/tar")
+    async def read_tree(sandbox_id: str, owner: Token, path: str) -> StreamingResponse:
+        """A directory as a tar stream: the guest's bytes as they are (the client
+        extracts them with the same care a local download takes)."""
+        files = files_of(owner, sandbox_id)
+        await files.stat(path)
+        return StreamingResponse(files.tar_stream(path), media_type="application/x-tar")
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files/tar")
+    async def write_tree(
+        sandbox_id: str, owner: Token, request: Request, path: str
+    ) -> dict[str, Any]:
+        """A tar stream unpacked by the guest into ``path`` (made if missing)."""
+        sent = await files_of(owner, sandbox_id).untar(path, request.stream())
+        return {"path": path, "bytes": sent}
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/watch")
+    async def watch(
+        sandbox_id: str, owner: Token, path: str, recursive: bool = False
+    ) -> StreamingResponse:
+        """File events under ``path`` as server-sent events, until the client leaves."""
+        files = files_of(owner, sandbox_id)
+        await files.stat(path)
+
+        async def stream() -> AsyncIterator[bytes]:
+            async for event in files.watch(path, recursive):
+                yield f"event: {event.type}\ndata: {json.dumps(vars(event))}\n\n".encode()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat")
     async def stat_file(sandbox_id: str, owner: Token, path: str) -> dict[str, Any]:

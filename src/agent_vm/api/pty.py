@@ -1,6 +1,6 @@
 """A terminal over a WebSocket: ``/v1/sandboxes/{id}/pty``.
 
-The client's first message is JSON (``cols``, ``rows``, and optionally ``cmd``, ``env``,
+The client's first message is JSON (``cols``, ``rows``, and optionally ``cmd`` or ``code``, ``env``,
 ``cwd``, ``user``, ``timeout``); then binary messages are keystrokes and text messages
 JSON controls (``{"resize": [cols, rows]}``, ``{"kill": true}``). The server sends the
 terminal's output as binary messages and, when the command ends, one JSON message with
@@ -37,6 +37,7 @@ class PtyStart(BaseModel):
     cols: int = Field(default=80, ge=1, le=1000)
     rows: int = Field(default=24, ge=1, le=1000)
     cmd: str | list[str] | None = None
+    code: str | None = None  # Python source instead of cmd
     env: dict[str, str] = {}
     cwd: str | None = None
     user: str | None = None
@@ -74,11 +75,12 @@ async def serve_pty(
         queued[0] += len(data)
         queue.put_nowait(data)
 
+    command = start.cmd if start.cmd is not None or start.code else ["bash", "-l"]
     try:
         channel, rid, done = await AgentExecutor().start_terminal(
-            hosted.vm, start.cmd if start.cmd is not None else ["bash", "-l"],
-            cols=start.cols, rows=start.rows, on_output=on_output, timeout=start.timeout,
-            env=start.env, cwd=start.cwd, user=start.user,
+            hosted.vm, command, code=start.code, cols=start.cols, rows=start.rows,
+            on_output=on_output, timeout=start.timeout, env=start.env, cwd=start.cwd,
+            user=start.user,
         )  # fmt: skip
     except AgentVMError as exc:
         await websocket.send_json({"error": exc.message})

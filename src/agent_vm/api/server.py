@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from agent_vm.api.app import create_app
+from agent_vm.api.local import default_socket, write_local_token
 from agent_vm.api.service import LocalSource, PoolSpec, SandboxService
 from agent_vm.api.tokens import TokenStore
 from agent_vm.config import Settings
@@ -27,8 +28,6 @@ from agent_vm.execution.runtime import Runtime
 from agent_vm.logs import get_logger
 
 log = get_logger(__name__)
-
-DEFAULT_SOCKET = Path("/run/agent-vm/api.sock")
 
 
 def _listening(path: Path) -> bool:
@@ -47,14 +46,17 @@ def token_store(settings: Settings) -> TokenStore:
 
 
 def build_app(
-    settings: Settings, pool_specs: list[PoolSpec], workspace_root: Path | None = None
+    settings: Settings,
+    pool_specs: list[PoolSpec],
+    workspace_root: Path | None = None,
+    tokens: TokenStore | None = None,
 ) -> FastAPI:
     holder: dict[str, SandboxService] = {}
 
     def current() -> SandboxService:
         return holder["service"]
 
-    app = create_app(current, token_store(settings))
+    app = create_app(current, tokens or token_store(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +92,7 @@ def serve(
     settings: Settings,
     pool_specs: list[PoolSpec],
     *,
-    socket: Path | None = DEFAULT_SOCKET,
+    socket: Path | None = None,
     host: str | None = None,
     port: int = 8177,
     tls_cert: Path | None = None,
@@ -102,7 +104,8 @@ def serve(
         raise ConfigError("--tls-cert and --tls-key go together")
     if workspace_root is not None and not workspace_root.is_dir():
         raise ConfigError(f"--workspace-root {workspace_root}: not a directory")
-    app = build_app(settings, pool_specs, workspace_root)
+    tokens = token_store(settings)
+    app = build_app(settings, pool_specs, workspace_root, tokens)
     if host is not None:
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", ssl_certfile=tls_cert,
@@ -110,7 +113,7 @@ def serve(
         )  # fmt: skip
         uvicorn.Server(config).run()
         return
-    assert socket is not None
+    socket = socket or Path(default_socket())
     socket.parent.mkdir(parents=True, exist_ok=True)
     if _listening(socket):
         raise ConfigError(
@@ -124,5 +127,10 @@ def serve(
         listener.bind(str(socket))
     finally:
         os.umask(old)
-    config = uvicorn.Config(app, log_level="warning")
-    uvicorn.Server(config).run(sockets=[listener])
+    # Root on this host may use the server without a token of its own (see issue_local).
+    token_file = write_local_token(socket, tokens.issue_local())
+    try:
+        config = uvicorn.Config(app, log_level="warning")
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        token_file.unlink(missing_ok=True)

@@ -198,17 +198,24 @@ class _Text:
         return self.decoder.decode(data)
 
 
-def resolve_workspace(root: Path | None, relative: str) -> Path:
+def resolve_workspace(root: Path | None, relative: str, *, anywhere: bool = False) -> Path:
     """A directory below the server's ``--workspace-root``: the only host directories a
     token holder may share (a path that leaves the root, also through a symlink, is
-    refused)."""
+    refused). ``anywhere`` (the local token, root on this host): any absolute directory."""
+    if anywhere:
+        target = Path(relative)
+        if not target.is_absolute() or not target.is_dir():
+            raise ConfigError(f"workspace {relative!r} is not an absolute directory on this host")
+        return target.resolve()
     if root is None:
         raise ConfigError(
             "this server shares no host directories",
             hint="start it with --workspace-root DIR to allow directories below DIR",
         )
     base = root.resolve()
-    target = (base / relative.lstrip("/")).resolve()
+    given = Path(relative)
+    inside = given.is_absolute() and given.resolve().is_relative_to(base)
+    target = given.resolve() if inside else (base / relative.lstrip("/")).resolve()
     if target != base and base not in target.parents:
         raise ConfigError(f"workspace {relative!r} is outside the server's workspace root")
     if not target.is_dir():
@@ -281,7 +288,10 @@ class SandboxService:
         share = None
         if workspace is not None:  # checked before any VM is taken
             path, readonly = workspace
-            share = Workspace(path=resolve_workspace(self.workspace_root, path), readonly=readonly)
+            share = Workspace(
+                path=resolve_workspace(self.workspace_root, path, anywhere=token.any_workspace),
+                readonly=readonly,
+            )
         async with self._lock:  # quota check and reservation in one step
             mine = sum(1 for h in self.sandboxes.values() if h.owner == token.id)
             mine += self._starting.get(token.id, 0) + self._pending.get(token.id, 0)
@@ -362,8 +372,9 @@ class SandboxService:
         self,
         token: TokenRecord,
         sandbox_id: str,
-        command: str | Sequence[str],
+        command: str | Sequence[str] | None,
         *,
+        code: str | None = None,
         env: dict[str, str],
         cwd: str | None,
         user: str | None,
@@ -393,7 +404,7 @@ class SandboxService:
         async def run() -> None:
             try:
                 result = await self.executor.execute(
-                    hosted.vm, command, env=env, cwd=cwd, user=user, timeout=timeout,
+                    hosted.vm, command, code=code, env=env, cwd=cwd, user=user, timeout=timeout,
                     stdin=stdin, on_stdout=emit("stdout", out), on_stderr=emit("stderr", err),
                     on_started=lambda channel, rid: setattr(execution, "target", (channel, rid)),
                 )  # fmt: skip

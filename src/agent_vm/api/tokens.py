@@ -32,6 +32,7 @@ class TokenRecord(BaseModel):
     revoked: bool = False
     max_sandboxes: int = Field(default=8, ge=0)
     max_executions: int = Field(default=16, ge=0)
+    any_workspace: bool = False  # the server's own local token: root on the server's host
 
     def public(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude={"digest"})
@@ -44,6 +45,26 @@ def _digest(secret: str) -> str:
 class TokenStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._ephemeral: list[TokenRecord] = []  # this process's only, never on disk
+
+    def issue_local(self, *, max_sandboxes: int = 64, max_executions: int = 128) -> str:
+        """A token for root on this host, valid while this process lives: ``serve``
+        writes it next to its root-only socket, so the CLI there needs no token of its
+        own (who can read that file can run VMs as root anyway)."""
+        token_id = f"local{secrets.token_hex(2)}"
+        secret = secrets.token_urlsafe(32)
+        self._ephemeral.append(
+            TokenRecord(
+                id=token_id,
+                name="local",
+                digest=_digest(secret),
+                created_at=timeutil.now(),
+                max_sandboxes=max_sandboxes,
+                max_executions=max_executions,
+                any_workspace=True,
+            )
+        )
+        return f"{PREFIX}{token_id}_{secret}"
 
     def _load(self) -> list[TokenRecord]:
         try:
@@ -102,7 +123,7 @@ class TokenStore:
         if not sep or not secret:
             return None
         digest = _digest(secret)
-        for record in self._load():
+        for record in [*self._ephemeral, *self._load()]:
             if record.id == token_id:
                 if record.revoked:
                     return None

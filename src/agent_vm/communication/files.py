@@ -14,7 +14,14 @@ import contextlib
 import json
 import os
 import tarfile
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -221,31 +228,30 @@ class FileService:
 
     # ------------------------------------------------------------------ trees
 
+    async def untar(self, remote: str, data: WriteData) -> int:
+        """A tar stream (made from the host's files, or an HTTP body) unpacked by the
+        guest into ``remote`` (made if missing). Returns the bytes sent."""
+        async with self._request(FileRequest("untar", remote)) as stream:
+            async for chunk in _chunks(data):
+                await stream.send(chunk)
+            await stream.end()
+            return _expect(await stream.result(), int)
+
+    async def tar_stream(self, remote: str) -> AsyncGenerator[bytes, None]:
+        """The guest's tar of ``remote``, as it arrives: untrusted bytes, for
+        ``extract_into`` (or a client that extracts them as safely)."""
+        async with self._request(FileRequest("tar", remote)) as stream:
+            async for chunk in stream.chunks():
+                yield chunk
+            await stream.result()
+
     async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
         """A host directory into ``remote`` (made if missing), as a tar stream; symlinks
         stay symlinks; files belong to root in the sandbox. Returns bytes sent."""
         source = Path(local)
         if not await asyncio.to_thread(source.is_dir):
             raise ConfigError(f"{source} is not a directory")
-        read_fd, write_fd = os.pipe()
-        producer = asyncio.create_task(asyncio.to_thread(_tar_to, source, write_fd))
-        try:
-            async with self._request(FileRequest("untar", remote)) as stream:
-                while True:
-                    chunk = await asyncio.to_thread(os.read, read_fd, DATA_CHUNK)
-                    if not chunk:
-                        break
-                    await stream.send(chunk)
-                await stream.end()
-                sent = _expect(await stream.result(), int)
-            await producer
-            return sent
-        finally:
-            os.close(read_fd)
-            if not producer.done():
-                producer.cancel()
-            with contextlib.suppress(BaseException):
-                await producer
+        return await self.untar(remote, tar_of(source))
 
     async def download_dir(
         self,
@@ -258,33 +264,9 @@ class FileService:
         """A sandbox directory into ``local`` through ``SafeExtractor``: nothing is written
         outside ``local``, no link is followed, no device or FIFO made, no setuid bit
         kept; past a cap it stops with ExtractionError."""
-        read_fd, write_fd = os.pipe()
-        extractor = SafeExtractor(os.fspath(local), max_bytes, max_entries)
-        reader = os.fdopen(read_fd, "rb", buffering=DATA_CHUNK)
-        consumer = asyncio.create_task(asyncio.to_thread(_extract_from, extractor, reader))
-        writer_open = True
-        try:
-            async with self._request(FileRequest("tar", remote)) as stream:
-                async for chunk in stream.chunks():
-                    if consumer.done():
-                        break  # the extractor stopped (a cap): its error is raised below
-                    try:
-                        await asyncio.to_thread(_write_all, write_fd, chunk)
-                    except BrokenPipeError:
-                        break  # likewise
-                os.close(write_fd)
-                writer_open = False
-                await consumer
-                if not consumer.exception():
-                    await stream.result()
-            return DownloadReport(extractor.written_bytes, extractor.entries, extractor.skipped)
-        finally:
-            if writer_open:
-                os.close(write_fd)
-            with contextlib.suppress(BaseException):
-                await consumer
-            reader.close()
-            extractor.close()
+        return await extract_into(
+            self.tar_stream(remote), local, max_bytes=max_bytes, max_entries=max_entries
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -372,6 +354,56 @@ def _tar_to(source: Path, fd: int) -> None:
     ):
         for child in sorted(source.iterdir()):
             tar.add(child, arcname=child.name, recursive=True, filter=as_root)
+
+
+async def tar_of(source: Path) -> AsyncGenerator[bytes, None]:
+    """A host directory as a tar stream, made in a thread as it is read."""
+    read_fd, write_fd = os.pipe()
+    producer = asyncio.create_task(asyncio.to_thread(_tar_to, source, write_fd))
+    try:
+        while chunk := await asyncio.to_thread(os.read, read_fd, DATA_CHUNK):
+            yield chunk
+        await producer
+    finally:
+        os.close(read_fd)  # a producer still writing fails fast
+        with contextlib.suppress(BaseException):
+            await producer
+
+
+async def extract_into(
+    chunks: AsyncGenerator[bytes, None],
+    local: str | os.PathLike[str],
+    *,
+    max_bytes: int = DEFAULT_MAX_DOWNLOAD,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> DownloadReport:
+    """Untrusted tar bytes (a guest's, or a server's) written below ``local`` by
+    ``SafeExtractor`` in a thread; a cap it hits stops the stream and raises."""
+    read_fd, write_fd = os.pipe()
+    extractor = SafeExtractor(os.fspath(local), max_bytes, max_entries)
+    reader = os.fdopen(read_fd, "rb", buffering=DATA_CHUNK)
+    consumer = asyncio.create_task(asyncio.to_thread(_extract_from, extractor, reader))
+    writer_open = True
+    try:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if consumer.done():
+                    break  # the extractor stopped (a cap): its error is raised below
+                try:
+                    await asyncio.to_thread(_write_all, write_fd, chunk)
+                except BrokenPipeError:
+                    break  # likewise
+            os.close(write_fd)
+            writer_open = False
+            await consumer
+        return DownloadReport(extractor.written_bytes, extractor.entries, extractor.skipped)
+    finally:
+        if writer_open:
+            os.close(write_fd)
+        with contextlib.suppress(BaseException):
+            await consumer
+        reader.close()
+        extractor.close()
 
 
 def _extract_from(extractor: SafeExtractor, reader: IO[bytes]) -> None:

@@ -164,7 +164,7 @@ class AsyncFiles:
     async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[WatchEvent]:
         """Events under ``path`` (create, modify, delete, ...) as the guest's inotify
         reports them, for as long as the caller iterates."""
-        async for event in self._local("watch").watch(path, recursive):
+        async for event in self._service.watch(path, recursive):
             yield event
 
     async def upload(self, local: str | os.PathLike[str], remote: str) -> int:
@@ -177,7 +177,7 @@ class AsyncFiles:
 
     async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
         """A host directory into the sandbox (a tar stream)."""
-        return await self._local("upload_dir").upload_dir(local, remote)
+        return await self._service.upload_dir(local, remote)
 
     async def download_dir(
         self,
@@ -190,14 +190,9 @@ class AsyncFiles:
         """A sandbox directory onto the host, safely: nothing outside ``local`` is read or
         written, links are not followed, devices, FIFOs and setuid bits never appear;
         past a cap it stops with ``ExtractionError``."""
-        return await self._local("download_dir").download_dir(
+        return await self._service.download_dir(
             remote, local, max_bytes=max_bytes, max_entries=max_entries
         )
-
-    def _local(self, what: str) -> FileService:
-        if isinstance(self._service, FileService):
-            return self._service
-        raise AgentVMError(f"files.{what} is not offered through a server yet")
 
 
 @dataclass(frozen=True)
@@ -214,11 +209,7 @@ class AsyncPty:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
         self._running: dict[int, asyncio.Future[Result]] = {}
-        self._remote = (
-            RemotePty(sandbox.remote, sandbox.server, sandbox.token)
-            if sandbox.remote is not None
-            else None
-        )
+        self._remote = RemotePty(sandbox.remote) if sandbox.remote is not None else None
 
     async def create(
         self,

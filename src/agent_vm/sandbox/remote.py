@@ -2,8 +2,9 @@
 uses instead of a local VM. httpx for requests, httpx-sse for streamed output.
 
 ``server`` is ``http(s)://host:port`` or a Unix socket path (``/run/agent-vm/api.sock``
-or ``unix:///run/agent-vm/api.sock``). The token comes from the argument or from
-``AGENT_VM_TOKEN``. Errors come back as the local ones: a missing file is a
+or ``unix:///run/agent-vm/api.sock``). The token comes from the argument, from
+``AGENT_VM_TOKEN``, or (root, on the server's host) from the server's local token
+file. Errors come back as the local ones: a missing file is a
 ``SandboxFileNotFoundError``, a refused request an ``AgentVMError`` with the server's
 message and hint.
 """
@@ -13,7 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +33,18 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.client import unix_connect as ws_unix_connect
 from websockets.exceptions import InvalidStatus
 
-from agent_vm.communication.files import FileEntry, file_error, save_stream
+from agent_vm.api.local import default_socket, read_local_token
+from agent_vm.communication.files import (
+    DEFAULT_MAX_DOWNLOAD,
+    DEFAULT_MAX_ENTRIES,
+    DownloadReport,
+    FileEntry,
+    WatchEvent,
+    extract_into,
+    file_error,
+    save_stream,
+    tar_of,
+)
 from agent_vm.errors import AgentVMError, AgentVMTimeout, ConfigError, SandboxFileNotFoundError
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.network.blocked import Blocked
@@ -33,7 +52,6 @@ from agent_vm.network.policy import EgressPolicy
 from agent_vm.protocol.messages import Result
 from agent_vm.terminal import exit_status, wait_for_end
 
-DEFAULT_SOCKET = "/run/agent-vm/api.sock"
 CHUNK = 1 << 20
 
 
@@ -65,6 +83,20 @@ def _raise_for(response: httpx.Response) -> None:
     raise AgentVMError(f"server: {response.status_code} {message}", hint=hint)
 
 
+def resolve_token(server: str, token: str | None) -> str:
+    """The token to send: the caller's, ``$AGENT_VM_TOKEN``, else the local token of a
+    server on this host's socket (readable by root only)."""
+    found = token or os.environ.get("AGENT_VM_TOKEN")
+    if not found and not server.startswith(("http://", "https://")):
+        found = read_local_token(server)
+    if not found:
+        raise ConfigError(
+            "a server needs a token",
+            hint="token=..., or AGENT_VM_TOKEN=avm_... in the environment",
+        )
+    return found
+
+
 def _entry(data: dict[str, Any]) -> FileEntry:
     return FileEntry(**{**data, "modified": datetime.fromisoformat(data["modified"])})
 
@@ -73,15 +105,11 @@ class RemoteClient:
     """One sandbox on a server."""
 
     def __init__(self, server: str | None, token: str | None) -> None:
-        base, transport = _transport(server or DEFAULT_SOCKET)
-        token = token or os.environ.get("AGENT_VM_TOKEN")
-        if not token:
-            raise ConfigError(
-                "a server needs a token",
-                hint="token=..., or AGENT_VM_TOKEN=avm_... in the environment",
-            )
+        self.server = server or default_socket()
+        base, transport = _transport(self.server)
+        self.token = resolve_token(self.server, token)
         self.http = httpx.AsyncClient(
-            base_url=base, transport=transport, headers={"Authorization": f"Bearer {token}"},
+            base_url=base, transport=transport, headers={"Authorization": f"Bearer {self.token}"},
             timeout=httpx.Timeout(60.0, read=None),
         )  # fmt: skip
         self.id: str | None = None
@@ -118,8 +146,9 @@ class RemoteClient:
 
     async def run(
         self,
-        cmd: str | Sequence[str],
+        cmd: str | Sequence[str] | None,
         *,
+        code: str | None = None,
         timeout: float | None,
         envs: dict[str, str],
         cwd: str | None,
@@ -130,8 +159,9 @@ class RemoteClient:
     ) -> ExecutionResult:
         if isinstance(stdin, bytes):
             stdin = stdin.decode()
-        body = {"cmd": cmd if isinstance(cmd, str) else list(cmd), "env": envs, "cwd": cwd,
-                "user": user, "timeout": timeout, "stdin": stdin}  # fmt: skip
+        body = {"cmd": cmd if cmd is None or isinstance(cmd, str) else list(cmd), "code": code,
+                "env": envs, "cwd": cwd, "user": user, "timeout": timeout,
+                "stdin": stdin}  # fmt: skip
         execution = (await self._call("POST", f"{self.prefix}/executions", json=body)).json()
         out: list[str] = []
         err: list[str] = []
@@ -269,14 +299,57 @@ class RemoteFiles:
     async def download(self, remote: str, local: str | os.PathLike[str]) -> int:
         return await save_stream(self.read_stream(remote), local)
 
+    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[WatchEvent]:
+        url = f"{self.client.prefix}/files/watch"
+        params = {"path": path, "recursive": recursive}
+        async with aconnect_sse(self.client.http, "GET", url, params=params) as source:
+            if source.response.status_code >= 400:
+                await source.response.aread()
+                _raise_for(source.response)
+            async for sse in source.aiter_sse():
+                yield WatchEvent(**json.loads(sse.data))
+
+    async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
+        source = Path(local)
+        if not await asyncio.to_thread(source.is_dir):
+            raise ConfigError(f"{source} is not a directory")
+        url = f"{self.client.prefix}/files/tar"
+        response = await self.client._call(
+            "PUT", url, params={"path": remote}, content=tar_of(source)
+        )
+        return int(response.json()["bytes"])
+
+    async def _tar_stream(self, remote: str) -> AsyncGenerator[bytes, None]:
+        url = f"{self.client.prefix}/files/tar"
+        async with self.client.http.stream("GET", url, params={"path": remote}) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _raise_for(response)
+            async for chunk in response.aiter_bytes(CHUNK):
+                yield chunk
+
+    async def download_dir(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        max_bytes: int = DEFAULT_MAX_DOWNLOAD,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> DownloadReport:
+        """Extracted here with ``SafeExtractor``: the server passes the guest's bytes on
+        untouched, so they get the care a local download gets."""
+        return await extract_into(
+            self._tar_stream(remote), local, max_bytes=max_bytes, max_entries=max_entries
+        )
+
 
 class RemotePty:
     """Terminals over the server's WebSocket (``/v1/sandboxes/{id}/pty``)."""
 
-    def __init__(self, client: RemoteClient, server: str | None, token: str | None) -> None:
+    def __init__(self, client: RemoteClient) -> None:
         self.client = client
-        self.server = server or DEFAULT_SOCKET
-        self.token = token or os.environ.get("AGENT_VM_TOKEN") or ""
+        self.server = client.server
+        self.token = client.token
         self._sessions: dict[int, tuple[ClientConnection, asyncio.Task[dict[str, Any]]]] = {}
         self._next = 0
 
@@ -301,6 +374,7 @@ class RemotePty:
         on_data: Callable[[bytes], None] | None,
         *,
         cmd: str | Sequence[str] | None,
+        code: str | None = None,
         envs: dict[str, str],
         cwd: str | None,
         user: str | None,
@@ -308,7 +382,7 @@ class RemotePty:
     ) -> int:
         ws = await self._connect()
         start = {"cols": cols, "rows": rows, "env": envs, "cwd": cwd, "user": user,
-                 "timeout": timeout, "cmd": cmd if cmd is None or isinstance(cmd, str)
+                 "timeout": timeout, "code": code, "cmd": cmd if cmd is None or isinstance(cmd, str)
                  else list(cmd)}  # fmt: skip
         await ws.send(json.dumps(start))
 
