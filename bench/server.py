@@ -10,9 +10,13 @@ ISOLATED for the load, ``light`` NAT for the CLI, as ``run`` defaults to), and a
   20 executions a client deletes its sandbox and takes another from the pool. Every
   result is checked (its exit code and its exact output: a result given to the wrong
   request would show); leaked domains are counted after the server stops.
-* **the CLI**: ``agent-vm run -- python3 -c 'print(1)'`` wall time, through the server
-  (``--server``) and without it (a fresh clone from the golden state), with ``runsc do``
-  and ``bwrap`` running the same one-liner in the same run.
+* **the CLI**: ``agent-vm run -- python3 -c 'print(1)'`` wall time: found the local
+  server by itself (``$AGENT_VM_SOCKET``, its local token: the standard-library fast
+  path of ``quick.py``), through ``--server`` (the full CLI), and without a server (a
+  fresh clone from the golden state); one command at a time, 3 s apart so that the pool
+  has refilled. Beside them in the same run: ``runsc do`` and ``bwrap`` running the same
+  one-liner, and the raw limit: the same ``python3`` (and ``true``) executed through the
+  API in a warm sandbox that stays, which no client can beat.
 
 Prints tables and writes JSON (default bench/results/server-<time>.json).
 """
@@ -106,6 +110,7 @@ async def load(socket: Path, token: str, clients: int, seconds: float) -> dict[s
 def time_cli(args: list[str], env: dict[str, str], runs: int) -> list[float]:
     samples = []
     for _ in range(runs):
+        time.sleep(3)  # the pool refills (on 2 cores a refill slows the command beside it)
         started = time.perf_counter()
         proc = subprocess.run([*CLI, "run", *args, "--", *ONE_LINER], env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -115,12 +120,36 @@ def time_cli(args: list[str], env: dict[str, str], runs: int) -> list[float]:
     return samples
 
 
+def raw_limit(socket: Path, token: str, runs: int) -> dict[str, list[float]]:
+    """Executions through the API in one warm sandbox: the floor under any client."""
+    samples: dict[str, list[float]] = {"python3": [], "true": []}
+    with httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://agent-vm",
+        headers={"Authorization": f"Bearer {token}"}, timeout=120,
+    ) as http:  # fmt: skip
+        sandbox = http.post("/v1/sandboxes", json={}).json()["id"]
+        try:
+            time.sleep(5)
+            for _ in range(runs):
+                for label, argv in (("python3", ONE_LINER), ("true", ["true"])):
+                    started = time.perf_counter()
+                    done = http.post(f"/v1/sandboxes/{sandbox}/executions",
+                                     params={"wait": True}, json={"cmd": argv}).json()  # fmt: skip
+                    samples[label].append(time.perf_counter() - started)
+                    if done["result"].get("exit_code") != 0:
+                        raise RuntimeError(f"{argv} failed in the warm sandbox: {done}")
+        finally:
+            http.delete(f"/v1/sandboxes/{sandbox}")
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5, help="CLI runs per way")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip-load", action="store_true", help="only the CLI comparison")
     args = parser.parse_args()
     settings = load_settings()
     store = TokenStore(settings.state_dir / "tokens.json")
@@ -148,9 +177,16 @@ def main() -> None:
                     raise RuntimeError((workdir / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.5)
         time.sleep(10)  # let the pools fill before the clock starts
-        loaded = asyncio.run(load(socket, token, args.clients, args.seconds))
+        loaded: dict[str, Any] = {"exec": [], "create": [], "errors": [], "mixed": [],
+                                  "per_client": [], "wall": 1.0}  # fmt: skip
+        if not args.skip_load:
+            loaded = asyncio.run(load(socket, token, args.clients, args.seconds))
+        no_token = {k: v for k, v in env.items() if k != "AGENT_VM_TOKEN"}
+        found = time_cli([], {**no_token, "AGENT_VM_SOCKET": str(socket)}, args.runs)
         via_server = time_cli(["--server", str(socket)], env, args.runs)
-        local = time_cli([], {k: v for k, v in env.items() if k != "AGENT_VM_TOKEN"}, args.runs)
+        floor = raw_limit(socket, token, args.runs)
+        local = time_cli([], {**no_token, "AGENT_VM_SOCKET": str(workdir / "none.sock")},
+                         args.runs)  # fmt: skip
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=300)
@@ -165,7 +201,7 @@ def main() -> None:
         "load": {
             "executions": executions,
             "throughput_per_s": executions / loaded["wall"],
-            "exec": summary(loaded["exec"]),
+            "exec": summary(loaded["exec"]) if loaded["exec"] else None,
             "create": summary(loaded["create"]) if loaded["create"] else None,
             "errors": loaded["errors"][:20],
             "error_count": len(loaded["errors"]),
@@ -174,7 +210,12 @@ def main() -> None:
             "leaked_domains": leaked,
             "server_exit_code": server.returncode,
         },
-        "cli": {"through the server": summary(via_server), "local (golden clone)": summary(local)},
+        "cli": {
+            "local server found (fast path)": summary(found),
+            "--server (full CLI)": summary(via_server),
+            "no server (golden clone)": summary(local),
+        },
+        "raw_limit": {f"{k} in a warm sandbox (API)": summary(v) for k, v in floor.items()},
         "peers": peer_rows,
     }
     lr = results["load"]
@@ -185,6 +226,7 @@ def main() -> None:
         [("execute (wait=true)", lr["exec"], ""), ("create from the pool", lr["create"], "")],
     )
     rows = [(f"agent-vm run, {label}", data, "") for label, data in results["cli"].items()]
+    rows += [(label, data, "raw limit") for label, data in results["raw_limit"].items()]
     for tool, data in peer_rows.items():
         rows.append((f"{tool} (same one-liner)", None if "error" in data else data,
                      data.get("error", "peer")))  # fmt: skip

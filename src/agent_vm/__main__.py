@@ -1,5 +1,5 @@
 """``python -m agent_vm`` is the ``agent-vm`` command."""
 
-from agent_vm.cli import main
+from agent_vm.quick import main
 
 main()

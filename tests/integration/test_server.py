@@ -319,6 +319,33 @@ def test_the_cli_finds_the_local_server_and_moves_files_through_it(
     assert server.log_path.read_text().count("sandbox_created") == seen_before + 1
 
 
+def test_the_fast_path_runs_a_plain_command_without_the_full_cli(
+    server: Server, tmp_path: Path
+) -> None:
+    """``run [plain options] -- CMD`` with a local server: the standard-library client
+    (``quick.py``), never importing the full CLI; output, exit codes, timeouts and a
+    refusal as the full CLI gives them."""
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_VM_TOKEN"}
+    env |= {"AGENT_VM_SOCKET": str(server.socket), "PYTHONPROFILEIMPORTTIME": "1"}
+    before = server.log_path.read_text().count("sandbox_created")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "run", *args], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    done = run("--network", "isolated", "-e", "A=1", "--timeout=30", "--",
+               "sh", "-c", "echo out$A; echo err >&2; exit 5")  # fmt: skip
+    assert (done.returncode, done.stdout) == (5, "out1\n"), done.stderr[-2000:]
+    assert "err\n" in done.stderr  # (the import-time profile is on stderr too)
+    assert "agent_vm.cli" not in done.stderr and "httpx" not in done.stderr
+    late = run("--network", "isolated", "--timeout", "1", "--", "sleep", "5")
+    assert late.returncode == 124 and "timed out after 1 s" in late.stderr
+    refused = run("--network", "isolated", "--user", "nobody", "--", "true")
+    assert refused.returncode == 125 and "user: Input should be" in refused.stderr
+    assert server.log_path.read_text().count("sandbox_created") == before + 3
+    assert server.log_path.read_text().count("sandbox_deleted") >= before + 3
+
+
 def test_run_t_through_the_server_follows_the_host_terminal(
     server: Server, tokens: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,6 +32,7 @@ LAYERS = {
     "doctor": 5,
     "sandbox": 5,
     "cli": 5,
+    "quick": 5,
     "terminal": 5,
     "api": 5,
     "__main__": 5,

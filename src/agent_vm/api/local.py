@@ -1,7 +1,8 @@
 """How root on this host finds the local server: its socket (``$AGENT_VM_SOCKET``, else
 ``/run/agent-vm/api.sock``) and the local token it writes next to it (``api.token``, 0600,
 for as long as it runs). The CLI and ``Sandbox(server=...)`` use them when no token is
-given; nothing here opens a connection.
+given; nothing here opens a connection. Standard library only: the CLI's fast path
+(``quick.py``) imports it before anything else.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent_vm.api.tokens import PREFIX
+PREFIX = "avm_"  # every token starts so (api/tokens.py makes them)
 
 
 def default_socket() -> str:

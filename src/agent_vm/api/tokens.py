@@ -19,9 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from agent_vm import timeutil
+from agent_vm.api.local import PREFIX
 from agent_vm.errors import ConfigError
-
-PREFIX = "avm_"
 
 
 class TokenRecord(BaseModel):

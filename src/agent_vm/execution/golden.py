@@ -374,9 +374,12 @@ async def prepare_shell(
         return CloneShell(vm, held.workdir, golden, pid, held.nic, guard, held.identity, spec)
 
 
-async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30.0) -> RunningVM:
+async def activate_shell(
+    shell: CloneShell, image: Image, *, timeout: float = 30.0, configure_timeout: float = 10.0
+) -> RunningVM:
     """Load the golden state into the shell and give the VM its own clock, entropy and
-    identity. On failure the shell is destroyed."""
+    identity. On failure the shell is destroyed. (A pool, with no caller waiting and
+    its clones at a low CPU share, allows CONFIGURE longer.)"""
     started = time.monotonic()
     held = Held(shell.workdir, shell.guard, shell.vm, identity=shell.identity)
     try:
@@ -389,7 +392,8 @@ async def activate_shell(shell: CloneShell, image: Image, *, timeout: float = 30
                 hostname=shell.vm.name,
                 machine_id=os.urandom(16).hex(),
                 net=shell.nic.guest if shell.nic is not None else None,
-            )
+            ),
+            timeout=configure_timeout,
         )
     except BaseException:
         await teardown(
