@@ -32,6 +32,7 @@ from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.image.recipe import LoadedRecipe, find_recipe, load_recipe
 from agent_vm.image.store import Image
+from agent_vm.monitor_cli import audit_app, metrics_command, top_command
 from agent_vm.network.policy import DEFAULT_TCP_PORTS, EgressPolicy
 from agent_vm.protocol.messages import Result
 
@@ -921,11 +922,14 @@ def token_create(
     name: str,
     max_sandboxes: Annotated[int, typer.Option(help="sandboxes at once")] = 8,
     max_executions: Annotated[int, typer.Option(help="executions running at once")] = 16,
+    metrics: Annotated[
+        bool, typer.Option("--metrics", help="may read /metrics (every tenant's figures)")
+    ] = False,
 ) -> None:
     """Create a token; it is printed once and stored only as a hash."""
     try:
         _, token = _tokens().create(
-            name, max_sandboxes=max_sandboxes, max_executions=max_executions
+            name, max_sandboxes=max_sandboxes, max_executions=max_executions, metrics=metrics
         )
     except AgentVMError as exc:
         raise _fail(exc) from exc
@@ -935,12 +939,12 @@ def token_create(
 @token_app.command("list")
 def token_list() -> None:
     """List tokens (never their values)."""
-    table = Table("id", "name", "created", "sandboxes", "executions", "state")
+    table = Table("id", "name", "created", "sandboxes", "executions", "metrics", "state")
     for record in _tokens().all():
         table.add_row(
             record.id, record.name, record.created_at.isoformat(timespec="seconds"),
             str(record.max_sandboxes), str(record.max_executions),
-            "revoked" if record.revoked else "active",
+            "yes" if record.metrics else "no", "revoked" if record.revoked else "active",
         )  # fmt: skip
     Console().print(table)
 
@@ -953,6 +957,11 @@ def token_revoke(name_or_id: str) -> None:
     except AgentVMError as exc:
         raise _fail(exc) from exc
     typer.echo(f"revoked {record.id} ({record.name})")
+
+
+app.add_typer(audit_app, name="audit")
+app.command("metrics")(metrics_command)
+app.command("top")(top_command)
 
 
 def main() -> None:

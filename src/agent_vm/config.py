@@ -69,6 +69,38 @@ class Settings(BaseSettings):
         default=None,
         description="Golden-state RAM files (tmpfs); default: one directory per state_dir.",
     )
+    audit_log: Path | None = Field(
+        default=None, description="The server's audit log; default: <state_dir>/audit/audit.log."
+    )
+    audit_max_bytes: int = Field(default=16 << 20, gt=0, description="Rotate past this size.")
+    audit_keep: int = Field(default=8, ge=1, description="Rotated audit files kept.")
+    anomaly_action: Literal["log", "pause", "kill"] = Field(
+        default="log", description="What the server does to a sandbox an alert names."
+    )
+    anomaly_blocked_burst: int = Field(
+        default=20, gt=0, description="Blocked attempts within the window that alert."
+    )
+    anomaly_blocked_window: float = Field(default=10.0, gt=0, description="... its seconds.")
+    anomaly_output_bytes: int = Field(
+        default=256 << 20, gt=0, description="Output of one execution that alerts (a flood)."
+    )
+    anomaly_load1: float = Field(
+        default=64.0, gt=0, description="Guest load average that alerts (a process storm)."
+    )
+    anomaly_disk_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="Disk use (of its cap) that alerts."
+    )
+    anomaly_zscore: float = Field(
+        default=4.0, gt=0, description="z-score over a sandbox's own window that alerts."
+    )
+    anomaly_window: int = Field(default=60, ge=5, description="Samples in that window.")
+    anomaly_min_samples: int = Field(default=10, ge=3, description="Before a z-score counts.")
+    anomaly_alert_interval: float = Field(
+        default=60.0, ge=0, description="One alert per sandbox and rule in this many seconds."
+    )
+    monitor_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between the server's looks at its sandboxes."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -99,6 +131,10 @@ class Settings(BaseSettings):
                 )
             out.append((host, int(port or 53)))
         return out
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log or self.state_dir / "audit" / "audit.log"
 
     @property
     def images_dir(self) -> Path:

@@ -5,6 +5,7 @@ the agent command through a server)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -20,15 +21,20 @@ POOL = ":light:isolated:1:2"
 
 
 class Server:
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.socket = root / "api.sock"
         self.log = (root / "server.log").open("wb")
         self.proc = subprocess.Popen(
             [*CLI, "--log-level", "info", "serve", "--socket", str(self.socket), *args],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.log_path = root / "server.log"
+        self.token_path = root / "api.token"
+
+    def local_token(self) -> str:
+        return self.token_path.read_text().strip()
 
     def client(self, token: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -68,10 +74,10 @@ def domains() -> set[str]:
 
 
 @contextlib.contextmanager
-def running_server(root: Path, *args: str) -> Iterator[Server]:
+def running_server(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """A server that must stop cleanly: exit by SIGTERM, no traceback, no domain left."""
     before = domains()
-    server = Server(root, *args)
+    server = Server(root, *args, env=env)
     try:
         server.wait_ready()
         yield server

@@ -115,7 +115,8 @@ def test_the_local_token_lives_in_memory_and_beside_the_socket(tmp_path: Path) -
     store = TokenStore(tmp_path / "tokens.json")
     token = store.issue_local()
     record = store.verify(token)
-    assert record is not None and record.any_workspace and record.name == "local"
+    assert record is not None and record.any_workspace and record.metrics
+    assert record.name == "local"
     assert not (tmp_path / "tokens.json").exists()  # never written to the token file
     assert TokenStore(tmp_path / "tokens.json").verify(token) is None  # another process
     socket = tmp_path / "api.sock"

@@ -33,6 +33,7 @@ LAYERS = {
     "sandbox": 5,
     "cli": 5,
     "quick": 5,
+    "monitor_cli": 5,
     "terminal": 5,
     "api": 5,
     "__main__": 5,

@@ -5,6 +5,7 @@ the token that created it (404 to any other). OpenAPI at ``/openapi.json``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -14,11 +15,12 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent_vm import __version__
 from agent_vm.api.pty import serve_pty
-from agent_vm.api.service import Execution, Hosted, NotFound, OverQuota, SandboxService
+from agent_vm.api.service import Execution, Hosted, NotFound, OverQuota, Paused, SandboxService
 from agent_vm.api.tokens import TokenRecord, TokenStore
 from agent_vm.communication.files import FileService
 from agent_vm.errors import (
@@ -54,6 +56,9 @@ class CreateSandbox(_Body):
     lifetime_seconds: float = Field(default=3600.0, gt=0, le=MAX_LIFETIME)
     policy: EgressPolicy | None = None
     workspace: WorkspaceRequest | None = None
+    anomaly_action: Literal["log", "pause", "kill"] | None = Field(
+        default=None, description="what an anomaly rule's alert does here (default: server's)"
+    )
 
 
 class KeepAlive(_Body):
@@ -97,6 +102,7 @@ async def _token(
     if record is None:
         client = request.client.host if request.client else "unix"
         log.warning("api_auth_failed", path=request.url.path, client=client)
+        request.app.state.on_auth_failure(request.url.path, client)
         raise HTTPException(
             401, "a valid token is needed (Authorization: Bearer avm_...)",
             headers={"WWW-Authenticate": "Bearer"},
@@ -116,6 +122,14 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     app = FastAPI(title="agent-vm", version=__version__)
     app.state.tokens = tokens
 
+    def auth_failed(path: str, client: str) -> None:
+        with contextlib.suppress(KeyError):  # before the service exists: nothing to tell
+            watch = service().watch
+            watch.metrics.auth_failures.inc()
+            watch.record("auth_failed", path=path, client=client)
+
+    app.state.on_auth_failure = auth_failed
+
     @app.exception_handler(AgentVMError)
     async def _errors(_: Request, exc: AgentVMError) -> JSONResponse:
         body: dict[str, Any] = {"detail": exc.message, "hint": exc.hint}
@@ -128,6 +142,8 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
             status = 404
         elif isinstance(exc, OverQuota):
             status = 429
+        elif isinstance(exc, Paused):
+            status = 409
         elif isinstance(exc, ConfigError):
             status = 400
         elif isinstance(exc, AgentVMTimeout):
@@ -157,8 +173,25 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
             owner, image=body.image, profile=body.profile, network=body.network,
             labels=body.labels, lifetime=body.lifetime_seconds, policy=body.policy,
             workspace=(body.workspace.path, body.workspace.readonly) if body.workspace else None,
+            anomaly_action=body.anomaly_action,
         )  # fmt: skip
         return _sandbox_view(hosted)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/resume")
+    async def resume(sandbox_id: str, owner: Token) -> dict[str, Any]:
+        """Resume a sandbox an anomaly rule paused."""
+        return _sandbox_view(await service().resume(owner, sandbox_id))
+
+    @app.get("/metrics")
+    async def metrics(owner: Token) -> Response:
+        """Prometheus text format. Needs a token made with ``--metrics`` (the figures
+        cover every tenant's sandboxes)."""
+        if not owner.metrics:
+            raise HTTPException(
+                403, "this token may not read metrics (agent-vm token create --metrics)"
+            )
+        body = await asyncio.to_thread(service().watch.metrics.scrape)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/sandboxes")
     async def list_sandboxes(
@@ -250,11 +283,29 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
         entries = await files_of(owner, sandbox_id).list(path, depth)
         return [{**vars(e), "modified": e.modified.isoformat()} for e in entries]
 
+    def counted(
+        sandbox_id: str, owner: TokenRecord, op: str, path: str, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """``chunks`` passed on, and the transfer audited with its size when it ends."""
+
+        async def stream() -> AsyncIterator[bytes]:
+            size = 0
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    yield chunk
+            finally:
+                service().watch.record("file_transfer", sandbox=sandbox_id, owner=owner.id,
+                                       op=op, path=path, bytes=size)  # fmt: skip
+
+        return stream()
+
     @app.get("/v1/sandboxes/{sandbox_id}/files/content")
     async def read_file(sandbox_id: str, owner: Token, path: str) -> StreamingResponse:
         files = files_of(owner, sandbox_id)
         await files.stat(path)  # a missing file is a 4xx before the stream starts
-        return StreamingResponse(files.read_stream(path), media_type="application/octet-stream")
+        stream = counted(sandbox_id, owner, "download", path, files.read_stream(path))
+        return StreamingResponse(stream, media_type="application/octet-stream")
 
     @app.put("/v1/sandboxes/{sandbox_id}/files/content")
     async def write_file(
@@ -262,6 +313,8 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
         mode: Annotated[int | None, Query(ge=0, le=0o7777)] = None,
     ) -> dict[str, Any]:  # fmt: skip
         written = await files_of(owner, sandbox_id).write(path, request.stream(), mode=mode)
+        service().watch.record("file_transfer", sandbox=sandbox_id, owner=owner.id,
+                               op="upload", path=path, bytes=written)  # fmt: skip
         return {"path": path, "bytes": written}
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/tar")
@@ -270,7 +323,8 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
         extracts them with the same care a local download takes)."""
         files = files_of(owner, sandbox_id)
         await files.stat(path)
-        return StreamingResponse(files.tar_stream(path), media_type="application/x-tar")
+        stream = counted(sandbox_id, owner, "download_tree", path, files.tar_stream(path))
+        return StreamingResponse(stream, media_type="application/x-tar")
 
     @app.put("/v1/sandboxes/{sandbox_id}/files/tar")
     async def write_tree(
@@ -278,6 +332,8 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     ) -> dict[str, Any]:
         """A tar stream unpacked by the guest into ``path`` (made if missing)."""
         sent = await files_of(owner, sandbox_id).untar(path, request.stream())
+        service().watch.record("file_transfer", sandbox=sandbox_id, owner=owner.id,
+                               op="upload_tree", path=path, bytes=sent)  # fmt: skip
         return {"path": path, "bytes": sent}
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/watch")
@@ -326,6 +382,8 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     @app.put("/v1/sandboxes/{sandbox_id}/policy")
     async def set_policy(sandbox_id: str, body: EgressPolicy, owner: Token) -> dict[str, Any]:
         await service().get(owner, sandbox_id).vm.set_policy(body)
+        service().watch.record("policy_changed", sandbox=sandbox_id, owner=owner.id,
+                               policy=body.model_dump(mode="json"))  # fmt: skip
         return body.model_dump(mode="json")
 
     @app.get("/v1/sandboxes/{sandbox_id}/blocked")

@@ -51,6 +51,7 @@ async def serve_pty(
     record = tokens.verify(header.removeprefix("Bearer ").strip()) if header else None
     if record is None:
         log.warning("api_auth_failed", path=websocket.url.path, client="websocket")
+        websocket.app.state.on_auth_failure(websocket.url.path, "websocket")
         await websocket.close(code=4401)
         return
     try:

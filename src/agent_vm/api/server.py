@@ -21,11 +21,13 @@ from agent_vm.api.app import create_app
 from agent_vm.api.local import default_socket, write_local_token
 from agent_vm.api.service import LocalSource, PoolSpec, SandboxService
 from agent_vm.api.tokens import TokenStore
+from agent_vm.api.watch import Watch
 from agent_vm.config import Settings
 from agent_vm.errors import ConfigError
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.runtime import Runtime
 from agent_vm.logs import get_logger
+from agent_vm.monitoring.audit import AuditLogger
 
 log = get_logger(__name__)
 
@@ -71,7 +73,13 @@ def build_app(
                 )  # fmt: skip
                 await pool.initialize()
                 pools[spec] = pool
-            service = SandboxService(runtime, LocalSource(runtime, pools), workspace_root)
+            audit = AuditLogger(
+                settings.audit_path, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep
+            )
+            service = SandboxService(
+                runtime, LocalSource(runtime, pools), workspace_root,
+                Watch(settings, audit=audit),
+            )  # fmt: skip
             service.start()
             holder["service"] = service
             log.info("server_ready", pools=len(pools))

@@ -13,7 +13,7 @@ import codecs
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from agent_vm import timeutil
 from agent_vm.api.tokens import TokenRecord
+from agent_vm.api.watch import Watch
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.workspace import Workspace
 from agent_vm.errors import AgentVMError, ConfigError
@@ -28,6 +29,7 @@ from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.shells import PoolStats
 from agent_vm.logs import get_logger
 from agent_vm.network.policy import EgressPolicy
 
@@ -45,6 +47,10 @@ class NotFound(AgentVMError):
 
 class OverQuota(AgentVMError):
     """The token's quota is used up."""
+
+
+class Paused(AgentVMError):
+    """The sandbox is paused (an anomaly rule's action): resume it first."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class SandboxSource(Protocol):
 
     async def release(self, vm: RunningVM, pool: VMPool | None) -> None: ...
 
+    def pool_stats(self) -> Mapping[str, PoolStats]: ...
+
 
 class LocalSource:
     """The local runtime: a matching warm pool when there is one, else a fresh clone."""
@@ -114,6 +122,12 @@ class LocalSource:
         else:
             await vm.close()
 
+    def pool_stats(self) -> dict[str, PoolStats]:
+        return {
+            f"{spec.image or ''}:{spec.profile}:{spec.network}": pool.stats()
+            for spec, pool in self.pools.items()
+        }
+
 
 @dataclass
 class Hosted:
@@ -131,6 +145,9 @@ class Hosted:
     lifetime: float
     deadline: float  # monotonic
     executions: set[str] = field(default_factory=set)
+    owner_name: str = ""
+    anomaly_action: str | None = None  # None: the server's
+    paused: str | None = None  # why, while paused
 
     def view(self) -> dict[str, Any]:
         remaining = max(0.0, self.deadline - time.monotonic())
@@ -143,6 +160,8 @@ class Hosted:
             "created_at": self.created_at.isoformat(),
             "expires_at": (timeutil.now() + timedelta(seconds=remaining)).isoformat(),
             "pooled": self.pool is not None,
+            "state": "paused" if self.paused else "running",
+            "paused_because": self.paused,
         }
 
 
@@ -225,10 +244,15 @@ def resolve_workspace(root: Path | None, relative: str, *, anywhere: bool = Fals
 
 class SandboxService:
     def __init__(
-        self, runtime: Runtime, source: SandboxSource, workspace_root: Path | None = None
+        self,
+        runtime: Runtime,
+        source: SandboxSource,
+        workspace_root: Path | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self.runtime = runtime
         self.source = source
+        self.watch = watch or Watch(runtime.settings)
         self.workspace_root = workspace_root
         self.sandboxes: dict[str, Hosted] = {}
         self.executions: dict[str, Execution] = {}
@@ -243,6 +267,7 @@ class SandboxService:
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_expired(), name="agent-vm-lifetimes")
+        self.watch.attach(self)
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -251,9 +276,10 @@ class SandboxService:
                 await self._reaper
         for sandbox_id in list(self.sandboxes):
             with contextlib.suppress(Exception):
-                await self._remove(sandbox_id)
+                await self._remove(sandbox_id, "shutdown")
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
+        await self.watch.close()
 
     async def _reap_expired(self) -> None:
         while True:
@@ -263,7 +289,7 @@ class SandboxService:
                 if hosted.deadline <= now:
                     log.info("sandbox_expired", sandbox=hosted.id, owner=hosted.owner)
                     with contextlib.suppress(Exception):
-                        await self._remove(hosted.id)
+                        await self._remove(hosted.id, "expired")
 
     # ------------------------------------------------------------------ sandboxes
 
@@ -284,6 +310,7 @@ class SandboxService:
         lifetime: float,
         policy: EgressPolicy | None,
         workspace: tuple[str, bool] | None = None,
+        anomaly_action: str | None = None,
     ) -> Hosted:
         share = None
         if workspace is not None:  # checked before any VM is taken
@@ -301,6 +328,7 @@ class SandboxService:
                     hint="delete one, or raise max_sandboxes (agent-vm token create)",
                 )
             self._starting[token.id] = self._starting.get(token.id, 0) + 1
+        started = time.monotonic()
         try:
             vm, pool = await self.source.acquire(image, profile, network, policy)
             if share is not None:
@@ -313,9 +341,18 @@ class SandboxService:
             self._starting[token.id] -= 1
         hosted = Hosted(
             f"sb-{secrets.token_hex(6)}", token.id, vm, pool, image, profile, network, labels,
-            timeutil.now(), lifetime, time.monotonic() + lifetime,
+            timeutil.now(), lifetime, time.monotonic() + lifetime, owner_name=token.name,
+            anomaly_action=anomaly_action,
         )  # fmt: skip
         self.sandboxes[hosted.id] = hosted
+        seconds = time.monotonic() - started
+        self.watch.metrics.acquire_seconds.labels("pool" if pool else "clone").observe(seconds)
+        self.watch.record(
+            "sandbox_created", sandbox=hosted.id, owner=token.id, owner_name=token.name,
+            vm=vm.name, image=image, profile=profile, network=network, labels=labels,
+            pooled=pool is not None, workspace=str(share.path) if share else None,
+            policy=policy.model_dump(mode="json") if policy else None, seconds=round(seconds, 4),
+        )  # fmt: skip
         log.info("sandbox_created", sandbox=hosted.id, owner=token.id, vm=vm.name)
         return hosted
 
@@ -335,21 +372,43 @@ class SandboxService:
         """Gone for the caller at once; the VM is released in the background (a pool
         resets it, a fresh one is destroyed), still counted in the token's quota."""
         self.get(token, sandbox_id)
-        hosted = self._detach(sandbox_id)
+        self._release_later(sandbox_id, "deleted")
+
+    def _release_later(self, sandbox_id: str, reason: str) -> None:
+        hosted = self._detach(sandbox_id, reason)
         if hosted is not None:
             task = asyncio.create_task(self._release(hosted), name=f"release-{sandbox_id}")
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)
 
-    async def _remove(self, sandbox_id: str) -> None:
-        hosted = self._detach(sandbox_id)
+    async def _remove(self, sandbox_id: str, reason: str) -> None:
+        hosted = self._detach(sandbox_id, reason)
         if hosted is not None:
             await self._release(hosted)
 
-    def _detach(self, sandbox_id: str) -> Hosted | None:
+    async def pause(self, hosted: Hosted, reason: str) -> None:
+        """Suspend the domain (an anomaly's action): nothing runs, nothing is lost."""
+        await asyncio.to_thread(hosted.vm.vm.pause)
+        hosted.paused = reason
+        self.watch.record("sandbox_paused", sandbox=hosted.id, owner=hosted.owner, reason=reason)
+
+    async def resume(self, token: TokenRecord, sandbox_id: str) -> Hosted:
+        hosted = self.get(token, sandbox_id)
+        if hosted.paused:
+            await asyncio.to_thread(hosted.vm.vm.resume)
+            hosted.paused = None
+            self.watch.record("sandbox_resumed", sandbox=hosted.id, owner=hosted.owner)
+        return hosted
+
+    async def kill_sandbox(self, hosted: Hosted, reason: str) -> None:
+        """Remove the sandbox now (an anomaly's action)."""
+        self._release_later(hosted.id, reason)
+
+    def _detach(self, sandbox_id: str, reason: str) -> Hosted | None:
         hosted = self.sandboxes.pop(sandbox_id, None)
         if hosted is None:
             return None
+        self.watch.sandbox_gone(hosted, reason)
         for execution_id in list(hosted.executions):
             execution = self.executions.get(execution_id)
             if execution is not None and execution.task is not None:
@@ -358,8 +417,13 @@ class SandboxService:
         return hosted
 
     async def _release(self, hosted: Hosted) -> None:
+        started = time.monotonic()
         try:
+            if hosted.paused:  # a pool takes it back running
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(hosted.vm.vm.resume)
             await self.source.release(hosted.vm, hosted.pool)
+            self.watch.metrics.release_seconds.observe(time.monotonic() - started)
             log.info("sandbox_deleted", sandbox=hosted.id, owner=hosted.owner)
         except Exception as exc:  # the VM's own teardown logs and retries what it can
             log.warning("sandbox_release_failed", sandbox=hosted.id, error=str(exc))
@@ -382,6 +446,11 @@ class SandboxService:
         stdin: str | None,
     ) -> Execution:
         hosted = self.get(token, sandbox_id)
+        if hosted.paused:
+            raise Paused(
+                f"sandbox {sandbox_id} is paused ({hosted.paused})",
+                hint=f"POST /v1/sandboxes/{sandbox_id}/resume, or delete it",
+            )
         running = sum(1 for e in self.executions.values() if e.owner == token.id and not e.done)
         if running >= token.max_executions:
             raise OverQuota(
@@ -392,9 +461,17 @@ class SandboxService:
         self.executions[execution.id] = execution
         hosted.executions.add(execution.id)
         out, err = _Text(), _Text()
+        output = [0]
+        self.watch.record(
+            "execution_started", sandbox=sandbox_id, execution=execution.id, owner=token.id,
+            owner_name=token.name, command=command if command is not None else None,
+            code_bytes=len(code) if code is not None else None, env_keys=sorted(env),
+            cwd=cwd, user=user, timeout=timeout,
+        )  # fmt: skip
 
         def emit(stream: str, decode: _Text) -> Any:
             def on_data(data: bytes) -> None:
+                output[0] += len(data)
                 text = decode(data)
                 if text:
                     execution.add({"type": stream, "text": text}, len(text))
@@ -402,6 +479,7 @@ class SandboxService:
             return on_data
 
         async def run() -> None:
+            began = time.monotonic()
             try:
                 result = await self.executor.execute(
                     hosted.vm, command, code=code, env=env, cwd=cwd, user=user, timeout=timeout,
@@ -425,6 +503,12 @@ class SandboxService:
                 execution.changed.set()
                 hosted.executions.discard(execution.id)
                 self._forget_old_executions()
+                final = execution.events[-1] if execution.events else {}
+                alerts = self.watch.execution_finished(
+                    hosted, execution.id, final, time.monotonic() - began, output[0]
+                )
+                if alerts and hosted.id in self.sandboxes:
+                    await self.watch.act(self, hosted, alerts)
 
         execution.task = asyncio.create_task(run(), name=execution.id)
         return execution

@@ -32,6 +32,7 @@ class TokenRecord(BaseModel):
     max_sandboxes: int = Field(default=8, ge=0)
     max_executions: int = Field(default=16, ge=0)
     any_workspace: bool = False  # the server's own local token: root on the server's host
+    metrics: bool = False  # may read /metrics (every tenant's figures)
 
     def public(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude={"digest"})
@@ -61,6 +62,7 @@ class TokenStore:
                 max_sandboxes=max_sandboxes,
                 max_executions=max_executions,
                 any_workspace=True,
+                metrics=True,
             )
         )
         return f"{PREFIX}{token_id}_{secret}"
@@ -83,7 +85,7 @@ class TokenStore:
         tmp.replace(self.path)
 
     def create(
-        self, name: str, *, max_sandboxes: int = 8, max_executions: int = 16
+        self, name: str, *, max_sandboxes: int = 8, max_executions: int = 16, metrics: bool = False
     ) -> tuple[TokenRecord, str]:
         """A new token: its record and the token itself (shown to the caller only)."""
         records = self._load()
@@ -98,6 +100,7 @@ class TokenStore:
             created_at=timeutil.now(),
             max_sandboxes=max_sandboxes,
             max_executions=max_executions,
+            metrics=metrics,
         )
         self._save([*records, record])
         return record, f"{PREFIX}{token_id}_{secret}"
