@@ -126,3 +126,34 @@ def test_the_local_token_lives_in_memory_and_beside_the_socket(tmp_path: Path) -
     assert read_local_token(f"unix://{socket}") == token
     assert read_local_token(tmp_path / "other.sock") is None
     assert store.verify(token[:-1] + "x") is None
+
+
+def test_the_openapi_document_names_every_route(tmp_path: Path) -> None:
+    from agent_vm.api.app import create_app
+
+    def no_service() -> service.SandboxService:
+        raise AssertionError("the schema needs no service")
+
+    schema = create_app(no_service, TokenStore(tmp_path / "tokens.json")).openapi()
+    paths = set(schema["paths"])
+    assert {
+        "/v1/sandboxes",
+        "/v1/sandboxes/{sandbox_id}",
+        "/v1/sandboxes/{sandbox_id}/keepalive",
+        "/v1/sandboxes/{sandbox_id}/resume",
+        "/v1/sandboxes/{sandbox_id}/executions",
+        "/v1/executions/{execution_id}/events",
+        "/v1/executions/{execution_id}/kill",
+        "/v1/executions/{execution_id}/signal",
+        "/v1/sandboxes/{sandbox_id}/files",
+        "/v1/sandboxes/{sandbox_id}/files/content",
+        "/v1/sandboxes/{sandbox_id}/files/tar",
+        "/v1/sandboxes/{sandbox_id}/files/watch",
+        "/v1/sandboxes/{sandbox_id}/policy",
+        "/v1/sandboxes/{sandbox_id}/blocked",
+        "/v1/pools",
+        "/healthz",
+        "/metrics",
+    } <= paths, paths
+    create = schema["components"]["schemas"]["CreateSandbox"]["properties"]
+    assert {"labels", "lifetime_seconds", "policy", "workspace", "anomaly_action"} <= set(create)

@@ -88,6 +88,11 @@ async def serve_pty(
         await websocket.close(code=4400)
         return
 
+    service.watch.record("terminal_started", sandbox=sandbox_id, owner=record.id,
+                         owner_name=record.name, command=command, code_bytes=len(start.code)
+                         if start.code is not None else None, env_keys=sorted(start.env),
+                         cols=start.cols, rows=start.rows)  # fmt: skip
+
     async def pump_out() -> None:
         while True:
             data = await queue.get()
@@ -145,3 +150,9 @@ async def serve_pty(
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(done), 5)
         channel.end_terminal(rid)
+        outcome = (
+            done.result() if done.done() and not done.cancelled() and not done.exception() else None
+        )
+        service.watch.record("terminal_ended", sandbox=sandbox_id, owner=record.id,
+                             exit_code=outcome.exit_code if outcome else None,
+                             signal=outcome.signal if outcome else None)  # fmt: skip
