@@ -247,3 +247,47 @@ def test_the_audit_log_has_every_event_no_secret_and_a_chain_that_holds(
     found_lines = [json.loads(raw) for raw in searched.stdout.splitlines()]
     assert found_lines and all(line["event"] == "anomaly" for line in found_lines)
     assert {line["action"] for line in found_lines} >= {"pause", "kill"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_standalone_exporter_and_top_see_this_hosts_vms(image: Image) -> None:
+    from agent_vm.sandbox import Sandbox
+
+    port = _free_port()
+    exporter = subprocess.Popen([*CLI, "metrics", "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        with Sandbox(network="isolated") as sb:
+            vm = sb.vm.name
+            sb.commands.run("timeout 2 sh -c 'while :; do :; done'; true")
+
+            def cpu() -> float:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+                return sum(s.value for f in text_string_to_metric_families(text)
+                           for s in f.samples if s.name == "agentvm_sandbox_cpu_seconds_total"
+                           and s.labels.get("vm") == vm)  # fmt: skip
+
+            until(lambda: _answers(port), 30, "the exporter listening")
+            assert cpu() > 1.0
+            top = subprocess.run([*CLI, "top", "--once", "--interval", "0.5"],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+            assert top.returncode == 0 and vm in top.stdout, top.stdout + top.stderr
+        assert cpu() == 0  # gone with the VM
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -47,7 +47,7 @@ STOP_EVENTS = (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHE
 # first python3), and a pool is there to take that off the caller's path.
 DEFAULT_WARMUP: tuple[str, ...] = ("sh", "-c", "python3 -c pass 2>/dev/null; true")
 WARMUP_TIMEOUT = 60.0
-BACKGROUND_SHARES = 16  # against libvirt's default 1024 for every other VM
+BACKGROUND_SHARES = 256  # a quarter of the default 1024 every VM in use has
 NORMAL_SHARES = 1024
 
 
@@ -67,7 +67,8 @@ class CloneFactory:
         self.runtime = runtime
         self.warmup = tuple(warmup)
         # One warm-up at a time: a big pool filling does not run thirty python3s at once
-        self._warming = asyncio.Semaphore(1)
+        self._warming = asyncio.Semaphore(2)
+        self.urgent: Callable[[], bool] = lambda: False  # the pool: someone waits, none idle
         self.image = image
         self.golden = golden
         self.spec = spec
@@ -87,19 +88,23 @@ class CloneFactory:
         )
 
     async def activate(self, shell: CloneShell) -> RunningVM:
-        """The golden state loaded and the warm-up run (one VM of the pool at a time) at a
-        low CPU share: on a busy host a VM made for later waits for the ones in use. So
-        CONFIGURE may take longer here (thirty clones starting beside twenty idle VMs
-        took more than its usual 10 s under TCG)."""
-        with contextlib.suppress(AgentVMError):  # a share is an optimisation, not a need
-            await asyncio.to_thread(shell.vm.set_cpu_shares, BACKGROUND_SHARES)
+        """The golden state loaded and the warm-up run, at a low CPU share while the pool
+        has VMs to spare (on a busy host a VM made for later waits for the ones in use;
+        CONFIGURE may then take longer than its usual 10 s). When someone waits, or
+        nothing is idle, the VM starts at the normal share and skips the warm-up: its
+        first command paying the cold paths beats waiting for them."""
+        lowered = not self.urgent()
+        if lowered:
+            with contextlib.suppress(AgentVMError):  # a share is an optimisation
+                await asyncio.to_thread(shell.vm.set_cpu_shares, BACKGROUND_SHARES)
         timeout = self.runtime.settings.boot_timeout
         vm = await activate_shell(shell, self.image, timeout=timeout, configure_timeout=timeout)
         try:
-            if self.warmup:
+            if self.warmup and not self.urgent():
                 async with self._warming:
                     await AgentExecutor().execute(vm, self.warmup, timeout=WARMUP_TIMEOUT)
-            await asyncio.to_thread(vm.vm.set_cpu_shares, NORMAL_SHARES)
+            if lowered:
+                await asyncio.to_thread(vm.vm.set_cpu_shares, NORMAL_SHARES)
         except BaseException:  # also a pool shutting down meanwhile: never leave the VM
             await asyncio.shield(vm.close())
             raise
@@ -181,6 +186,7 @@ class VMPool(ShellPool[CloneShell, RunningVM]):
         self._clones = CloneFactory(
             self.runtime, image, golden, self.spec, guard, self.policy, self.warmup
         )
+        self._clones.urgent = lambda: self._waiters > 0 or not self._idle
         return self._clones
 
     async def shutdown(self) -> None:
