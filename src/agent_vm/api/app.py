@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
@@ -122,11 +123,21 @@ def create_app(service: Callable[[], SandboxService], tokens: TokenStore) -> Fas
     app = FastAPI(title="agent-vm", version=__version__)
     app.state.tokens = tokens
 
+    quiet = {"until": 0.0, "suppressed": 0}
+
     def auth_failed(path: str, client: str) -> None:
+        """Counted always; audited at most once a second (with how many were not), so a
+        client hammering with bad tokens cannot rotate the real history away."""
         with contextlib.suppress(KeyError):  # before the service exists: nothing to tell
             watch = service().watch
             watch.metrics.auth_failures.inc()
-            watch.record("auth_failed", path=path, client=client)
+            now = time.monotonic()
+            if now < quiet["until"]:
+                quiet["suppressed"] += 1
+                return
+            watch.record("auth_failed", path=path, client=client,
+                         suppressed_before=quiet["suppressed"])  # fmt: skip
+            quiet["until"], quiet["suppressed"] = now + 1.0, 0
 
     app.state.on_auth_failure = auth_failed
 
