@@ -215,14 +215,19 @@ class RemoteFiles:
     def __init__(self, client: RemoteClient) -> None:
         self.client = client
 
-    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
-        url = f"{self.client.prefix}/files/content"
+    async def _download(self, what: str, path: str) -> AsyncGenerator[bytes, None]:
+        """A streamed GET of ``files/{what}``: a refusal raises before the first chunk."""
+        url = f"{self.client.prefix}/files/{what}"
         async with self.client.http.stream("GET", url, params={"path": path}) as response:
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)
             async for chunk in response.aiter_bytes(CHUNK):
                 yield chunk
+
+    async def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        async for chunk in self._download("content", path):
+            yield chunk
 
     async def read(self, path: str, format: str = "text") -> str | bytes:
         data = b"".join([chunk async for chunk in self.read_stream(path)])
@@ -319,15 +324,6 @@ class RemoteFiles:
         )
         return int(response.json()["bytes"])
 
-    async def _tar_stream(self, remote: str) -> AsyncGenerator[bytes, None]:
-        url = f"{self.client.prefix}/files/tar"
-        async with self.client.http.stream("GET", url, params={"path": remote}) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                _raise_for(response)
-            async for chunk in response.aiter_bytes(CHUNK):
-                yield chunk
-
     async def download_dir(
         self,
         remote: str,
@@ -339,7 +335,7 @@ class RemoteFiles:
         """Extracted here with ``SafeExtractor``: the server passes the guest's bytes on
         untouched, so they get the care a local download gets."""
         return await extract_into(
-            self._tar_stream(remote), local, max_bytes=max_bytes, max_entries=max_entries
+            self._download("tar", remote), local, max_bytes=max_bytes, max_entries=max_entries
         )
 
 
