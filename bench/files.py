@@ -42,6 +42,7 @@ from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox
+from agent_vm.sandbox.local import LocalSandbox
 from bench import rawchannel
 from bench.pool import until
 from bench.stats import host_info, print_table, summary, write_json
@@ -183,7 +184,8 @@ async def acquires(runtime: Runtime, source: Path, runs: int) -> dict[str, list[
                 out[label].append(time.perf_counter() - started)
                 if workspace is not None:
                     started = time.perf_counter()
-                    await sandbox.vm.detach_workspace()
+                    assert isinstance(sandbox.handle, LocalSandbox)
+                    await sandbox.handle.vm.detach_workspace()
                     out["detach"].append(time.perf_counter() - started)
                 await sandbox.kill()
     return out

@@ -85,7 +85,7 @@ async def client_loop(
                     out["errors"].append(f"exec: {response.status_code} {response.text}")
                     continue
                 body = response.json()
-                if body["stdout"] != f"{marker}\n" or body["result"].get("exit_code") != 0:
+                if body["stdout"] != f"{marker}\n" or body["exit"].get("exit_code") != 0:
                     out["mixed"].append({"wanted": marker, "got": body})
                 out["exec"].append(elapsed)
                 done += 1
@@ -136,7 +136,7 @@ def raw_limit(socket: Path, token: str, runs: int) -> dict[str, list[float]]:
                     done = http.post(f"/v1/sandboxes/{sandbox}/executions",
                                      params={"wait": True}, json={"cmd": argv}).json()  # fmt: skip
                     samples[label].append(time.perf_counter() - started)
-                    if done["result"].get("exit_code") != 0:
+                    if done["exit"].get("exit_code") != 0:
                         raise RuntimeError(f"{argv} failed in the warm sandbox: {done}")
         finally:
             http.delete(f"/v1/sandboxes/{sandbox}")

@@ -26,7 +26,8 @@ import zlib
 from pathlib import Path
 
 from agent_vm import logs
-from agent_vm.communication.channel import AgentChannel, _Pending
+from agent_vm.communication.channel import AgentChannel, ChannelState
+from agent_vm.communication.waiters import Pending
 from agent_vm.errors import ChannelClosedError, ProtocolError
 from agent_vm.protocol.frame import HEADER, MAGIC, MAX_PAYLOAD, VERSION, Frame, FrameDecoder, encode
 from agent_vm.protocol.messages import MessageType, Ready, Result, Status
@@ -96,7 +97,7 @@ async def run(inputs: int, seed: int) -> dict[str, object]:
     logs.configure("error")  # every bad frame would be logged as a warning
     rng = random.Random(seed)
     channel = AgentChannel(NullTransport(), name="fuzz", max_output=1 << 20)
-    channel._ready_event.set()  # as after a handshake: replies are dispatched
+    channel.state = ChannelState.READY  # as after a handshake: replies are dispatched
     loop = asyncio.get_running_loop()
     failures: list[dict[str, str]] = []
     protocol_errors = frames = bad = 0
@@ -104,15 +105,15 @@ async def run(inputs: int, seed: int) -> dict[str, object]:
     decoder = FrameDecoder()
     for n in range(inputs):
         if n % 1000 == 0:  # a request the guest can answer (or forge answers for)
-            channel._pending.clear()
-            channel._pings.clear()
+            channel.waiters.pending.clear()
+            channel.waiters.pings.clear()
             for rid in (1, 2, 7):
                 result: asyncio.Future[Result] = loop.create_future()
                 status: asyncio.Future[Status] = loop.create_future()
                 for future in (result, status):  # answered or failed: nobody awaits them
                     future.add_done_callback(lambda f: f.cancelled() or f.exception())
-                channel._pending[rid] = _Pending(rid, result, None, None, 1 << 16)
-                channel._pings[rid + 100] = status
+                channel.waiters.pending[rid] = Pending(rid, result, None, None, 1 << 16)
+                channel.waiters.pings[rid + 100] = status
             decoder = FrameDecoder()
         data = one_input(rng)
         if rng.random() < 0.9:

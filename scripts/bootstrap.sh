@@ -49,14 +49,14 @@ agentvm_python() {
     agentvm_die "need Python >= 3.11 (Debian 12 and Ubuntu 24.04 ship it as python3)"
 }
 
-# Create or refresh .venv when pyproject.toml changed; $1 is the pip extra ("" or "dev").
-# A venv with the dev extra also satisfies a request without it.
+# Create or refresh .venv when pyproject.toml changed; $1 is the pip extra ("server": run
+# VMs and serve them; "dev": that and the test tools). A dev venv also satisfies "server".
 agentvm_venv_ready() {
     local extra="$1" stamp hash have
     stamp="$agentvm_venv/.agent-vm-stamp"
     hash="$(sha256sum "$agentvm_root/pyproject.toml" | cut -d' ' -f1)"
     have="$(cat "$stamp" 2>/dev/null || true)"
-    if [[ "$have" == "$hash dev" || ( -z "$extra" && "$have" == "$hash" ) ]]; then
+    if [[ "$have" == "$hash dev" || "$have" == "$hash $extra" ]]; then
         return 0
     fi
     echo "agent-vm: preparing Python environment in $agentvm_venv" >&2
@@ -68,4 +68,20 @@ agentvm_venv_ready() {
     "$agentvm_venv/bin/python" -m pip install -q -e "$spec" >&2 \
         || agentvm_die "pip install failed (libvirt-python builds against libvirt-dev, pkg-config and gcc)"
     echo "$hash${extra:+ $extra}" > "$stamp"
+}
+
+# Wheels of what a client-only install needs (the package's own dependencies and its build
+# tools), made once per pyproject.toml next to the venv: the test that installs agent-vm
+# into a fresh venv without the host's parts takes them from here, never from the network.
+agentvm_wheelhouse_ready() {
+    local house="$agentvm_venv/wheelhouse" hash
+    hash="$(sha256sum "$agentvm_root/pyproject.toml" | cut -d' ' -f1)"
+    [[ "$(cat "$house/.stamp" 2>/dev/null || true)" == "$hash" ]] && return 0
+    echo "agent-vm: preparing the client wheelhouse in $house" >&2
+    rm -rf "$house"
+    "$agentvm_venv/bin/python" -m pip wheel -q -w "$house" "$agentvm_root" >&2 \
+        || agentvm_die "pip wheel failed (the client install test needs these wheels)"
+    "$agentvm_venv/bin/python" -m pip download -q -d "$house" "setuptools>=77" wheel >&2 \
+        || agentvm_die "pip download of the build tools failed"
+    echo "$hash" > "$house/.stamp"
 }

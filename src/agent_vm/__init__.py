@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import importlib
 
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing alone costs ~10 ms
+from agent_vm.version import __version__
 
-__version__ = "0.1.0"
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing alone costs ~10 ms
 
 __all__ = [
     "AgentVMError",

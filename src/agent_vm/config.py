@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     audit_log: Path | None = Field(
         default=None, description="The server's audit log; default: <state_dir>/audit/audit.log."
     )
+    tokens_file: Path | None = Field(
+        default=None, description="The server's API tokens; default: <state_dir>/tokens.json."
+    )
     audit_max_bytes: int = Field(default=16 << 20, gt=0, description="Rotate past this size.")
     audit_keep: int = Field(default=8, ge=1, description="Rotated audit files kept.")
     anomaly_action: Literal["log", "pause", "kill"] = Field(
@@ -135,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def audit_path(self) -> Path:
         return self.audit_log or self.state_dir / "audit" / "audit.log"
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.tokens_file or self.state_dir / "tokens.json"
 
     @property
     def images_dir(self) -> Path:

@@ -1,6 +1,8 @@
 """One exception root for the whole package, so callers can catch everything we raise.
 
 Every error carries a human message and, where one exists, a ``hint`` saying what to do.
+Errors cross the HTTP API by name (``to_wire``/``from_wire`` and one status table), so a
+client gets the class the server raised, with its fields.
 Errors a caller may want to branch on carry fields, not only text: the guest agent's
 refusal ``code``, QMP's ``error_class``. Standard library only: the guest imports it too.
 
@@ -22,6 +24,12 @@ AgentVMError
 │   └── AgentRefusedError     the guest agent answered ERROR (``code``)
 ├── PoolError                 the VM pool cannot serve the request
 │   └── PoolClosedError       the pool was shut down
+├── SandboxFileError          a file operation in the sandbox failed (``code``, ``path``)
+├── NotFoundError             no such sandbox or command (for this caller)
+├── QuotaError                a quota is used up
+├── SandboxStateError         the call is not allowed in the sandbox's state (``state``)
+├── ServerError               an agent-vm server failed to do what was asked
+│   └── ServerUnavailableError    the server cannot be reached (or stopped answering)
 └── AgentVMTimeout            something did not happen in time (also a TimeoutError)
     ├── HandshakeError        the guest agent never answered the handshake (a ChannelError)
     ├── AgentReplyTimeout     no RESULT/STATUS from the agent in time (a ChannelError)
@@ -183,3 +191,108 @@ class BootTimeout(VMError, AgentVMTimeout):
 
 class PoolExhaustedError(PoolError, AgentVMTimeout):
     """No VM became available within the acquire timeout."""
+
+
+class NotFoundError(AgentVMError):
+    """No such sandbox or command (also when another token owns it: a 404 either way)."""
+
+
+class QuotaError(AgentVMError):
+    """A quota is used up (sandboxes or commands per token, snapshot disk, ...)."""
+
+
+class SandboxStateError(AgentVMError):
+    """The call is not allowed while the sandbox (or channel) is in ``state``: it fails at
+    once instead of waiting (e.g. a command on a paused sandbox)."""
+
+    def __init__(self, message: str, *, state: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.state = state
+
+
+class ServerError(AgentVMError):
+    """The agent-vm server failed to do what was asked (a 5xx without a known cause)."""
+
+
+class ServerUnavailableError(ServerError):
+    """The agent-vm server cannot be reached, or stopped answering and did not come back
+    within the reconnect budget."""
+
+
+# ---------------------------------------------------------------- errors on the wire
+
+# Most specific first: the first class an error is an instance of gives its HTTP status.
+STATUS: tuple[tuple[type[AgentVMError], int], ...] = (
+    (SandboxFileNotFoundError, 404),
+    (SandboxPermissionError, 403),
+    (SandboxFileError, 409),
+    (NotFoundError, 404),
+    (QuotaError, 429),
+    (SandboxStateError, 409),
+    (ConfigError, 400),
+    (ImageNotFoundError, 400),
+    (ExtractionError, 400),
+    (WorkspaceError, 400),
+    (PoolExhaustedError, 503),
+    (ServerUnavailableError, 503),
+    (AgentVMTimeout, 504),
+    (AgentVMError, 502),
+)
+_FIELDS = ("code", "path", "state", "error_class", "detail")
+
+
+def status_of(exc: AgentVMError) -> int:
+    """The HTTP status an error is answered with."""
+    for kind, status in STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def to_wire(exc: AgentVMError) -> dict[str, object]:
+    """The JSON body of an error answer: the class by name, message, hint and fields."""
+    body: dict[str, object] = {"error": type(exc).__name__, "detail": exc.message}
+    if exc.hint:
+        body["hint"] = exc.hint
+    for name in _FIELDS:
+        value = getattr(exc, name, None)
+        if isinstance(value, str):
+            body[name] = value
+    return body
+
+
+def _known() -> dict[str, type[AgentVMError]]:
+    found: dict[str, type[AgentVMError]] = {}
+    pending: list[type[AgentVMError]] = [AgentVMError]
+    while pending:
+        kind = pending.pop()
+        found[kind.__name__] = kind
+        pending.extend(kind.__subclasses__())
+    return found
+
+
+def from_wire(status: int, body: object) -> AgentVMError:
+    """The error a server answered with, as the class it raised (by name; by status for
+    a name this side does not know). Fields missing from ``body`` become empty."""
+    data = body if isinstance(body, dict) else {"detail": str(body)}
+    detail = data.get("detail")
+    message = detail if isinstance(detail, str) else f"the server answered {status}"
+    hint = data.get("hint") if isinstance(data.get("hint"), str) else None
+    kind = _known().get(str(data.get("error")))
+    if kind is None:
+        kind = next((k for k, s in STATUS if s == status), ServerError)
+        if status >= 500 and kind is AgentVMError:
+            kind = ServerError
+    fields = {name: str(data.get(name) or "") for name in _FIELDS}
+    try:
+        if issubclass(kind, SandboxFileError):
+            return kind(message, code=fields["code"], path=fields["path"], hint=hint)
+        if issubclass(kind, SandboxStateError):
+            return kind(message, state=fields["state"], hint=hint)
+        if issubclass(kind, QMPError):
+            return kind(message, error_class=fields["error_class"], hint=hint)
+        if issubclass(kind, AgentRefusedError):
+            return kind(message, code=fields["code"], detail=fields["detail"], hint=hint)
+        return kind(message, hint=hint)
+    except TypeError:  # a subclass with a constructor of its own: keep the text
+        return ServerError(message, hint=hint)

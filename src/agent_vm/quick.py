@@ -12,18 +12,14 @@ sandbox exists this path finishes the job itself.
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import http.client
-import json
 import os
-import socket
 import sys
 
-from agent_vm.api.local import default_socket, read_local_token
+from agent_vm.api.local import LocalApi, default_socket, read_local_token, refusal
+from agent_vm.exitcodes import EXIT_AGENT_VM_ERROR, EXIT_INTERRUPTED, EXIT_TIMEOUT, exit_status
 
-EXIT_TIMEOUT = 124
-EXIT_AGENT_VM_ERROR = 125
-EXIT_INTERRUPTED = 130
 # option -> (request, field); a value always follows (as "--opt v" or "--opt=v")
 OPTIONS = {
     "--network": ("sandbox", "network"),
@@ -35,22 +31,6 @@ OPTIONS = {
     "--cwd": ("execution", "cwd"),
     "--user": ("execution", "user"),
 }
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("agent-vm", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def parse(argv: list[str]) -> tuple[dict[str, object], dict[str, object]] | None:
@@ -94,59 +74,6 @@ def parse(argv: list[str]) -> tuple[dict[str, object], dict[str, object]] | None
     return sandbox, execution
 
 
-class _Api:
-    def __init__(self, path: str, token: str) -> None:
-        self.path = path
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-
-    def call(self, method: str, url: str, body: object = None) -> tuple[int, object]:
-        connection = _UnixConnection(self.path, timeout=60)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            connection.request(method, url, body=data, headers=self.headers)
-            response = connection.getresponse()
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-        finally:
-            connection.close()
-
-    def follow(self, url: str) -> dict[str, object]:
-        """Write the execution's output as it comes; its result event."""
-        connection = _UnixConnection(self.path, timeout=None)
-        try:
-            connection.request("GET", url, headers=self.headers)
-            response = connection.getresponse()
-            if response.status != 200:
-                raise OSError(f"the server answered {response.status} to {url}")
-            while line := response.readline():
-                if not line.startswith(b"data: "):
-                    continue
-                event = json.loads(line[6:])
-                if event["type"] == "stdout":
-                    sys.stdout.write(event["text"])
-                    sys.stdout.flush()
-                elif event["type"] == "stderr":
-                    sys.stderr.write(event["text"])
-                    sys.stderr.flush()
-                elif event["type"] == "result":
-                    return dict(event)
-            raise OSError("the server closed the output stream before the result")
-        finally:
-            connection.close()
-
-
-def _detail(body: object) -> str:
-    """A refusal in one line: pydantic's field errors as ``field: message``."""
-    detail = body.get("detail") if isinstance(body, dict) else body
-    if isinstance(detail, list):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}"
-            for item in detail
-            if isinstance(item, dict)
-        )
-    return str(detail)
-
-
 def fast_run(argv: list[str]) -> int | None:
     """The command's exit code, or None when the full CLI should handle ``argv``."""
     if os.environ.get("AGENT_VM_LOCAL") == "1":
@@ -158,7 +85,7 @@ def fast_run(argv: list[str]) -> int | None:
     token = os.environ.get("AGENT_VM_TOKEN") or read_local_token(path)
     if not token:
         return None
-    api = _Api(path, token)
+    api = LocalApi(path, token)
     try:
         status, created = api.call("POST", "/v1/sandboxes", bodies[0])
     except OSError:
@@ -169,10 +96,10 @@ def fast_run(argv: list[str]) -> int | None:
     try:
         status, started = api.call("POST", f"{sandbox}/executions", bodies[1])
         if status != 201 or not isinstance(started, dict):
-            print(f"agent-vm: the server refused the command: {_detail(started)}",
+            print(f"agent-vm: the server refused the command: {refusal(started)}",
                   file=sys.stderr)  # fmt: skip
             return EXIT_AGENT_VM_ERROR
-        result = api.follow(str(started["events"]))
+        result = _follow(api, str(started["events"]))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (OSError, ValueError, KeyError) as exc:
@@ -184,12 +111,27 @@ def fast_run(argv: list[str]) -> int | None:
     if result.get("timed_out"):
         print(f"agent-vm: command timed out after {bodies[1]['timeout']:g} s", file=sys.stderr)
         return EXIT_TIMEOUT
-    exit_code = result.get("exit_code")
-    if not isinstance(exit_code, int):
+    if result.get("failure") or not isinstance(result.get("exit_code"), int):
         print(f"agent-vm: {result.get('error') or 'the command ended without a result'}",
               file=sys.stderr)  # fmt: skip
         return EXIT_AGENT_VM_ERROR
-    return exit_code
+    if result.get("error"):
+        print(f"agent-vm: {result['error']}", file=sys.stderr)
+    signum = result.get("signal")
+    return exit_status(int(str(result["exit_code"])), signum if isinstance(signum, int) else None)
+
+
+def _follow(api: LocalApi, url: str) -> dict[str, object]:
+    """Write the command's output as it comes (the bytes as they are); its exit event."""
+    for event in api.events(url):
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            stream = sys.stdout.buffer if kind == "stdout" else sys.stderr.buffer
+            stream.write(base64.b64decode(str(event["data"])))
+            stream.flush()
+        elif kind == "exit":
+            return event
+    raise OSError("the server closed the output stream before the command's exit")
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from agent_vm.host.mounts import mounts_under
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
 from tests.integration.helpers import vm_dirs
-from tests.integration.testnet import TestHost
+from tests.integration.testnet import TestHost, exclusive
 
 TEST_HOST_IP = "198.51.100.10"
 # What the test host's DNS server answers (the sandbox resolver forwards to it).
@@ -260,6 +260,7 @@ def test_host(host_ready: None) -> Iterator[TestHost]:
         host_side=IPv4Interface("198.51.100.1/24"),
         addresses=(IPv4Interface(f"{TEST_HOST_IP}/24"), IPv4Interface("198.51.100.11/24")),
         zone=TEST_ZONE,
+        shared=True,  # another test session on this host uses the same one
     )
     try:
         host.start()
@@ -267,6 +268,14 @@ def test_host(host_ready: None) -> Iterator[TestHost]:
         pytest.fail(f"cannot create the test host namespace: {exc}")
     yield host
     host.stop()
+
+
+@pytest.fixture
+def scripted_model(test_host: TestHost) -> Iterator[None]:
+    """The test host's scripted model API, for this test alone (its script is one per
+    host: another session's agent test waits)."""
+    with exclusive("model-api"):
+        yield
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -1,6 +1,10 @@
 """An ``agent-vm serve`` process for tests: started on its own socket, stopped with
 SIGTERM, checked for what it leaves (the server tests, the SDK's shared sandbox tests,
-the agent command through a server)."""
+the agent command through a server).
+
+A test server keeps its audit log and its tokens in its own directory, never in the
+host's state (two servers must not write one audit chain, and a test's tokens are not
+the host's): ``tokens`` names a tokens file to share between servers of one module."""
 
 from __future__ import annotations
 
@@ -21,14 +25,21 @@ POOL = ":light:isolated:1:2"
 
 
 class Server:
-    def __init__(self, root: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, *args: str, env: dict[str, str] | None = None,
+        tokens: Path | None = None,
+    ) -> None:  # fmt: skip
         root.mkdir(parents=True, exist_ok=True)
         self.socket = root / "api.sock"
+        self.audit = root / "audit.log"
+        self.tokens = tokens or root / "tokens.json"
         self.log = (root / "server.log").open("wb")
+        where = [] if "--host" in args or "--port" in args else ["--socket", str(self.socket)]
+        own = {"AGENT_VM_AUDIT_LOG": str(self.audit), "AGENT_VM_TOKENS_FILE": str(self.tokens)}
         self.proc = subprocess.Popen(
-            [*CLI, "--log-level", "info", "serve", "--socket", str(self.socket), *args],
+            [*CLI, "--log-level", "info", "serve", *where, *args],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **own, **(env or {})},
         )  # fmt: skip
         self.log_path = root / "server.log"
         self.token_path = root / "api.token"
@@ -74,10 +85,13 @@ def domains() -> set[str]:
 
 
 @contextlib.contextmanager
-def running_server(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """A server that must stop cleanly: exit by SIGTERM, no traceback, no domain left."""
+def running_server(
+    root: Path, *args: str, env: dict[str, str] | None = None, tokens: Path | None = None
+) -> Iterator[Server]:
+    """A server that must stop cleanly: exit by SIGTERM, no traceback, no domain left,
+    neither its socket nor its local token."""
     before = domains()
-    server = Server(root, *args, env=env)
+    server = Server(root, *args, env=env, tokens=tokens)
     try:
         server.wait_ready()
         yield server
@@ -88,3 +102,4 @@ def running_server(root: Path, *args: str, env: dict[str, str] | None = None) ->
     assert server.proc.returncode in (0, -signal.SIGTERM), log[-2000:]
     assert "Traceback" not in log, log[-4000:]
     assert domains() <= before, "the server left domains behind"
+    assert not server.socket.exists() and not server.token_path.exists(), "files left"

@@ -62,7 +62,7 @@ async def codex_image(runtime: Runtime) -> Image:
 
 async def test_claude_code_edits_a_workspace_file(
     runtime: Runtime, claude_image: Image, guard: NetworkGuard, test_host: TestHost,
-    tmp_path: Path,
+    tmp_path: Path, scripted_model: None,
 ) -> None:  # fmt: skip
     workspace = project(tmp_path)
     key = f"sk-ant-test-{token.token_hex(8)}"
@@ -91,7 +91,7 @@ async def test_claude_code_edits_a_workspace_file(
 
 async def test_aider_edits_a_workspace_file(
     runtime: Runtime, aider_image: Image, guard: NetworkGuard, test_host: TestHost,
-    tmp_path: Path,
+    tmp_path: Path, scripted_model: None,
 ) -> None:  # fmt: skip
     workspace = project(tmp_path)
     key = f"sk-test-{token.token_hex(8)}"
@@ -113,7 +113,7 @@ async def test_aider_edits_a_workspace_file(
 
 async def test_codex_edits_a_workspace_file(
     runtime: Runtime, codex_image: Image, guard: NetworkGuard, test_host: TestHost,
-    tmp_path: Path,
+    tmp_path: Path, scripted_model: None,
 ) -> None:  # fmt: skip
     workspace = project(tmp_path)
     key = f"sk-test-{token.token_hex(8)}"
@@ -136,7 +136,8 @@ async def test_codex_edits_a_workspace_file(
 
 @pytest.mark.parametrize("where", ["local", "server"])
 def test_the_agent_command_runs_claude_headless(
-    where: str, claude_image: Image, test_host: TestHost, tmp_path: Path
+    where: str, claude_image: Image, test_host: TestHost, tmp_path: Path,
+    scripted_model: None,
 ) -> None:
     """``agent-vm agent claude`` as a user types it: image (built), workspace, key from
     the environment, base URL, headless without a terminal, the agent's exit code; on

@@ -187,3 +187,21 @@ def test_run_with_a_workspace_uploads_and_downloads(image: Image, tmp_path: Path
                   "--", "touch", "x")  # fmt: skip
     assert ro.returncode != 0 and "Read-only file system" in ro.stderr
     assert not (project / "x").exists()
+
+
+def test_long_steps_are_said_when_stderr_is_not_a_terminal(
+    image: Image, settings: Settings
+) -> None:
+    """A first start (here: hardware never used, so its golden state is made now) says
+    what it is doing line by line into a pipe or a CI log, instead of minutes of silence."""
+    golden = settings.state_dir / "golden"
+    before = set(golden.iterdir()) if golden.exists() else set()
+    try:
+        proc = agent_vm("run", "--network", "isolated", "--memory", "600", "--", "true")
+        assert proc.returncode == 0, proc.stderr
+        assert "agent-vm: creating the golden state" in proc.stderr, proc.stderr
+        again = agent_vm("run", "--network", "isolated", "--memory", "600", "--", "true")
+        assert again.returncode == 0 and again.stderr == ""  # a fast path says nothing
+    finally:
+        for made in (set(golden.iterdir()) if golden.exists() else set()) - before:
+            agent_vm("golden", "rm", made.name)

@@ -18,6 +18,7 @@ import pytest
 
 from agent_vm.errors import ChannelError
 from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.pool import VMPool
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from tests.integration.hostile_guest import attack_code
@@ -43,7 +44,7 @@ async def round_trip(executor: AgentExecutor, vm: object) -> float:
 async def test_a_hostile_guest_cannot_hurt_the_host_or_its_neighbours(
     runtime: Runtime, image: Image, executor: AgentExecutor
 ) -> None:
-    async with runtime.pool(2, 3, network="isolated", standby=1) as pool:
+    async with VMPool(2, 3, network="isolated", standby=1, runtime=runtime) as pool:
         victim = await pool.acquire(timeout=120)
         neighbour = await pool.acquire(timeout=120)
         idle = [await round_trip(executor, neighbour) for _ in range(10)]

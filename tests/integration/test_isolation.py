@@ -11,6 +11,7 @@ internet is the session's test host at 198.51.100.10, declared public in conftes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -25,8 +26,8 @@ import pytest
 
 from agent_vm.core.template import channel_socket_path
 from agent_vm.errors import VMError
+from agent_vm.execution.clones import prepare_shell
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import prepare_shell
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.host.identities import Identity
@@ -36,19 +37,11 @@ from agent_vm.network.policy import EgressPolicy
 from tests.integration.conftest import TEST_HOST_IP
 from tests.integration.guest_probe import parse, probe_code
 from tests.integration.helpers import eventually
-from tests.integration.testnet import TestHost
+from tests.integration.testnet import TestHost, exclusive, unused_by_the_host
 
 METADATA_IP = "169.254.77.77"
 LAN_IP = "192.168.213.10"
 ROUTED_IP = "203.0.113.10"
-
-
-def _unused_by_the_host(network: str) -> None:
-    routes = subprocess.run(
-        ["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True
-    ).stdout
-    if any(route.get("dst", "").startswith(network) for route in json.loads(routes or "[]")):
-        pytest.fail(f"{network} is in use on this host: the test host cannot stand in for it")
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +53,15 @@ def outside(test_host: TestHost) -> Iterator[dict[str, TestHost]]:
         "routed": ("agvtest5", "203.0.113.1/24", f"{ROUTED_IP}/24", "203.0.113."),
     }
     hosts: dict[str, TestHost] = {}
-    try:
+    with exclusive("extra-networks"), contextlib.ExitStack() as stack:
         for key, (name, host_side, address, prefix) in specs.items():
-            _unused_by_the_host(prefix)
+            unused_by_the_host(prefix)
             hosts[key] = TestHost(
                 name=name, host_side=IPv4Interface(host_side), addresses=(IPv4Interface(address),)
             )
             hosts[key].start()
+            stack.callback(hosts[key].stop)
         yield hosts
-    finally:
-        for host in hosts.values():
-            host.stop()
 
 
 @asynccontextmanager

@@ -265,7 +265,8 @@ def test_the_standalone_exporter_and_top_see_this_hosts_vms(image: Image) -> Non
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         with Sandbox(network="isolated") as sb:
-            vm = sb.vm.name
+            vm = sb.info().domain
+            assert vm is not None
             sb.commands.run("timeout 2 sh -c 'while :; do :; done'; true")
 
             def cpu() -> float:

@@ -39,7 +39,7 @@ from agent_vm.network.vmnet import VMNetwork
 from tests.integration.conftest import TEST_HOST_IP
 from tests.integration.guest_probe import hammer_code, parse, probe_code
 from tests.integration.helpers import eventually, network_leftovers
-from tests.integration.testnet import TestHost
+from tests.integration.testnet import TestHost, exclusive
 
 OTHER_IP = "198.51.100.11"  # the test host's second address
 HOST_SIDE_IP = "198.51.100.1"  # the host's end of the test host's veth
@@ -498,6 +498,11 @@ async def test_leftovers_of_a_crashed_process_are_removed(
 @pytest.fixture
 def test_bridge() -> Iterator[TestHost]:
     """A host bridge with a DHCP server and a test host on it (for BRIDGE mode)."""
+    with exclusive("extra-networks"):
+        yield from _bridged_host()
+
+
+def _bridged_host() -> Iterator[TestHost]:
     bridge = "agvtbr1"
     subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)

@@ -1,6 +1,7 @@
-"""The E2B-shaped facade, blocking and async: every scenario here runs twice, on a local
-sandbox and on one held by an ``agent-vm serve`` process (the client SDK must pass the
-same tests as the local one); sandboxes over a local pool at the end.
+"""The contract suite of the SDK (E2B's shape), blocking and async: every scenario runs
+twice, on a local sandbox and on one held by an ``agent-vm serve`` process: the two
+backends must pass the same tests. Sandboxes over a local pool at the end; a server that
+dies under a running command, on its own.
 
 The server is found the way root's CLI finds it: its socket, and the local token beside
 it (no token is passed)."""
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,16 @@ import pytest
 
 from agent_vm.config import Settings
 from agent_vm.core.connection import LibvirtConnection
-from agent_vm.errors import ConfigError, ExtractionError
+from agent_vm.errors import (
+    ConfigError,
+    ExtractionError,
+    SandboxFileNotFoundError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
+    SandboxPermissionError,
+    SandboxStateError,
+    ServerUnavailableError,
+)
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.reaper import owned_domains
 from agent_vm.execution.runtime import Runtime
@@ -52,9 +65,9 @@ class Where:
             {"settings": settings} if server is None else {"server": str(server.socket)}
         )
 
-    def exists(self, sandbox_id: str) -> bool:
+    def exists(self, sandbox_id: str, domain: str | None = None) -> bool:
         if self.server is None:
-            return sandbox_id in my_domains(self.connection)
+            return domain in my_domains(self.connection)
         token = (self.server.socket.parent / "api.token").read_text().strip()
         with self.server.client(token) as client:
             status = client.get(f"/v1/sandboxes/{sandbox_id}").status_code
@@ -73,7 +86,8 @@ def where(
 def test_blocking_sandbox_runs_commands_and_cleans_up(where: Where) -> None:
     streamed: list[str] = []
     with Sandbox(network="isolated", **where.options) as sb:
-        assert where.exists(sb.sandbox_id)
+        domain = sb.info().domain
+        assert where.exists(sb.sandbox_id, domain)
         result = sb.commands.run(
             "printf 'héllo wörld\\n'; echo oops >&2; exit 3",
             timeout=30,
@@ -89,18 +103,18 @@ def test_blocking_sandbox_runs_commands_and_cleans_up(where: Where) -> None:
         late = sb.commands.run("echo started; sleep 5", timeout=1)
         assert late.timed_out and late.stdout == "started\n"
         sid = sb.sandbox_id
-    assert not where.exists(sid)
+    assert not where.exists(sid, domain)
     sb.kill()  # idempotent
 
 
 def test_blocking_create_and_kill(where: Where) -> None:
     sb = Sandbox.create(network="isolated", **where.options)
-    sid = sb.sandbox_id
+    sid, domain = sb.sandbox_id, sb.info().domain
     try:
         assert sb.commands.run("hostname").success
     finally:
         sb.kill()
-    assert not where.exists(sid)
+    assert not where.exists(sid, domain)
 
 
 async def test_async_twin_has_the_same_names(where: Where) -> None:
@@ -109,10 +123,111 @@ async def test_async_twin_has_the_same_names(where: Where) -> None:
         assert result.stdout == "async\n" and result.exit_code == 0
     created = await AsyncSandbox.create(network="isolated", **where.options)
     assert (await created.commands.run("true")).success
-    sid = created.sandbox_id
+    sid, domain = created.sandbox_id, created.info().domain
     await created.kill()
     await created.kill()
-    assert not where.exists(sid)
+    assert not where.exists(sid, domain)
+
+
+NON_UTF8 = b"\303\050\377\000end"  # invalid UTF-8 and a NUL: nothing may "fix" them
+
+
+async def test_bytes_are_exact_both_ways(where: Where) -> None:
+    async with AsyncSandbox(network="isolated", **where.options) as sb:
+        out = await sb.commands.run(r"printf '\303\050\377\000end'; printf '\377' >&2")
+        assert out.stdout_bytes == NON_UTF8 and out.stderr_bytes == b"\377"
+        fed = await sb.commands.run(["od", "-An", "-tx1"], stdin=NON_UTF8)
+        assert bytes.fromhex("".join(fed.stdout.split())) == NON_UTF8
+        echoed = await sb.commands.run("cat", stdin=NON_UTF8 * 50_000)  # 450 kB, binary
+        assert echoed.stdout_bytes == NON_UTF8 * 50_000
+        seen: list[bytes] = []
+        await sb.commands.run(["cat"], stdin=NON_UTF8, on_stdout_bytes=seen.append)
+        assert b"".join(seen) == NON_UTF8
+
+
+async def test_background_commands_stdin_signals_and_reattach(where: Where) -> None:
+    async with AsyncSandbox(network="isolated", **where.options) as sb:
+        lines: list[str] = []
+        reader = await sb.commands.run(
+            "while read -r line; do echo got:$line; done; echo eof", background=True,
+            stdin=True, on_stdout=lines.append,
+        )  # fmt: skip
+        await reader.send_stdin("one\n")
+        await reader.send_stdin(b"two\n")
+        deadline = asyncio.get_running_loop().time() + 30
+        while "got:two" not in "".join(lines):  # stdin streams while it runs
+            assert asyncio.get_running_loop().time() < deadline, lines
+            await asyncio.sleep(0.1)
+        running = [c for c in await sb.commands.list() if not c.done]
+        assert [c.id for c in running] == [reader.id]
+        again = await sb.commands.connect(reader.id)  # a second handle, from the start
+        await sb.commands.close_stdin(reader.id)
+        result = await reader.wait(30)
+        assert result.stdout == "got:one\ngot:two\neof\n" and result.exit_code == 0
+        assert (await again.wait(30)).stdout == result.stdout
+        ready = asyncio.Event()
+        trapped = await sb.commands.run(
+            "trap 'echo term; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+            background=True, on_stdout=lambda text: ready.set(),
+        )  # fmt: skip
+        await asyncio.wait_for(ready.wait(), 30)
+        await trapped.send_signal("TERM")
+        assert (await trapped.wait(30)).exit_code == 7
+        stubborn = await sb.commands.run("trap '' TERM; sleep 300", background=True)
+        await asyncio.sleep(0.5)
+        await sb.commands.kill(stubborn.id)
+        killed = await stubborn.wait(30)
+        assert killed.exit_code == 137 and killed.signal == 9
+
+
+async def test_any_guest_user_by_name_or_uid(where: Where) -> None:
+    async with AsyncSandbox(network="isolated", **where.options) as sb:
+        assert (await sb.commands.run("useradd -m -u 1234 bob")).success
+        assert (await sb.commands.run("id -un", user="bob")).stdout == "bob\n"
+        assert (await sb.commands.run("id -u", user="1234")).stdout == "1234\n"
+        assert (await sb.commands.run("echo $HOME", user="bob")).stdout == "/home/bob\n"
+        missing = await sb.commands.run("true", user="mallory")
+        assert missing.exit_code == 126 and "no user 'mallory'" in (missing.error or "")
+
+
+async def test_a_one_mib_command_line(where: Where) -> None:
+    args = ["y" * 1023] * 1024  # 1 MiB of arguments (Linux: 2 MiB in all, 128 KiB each)
+    code = "import sys; print(len(sys.argv) - 1, sum(map(len, sys.argv[1:])))"
+    async with AsyncSandbox(network="isolated", **where.options) as sb:
+        result = await sb.commands.run(["python3", "-c", code, *args])
+        assert result.stdout == f"1024 {1023 * 1024}\n", result.stderr
+
+
+async def test_every_file_error_names_its_path(where: Where, tmp_path: Path) -> None:
+    (tmp_path / "kept.txt").write_text("the host's")
+    options = {"network": "isolated", "workspace": tmp_path, "workspace_readonly": True}
+    async with AsyncSandbox(**options, **where.options) as sb:  # type: ignore[arg-type]
+        with pytest.raises(SandboxFileNotFoundError) as missing:
+            await sb.files.read("/nope/file")
+        assert missing.value.path == "/nope/file" and "/nope/file" in str(missing.value)
+        with pytest.raises(SandboxIsADirectoryError) as directory:
+            await sb.files.read("/etc")
+        assert directory.value.path == "/etc" and isinstance(directory.value, IsADirectoryError)
+        with pytest.raises(SandboxPermissionError) as refused:
+            await sb.files.write("/workspace/kept.txt", "the guest's")
+        assert refused.value.path == "/workspace/kept.txt"
+        assert isinstance(refused.value, PermissionError)
+        with pytest.raises(SandboxNotADirectoryError) as not_dir:
+            await sb.files.list("/etc/hostname")
+        assert not_dir.value.path == "/etc/hostname"
+        assert (await sb.files.read("/workspace/kept.txt")) == "the host's"  # still usable
+    assert (tmp_path / "kept.txt").read_text() == "the host's"
+
+
+async def test_a_paused_sandbox_refuses_at_once(where: Where) -> None:
+    async with AsyncSandbox(network="isolated", **where.options) as sb:
+        await sb.pause()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(SandboxStateError, match="paused"):
+            await sb.commands.run("true")
+        assert asyncio.get_running_loop().time() - started < 5
+        await sb.resume()
+        assert (await sb.commands.run("echo back")).stdout == "back\n"
 
 
 def test_files(where: Where, tmp_path: Path) -> None:
@@ -232,3 +347,72 @@ def test_blocking_sandbox_over_a_pool(settings: Settings) -> None:
         assert loop.run(asyncio.sleep(0, result=pool.stats().in_use)) == 0
     finally:
         loop.run(pool.shutdown())
+
+
+async def test_a_server_that_dies_under_a_command_ends_the_wait(
+    image: Image, tmp_path: Path
+) -> None:
+    """The client reconnects with backoff and, when nothing answers for its budget, says
+    so once (the old client spun at 100 % CPU forever)."""
+    server = Server(tmp_path / "doomed")
+    try:
+        server.wait_ready()
+        sb = await AsyncSandbox.create(network="isolated", server=str(server.socket))
+        handle = await sb.commands.run("sleep 300", background=True)
+        await asyncio.sleep(1.0)
+        server.proc.kill()  # the server dies; its sandbox is reaped by the next start
+        server.proc.wait()
+        began = asyncio.get_running_loop().time()
+        cpu = time.process_time()
+        with pytest.raises(ServerUnavailableError, match="no answer for 30 s"):
+            await handle.wait(120)
+        spent = asyncio.get_running_loop().time() - began
+        assert 25 < spent < 60 and time.process_time() - cpu < spent / 4
+        with pytest.raises(ServerUnavailableError):
+            await sb.kill()
+    finally:
+        server.stop()
+    with running_server(tmp_path / "after"):  # reaps what the dead one left
+        pass
+
+
+REPO = Path(__file__).resolve().parents[2]
+HOUSE = REPO / ".venv" / "wheelhouse"  # made by run-tests from the package's own pins
+CLIENT = """
+from agent_vm import Sandbox
+with Sandbox(server={socket!r}, network="isolated") as sb:
+    result = sb.commands.run("printf 'from the server'")
+    print(result.stdout, result.exit_code)
+"""
+
+
+def test_a_client_only_install_drives_a_server(sdk_server: Server, tmp_path: Path) -> None:
+    """``pip install agent-vm`` without the host's parts (libvirt-python, FastAPI,
+    dnslib, ...) in a fresh venv: the SDK and ``agent-vm run --server`` work."""
+    assert (HOUSE / ".stamp").exists(), f"no wheelhouse at {HOUSE}: run ./run-tests once"
+    venv = tmp_path / "client"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    offline = ["--no-index", "--find-links", str(HOUSE), "-q"]
+    subprocess.run([python, "-m", "pip", "wheel", *offline, "--no-deps", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, timeout=600)  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("agent_vm-*.whl")
+    subprocess.run([python, "-m", "pip", "install", *offline, str(wheel)], check=True,
+                   timeout=600)  # fmt: skip
+    missing = subprocess.run(
+        [python, "-c", "import importlib.util as u; print([m for m in ('libvirt', 'fastapi', "
+         "'uvicorn', 'dnslib', 'prometheus_client', 'pydantic_settings') if u.find_spec(m)])"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert missing.stdout.strip() == "[]"  # none of the host's parts came along
+    env = {"PATH": "/usr/bin:/bin", "AGENT_VM_TOKEN": sdk_server.local_token(),
+           "HOME": str(tmp_path)}  # fmt: skip
+    sdk = subprocess.run([python, "-c", CLIENT.format(socket=str(sdk_server.socket))],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert sdk.stdout == "from the server 0\n", sdk.stderr
+    cli = subprocess.run(
+        [str(venv / "bin" / "agent-vm"), "run", "--server", str(sdk_server.socket),
+         "--network", "isolated", "--", "sh", "-c", "echo cli; exit 3"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert (cli.returncode, cli.stdout) == (3, "cli\n"), cli.stderr

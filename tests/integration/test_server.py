@@ -7,6 +7,7 @@ Each server process owns its VMs: what it leaves must be gone after it stops, or
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -28,23 +29,28 @@ from tests.integration.test_pty import check_run_t_follows_the_host_terminal
 
 
 @pytest.fixture(scope="module")
-def tokens(settings: Settings) -> Iterator[dict[str, str]]:
-    store = TokenStore(settings.state_dir / "tokens.json")
-    suffix = os.urandom(3).hex()
-    made = {}
-    for name, quota in (("alice", 4), ("bob", 4), ("tiny", 1)):
-        _, made[name] = store.create(f"test-{name}-{suffix}", max_sandboxes=quota)
-    yield made
-    for name in made:
-        store.revoke(f"test-{name}-{suffix}")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's tokens: its own file (never the host's), shared by its servers."""
+    return tmp_path_factory.mktemp("tokens") / "tokens.json"
 
 
 @pytest.fixture(scope="module")
-def server(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def tokens(token_file: Path) -> dict[str, str]:
+    store = TokenStore(token_file)
+    return {
+        name: store.create(name, max_sandboxes=quota)[1]
+        for name, quota in (("alice", 4), ("bob", 4), ("tiny", 1))
+    }
+
+
+@pytest.fixture(scope="module")
+def server(
+    image: Image, token_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("server")
     (root / "projects" / "demo").mkdir(parents=True)
     with running_server(
-        root, "--pool", POOL, "--workspace-root", str(root / "projects")
+        root, "--pool", POOL, "--workspace-root", str(root / "projects"), tokens=token_file
     ) as running:
         yield running
 
@@ -61,6 +67,11 @@ def events(client: httpx.Client, execution: str, after: int = -1) -> list[dict[s
         return [json.loads(sse.data) for sse in source.iter_sse()]
 
 
+def output(seen: list[dict[str, Any]], stream: str = "stdout") -> bytes:
+    """What the events carry for ``stream``: base64 in JSON, the bytes exactly."""
+    return b"".join(base64.b64decode(e["data"]) for e in seen if e["type"] == stream)
+
+
 def test_create_exec_files_delete(server: Server, tokens: dict[str, str]) -> None:
     with server.client(tokens["alice"]) as client:
         sandbox = create(client, labels={"team": "a"})
@@ -70,11 +81,9 @@ def test_create_exec_files_delete(server: Server, tokens: dict[str, str]) -> Non
         started = client.post(f"/v1/sandboxes/{sid}/executions", json={"cmd": script})
         assert started.status_code == 201, started.text
         seen = events(client, started.json()["id"])
-        out = "".join(e["text"] for e in seen if e["type"] == "stdout")
-        err = "".join(e["text"] for e in seen if e["type"] == "stderr")
-        assert out == "".join(f"out{i}\n" for i in range(1, 301))  # order preserved
-        assert err == "".join(f"err{i}\n" for i in range(1, 301))
-        assert seen[-1]["type"] == "result" and seen[-1]["exit_code"] == 7
+        assert output(seen) == "".join(f"out{i}\n" for i in range(1, 301)).encode()  # in order
+        assert output(seen, "stderr") == "".join(f"err{i}\n" for i in range(1, 301)).encode()
+        assert seen[-1]["type"] == "exit" and seen[-1]["exit_code"] == 7
         assert [e["seq"] for e in seen] == list(range(len(seen)))
         # files: up, listed, down, removed
         payload = os.urandom(3 * 2**20)
@@ -89,7 +98,7 @@ def test_create_exec_files_delete(server: Server, tokens: dict[str, str]) -> Non
         assert got.status_code == 200 and got.content == payload
         waited = client.post(f"/v1/sandboxes/{sid}/executions", params={"wait": True},
                              json={"cmd": ["sha256sum", "/tmp/blob"]}).json()  # fmt: skip
-        assert waited["result"]["exit_code"] == 0
+        assert waited["exit"]["exit_code"] == 0
         assert client.get("/v1/sandboxes", params={"label": "team=a"}).json()[0]["id"] == sid
         assert client.delete(f"/v1/sandboxes/{sid}").status_code == 204
         assert client.get(f"/v1/sandboxes/{sid}").status_code == 404
@@ -110,9 +119,8 @@ def test_a_client_reconnects_to_a_running_execution(server: Server, tokens: dict
         assert status["done"] is False
         rest = events(client, execution["id"], after=first[-1]["seq"])
         seen = first + rest
-        text = "".join(e.get("text", "") for e in seen)
-        assert text == "".join(f"line{i}\n" for i in range(1, 7))  # nothing lost or twice
-        assert seen[-1]["type"] == "result" and seen[-1]["exit_code"] == 0
+        assert output(seen) == "".join(f"line{i}\n" for i in range(1, 7)).encode()  # no gap
+        assert seen[-1]["type"] == "exit" and seen[-1]["exit_code"] == 0
         client.delete(f"/v1/sandboxes/{sid}")
 
 
@@ -124,21 +132,21 @@ def test_signal_and_kill_a_running_execution(server: Server, tokens: dict[str, s
         url = f"/v1/executions/{execution['id']}"
         with connect_sse(client, "GET", f"{url}/events") as source:
             for sse in source.iter_sse():
-                if json.loads(sse.data).get("text") == "ready\n":
+                if output([json.loads(sse.data)]) == b"ready\n":
                     break  # the trap is set
         bogus = client.post(f"{url}/signal", json={"signal": "BOGUS"})
         assert bogus.status_code == 422 and "signal" in bogus.text
         assert client.get(url).json()["done"] is False  # the bad request changed nothing
         assert client.post(f"{url}/signal", json={"signal": "TERM"}).status_code == 202
         seen = events(client, execution["id"])
-        stdout = "".join(e["text"] for e in seen if e["type"] == "stdout")
-        assert stdout == "ready\ngot-term\n"  # (bash reports the killed sleep on stderr)
+        assert output(seen) == b"ready\ngot-term\n"  # (bash reports the killed sleep on stderr)
         assert seen[-1]["exit_code"] == 7  # its own trap's exit, so TERM reached the shell
         stubborn = client.post(f"/v1/sandboxes/{sid}/executions",
                                json={"cmd": "trap '' TERM; sleep 300"}).json()  # fmt: skip
         time.sleep(0.5)
         assert client.post(f"/v1/executions/{stubborn['id']}/kill").status_code == 202
-        assert events(client, stubborn["id"])[-1]["killed"] is True
+        ended = events(client, stubborn["id"])[-1]
+        assert (ended["exit_code"], ended["signal"]) == (137, 9)
         again = client.post(f"/v1/sandboxes/{sid}/executions", params={"wait": True},
                             json={"cmd": "echo still-usable"}).json()  # fmt: skip
         assert again["stdout"] == "still-usable\n"
@@ -180,7 +188,9 @@ def test_malformed_requests_get_4xx_and_change_nothing(
         ):
             response = client.post("/v1/sandboxes", json=body)
             assert response.status_code == 422, (body, response.text)
-            assert field in json.dumps(response.json()["detail"])
+            detail = response.json()["detail"]  # one line naming the field, not pydantic's list
+            assert isinstance(detail, str) and field in detail and "\n" not in detail, detail
+            assert response.json()["error"] == "ConfigError"
         assert client.post("/v1/sandboxes", content=b"{not json").status_code == 422
         assert client.get("/v1/sandboxes").json() == before
 
@@ -211,11 +221,12 @@ def _free_port() -> int:
 
 
 def test_loopback_tcp_and_a_killed_server_leaves_nothing_after_restart(
-    settings: Settings, image: Image, tokens: dict[str, str], tmp_path: Path
+    settings: Settings, image: Image, tokens: dict[str, str], token_file: Path, tmp_path: Path
 ) -> None:
+    """``--port`` alone listens on loopback TCP (not the socket)."""
     before = domains()
     port = _free_port()
-    first = Server(tmp_path, "--host", "127.0.0.1", "--port", str(port))
+    first = Server(tmp_path, "--port", str(port), tokens=token_file)
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {tokens['alice']}"}
     try:
@@ -241,7 +252,7 @@ def test_loopback_tcp_and_a_killed_server_leaves_nothing_after_restart(
         assert any(name in text for name in left for text in network_records())
     finally:
         first.stop()
-    second = Server(tmp_path / "again")
+    second = Server(tmp_path / "again", tokens=token_file)
     try:
         second.wait_ready()
         assert domains() <= before  # ... and reaped by the next server's start:
@@ -267,13 +278,7 @@ def test_the_cli_runs_through_the_server(
         timeout=60,
     )  # fmt: skip
     assert absent.returncode == 125 and "cannot reach the agent-vm server" in absent.stderr
-    refused = subprocess.run(
-        [*CLI, "run", "--server", str(server.socket), "--cold", "--", "true"],
-        env={**os.environ, "AGENT_VM_TOKEN": tokens["alice"]}, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert refused.returncode == 125
-    assert "--cold cannot be used with --server" in refused.stderr
+    assert len(absent.stderr.strip().splitlines()) == 2  # what happened, what to do
 
 
 JOB = """import os
@@ -340,8 +345,8 @@ def test_the_fast_path_runs_a_plain_command_without_the_full_cli(
     assert "agent_vm.cli" not in done.stderr and "httpx" not in done.stderr
     late = run("--network", "isolated", "--timeout", "1", "--", "sleep", "5")
     assert late.returncode == 124 and "timed out after 1 s" in late.stderr
-    refused = run("--network", "isolated", "--user", "nobody", "--", "true")
-    assert refused.returncode == 125 and "user: Input should be" in refused.stderr
+    refused = run("--network", "isolated", "--user", "no body", "--", "true")
+    assert refused.returncode == 125 and "is not a user name" in refused.stderr
     assert server.log_path.read_text().count("sandbox_created") == before + 3
     assert server.log_path.read_text().count("sandbox_deleted") >= before + 3
 
@@ -351,3 +356,23 @@ def test_run_t_through_the_server_follows_the_host_terminal(
 ) -> None:
     monkeypatch.setenv("AGENT_VM_TOKEN", tokens["alice"])
     check_run_t_follows_the_host_terminal(["--server", str(server.socket)])
+
+
+def test_a_second_server_on_the_same_audit_log_refuses_to_start(
+    server: Server, tmp_path: Path
+) -> None:
+    """Two servers on one state directory would interleave one hash chain: the second
+    says why and stops before it touches anything."""
+    second = subprocess.run(
+        [*CLI, "serve", "--socket", str(tmp_path / "api.sock")],
+        env={**os.environ, "AGENT_VM_AUDIT_LOG": str(server.audit)}, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 125, second.stderr
+    assert f"another agent-vm process (pid {server.proc.pid}) writes the audit log" in (
+        second.stderr
+    )
+    assert not (tmp_path / "api.sock").exists()
+    verified = subprocess.run([*CLI, "audit", "verify", "--path", str(server.audit)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert verified.returncode == 0, verified.stderr

@@ -22,6 +22,7 @@ from agent_vm.execution.teardown import destroy_and_remove
 from agent_vm.host.mounts import mounts_under
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox
+from agent_vm.sandbox.local import LocalSandbox
 
 OWNER = (4242, 4343)  # a user of the host who owns the project (no passwd entry needed)
 
@@ -240,11 +241,12 @@ async def test_after_a_pool_reset_nothing_of_the_previous_user_is_there(
         async with AsyncSandbox(pool=pool, workspace=project) as first:
             assert "secret" in (await first.commands.run("cat secret.txt")).stdout
             await first.commands.run("cp secret.txt /root/copied.txt")
-            first_vm = first.vm
+            assert isinstance(first.handle, LocalSandbox)
+            first_vm = first.handle.vm
         assert first_vm.workspace is None
         assert not [p for p in mounts_under(first_vm.workdir) if p.name in ("ws", "input")]
         async with AsyncSandbox(pool=pool) as second:
-            assert second.vm.name != first_vm.name
+            assert second.info().domain != first_vm.name
             out = (
                 await second.commands.run(
                     "ls -A /workspace 2>&1; cat /root/copied.txt 2>&1; grep 9p /proc/mounts; "

@@ -20,6 +20,7 @@ key sent), so a test can see what an agent asked.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import socketserver
 import sys
@@ -334,6 +335,7 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
 def main() -> None:
     zone = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    detached = "--detached" in sys.argv
     servers: list[socketserver.BaseServer] = []
     for port in HTTP_PORTS:
         http = ThreadingHTTPServer(("0.0.0.0", port), _HTTP)
@@ -350,6 +352,9 @@ def main() -> None:
         dns = DNSServer(resolver, port=53, address="0.0.0.0", tcp=tcp, logger=quiet)
         dns.start_thread()
     print("ready", flush=True)
+    if detached:  # until the last test session using it kills it
+        while True:
+            signal.pause()
     sys.stdin.read()  # until the test closes our stdin (or dies)
 
 

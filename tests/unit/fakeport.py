@@ -14,6 +14,7 @@ import asyncio
 import socket
 import threading
 
+from agent_vm.guest import cgroups
 from agent_vm.guest.agent import Agent, Link
 
 
@@ -94,7 +95,7 @@ def start_agent(port: FakePort) -> Agent:
     """The real guest agent serving ``port`` in a daemon thread. Commands run on this
     host, as this user, without per-command cgroups (they would move the test process)."""
     agent = Agent(port)
-    agent.cgroups = False
+    cgroups.disable()
     agent.on_shutdown = Shutdowns()
     threading.Thread(target=agent.serve_forever, name="fake-guest-agent", daemon=True).start()
     return agent

@@ -1,5 +1,6 @@
-"""The server's pure logic: tokens (hashed, revocable), pool specs, the per-execution
-event log that lets a client re-attach (order, no gaps, bounded memory)."""
+"""The server's pure logic: tokens (hashed, revocable), pool specs, the per-command
+journal that lets a client re-attach (order, no gaps, bounded memory), errors on the
+wire (the class the server raised comes back, with its fields)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from agent_vm.api import service
+from agent_vm import errors
+from agent_vm.api.admission import PoolSpec, resolve_workspace
 from agent_vm.api.local import local_token_path, read_local_token, write_local_token
-from agent_vm.api.service import Execution, PoolSpec, resolve_workspace
 from agent_vm.api.systemd import render_unit
 from agent_vm.api.tokens import TokenStore
-from agent_vm.errors import ConfigError
+from agent_vm.errors import (
+    AgentVMError,
+    ConfigError,
+    NotFoundError,
+    QuotaError,
+    SandboxIsADirectoryError,
+    SandboxStateError,
+    ServerError,
+    VMDiedError,
+    from_wire,
+    status_of,
+    to_wire,
+)
+from agent_vm.sandbox import journal
+from agent_vm.sandbox.base import Exit, Output
+from agent_vm.sandbox.journal import Journal, prune
 
 
 def test_tokens_are_stored_hashed_and_checked(tmp_path: Path) -> None:
@@ -47,31 +63,78 @@ def test_pool_specs(text: str, says: str) -> None:
         PoolSpec.parse(text)
 
 
-async def test_an_execution_replays_from_any_point_and_follows_live() -> None:
-    execution = Execution("ex-1", "sb-1", "tok")
+async def test_a_journal_replays_from_any_point_and_follows_live() -> None:
+    log = Journal()
     for i in range(3):
-        execution.add({"type": "stdout", "text": f"{i}\n"}, 2)
+        log.output("stdout", f"{i}\n".encode())
 
     async def collect(after: int) -> list[int]:
-        return [e["seq"] async for e in execution.follow(after)]
+        return [e.seq async for e in log.follow(after)]
 
     late = asyncio.create_task(collect(1))
     await asyncio.sleep(0)
-    execution.add({"type": "stdout", "text": "3\n"}, 2)
-    execution.add({"type": "result", "exit_code": 0})
-    execution.done = True
-    execution.changed.set()
+    log.output("stderr", b"\xff\x00")  # bytes stay bytes
+    log.end(0)
     assert await late == [2, 3, 4]
     assert await collect(-1) == [0, 1, 2, 3, 4]
+    events = [e async for e in log.follow()]
+    assert events[3] == Output(3, "stderr", b"\xff\x00") and isinstance(events[-1], Exit)
+    log.output("stdout", b"late")  # after the end: nothing
+    assert log.end(7).exit_code == 0  # the first end stays
 
 
-def test_an_execution_keeps_bounded_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "MAX_EVENT_BYTES", 10)
-    execution = Execution("ex-1", "sb-1", "tok")
+def test_a_journal_keeps_bounded_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "MAX_KEPT_BYTES", 10)
+    log = Journal()
     for _ in range(10):
-        execution.add({"type": "stdout", "text": "abcd"}, 4)
-    assert execution.size <= 10 and execution.dropped == 8
-    assert [e["seq"] for e in execution.events] == [8, 9]  # numbering survives dropping
+        log.output("stdout", b"abcd")
+    assert log.size <= 10 and log.total == 40
+
+    async def seqs() -> list[int]:
+        log.end(0)
+        return [e.seq async for e in log.follow()]
+
+    assert asyncio.run(seqs()) == [8, 9, 10]  # numbering survives dropping
+
+
+def test_ended_journals_are_pruned_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "ENDED_KEEP", 2)
+    logs = [Journal() for _ in range(4)]
+    for log in logs[:3]:
+        log.end(0)
+    assert prune(logs) == [0]  # three ended, two kept; the running one is never pruned
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SandboxIsADirectoryError("/etc is a directory", code="is_a_directory", path="/etc"),
+        SandboxStateError("paused", state="paused", hint="resume() it first"),
+        QuotaError("too many", hint="delete one"),
+        NotFoundError("no sandbox"),
+        VMDiedError("VM stopped"),
+        ConfigError("bad"),
+    ],
+)
+def test_errors_cross_the_wire_as_their_class(error: AgentVMError) -> None:
+    body = json.loads(json.dumps(to_wire(error)))
+    back = from_wire(status_of(error), body)
+    assert type(back) is type(error) and back.message == error.message
+    assert back.hint == error.hint
+    for field in ("code", "path", "state"):
+        assert getattr(back, field, None) == getattr(error, field, None)
+
+
+def test_status_table() -> None:
+    assert status_of(QuotaError("x")) == 429
+    assert status_of(SandboxStateError("x", state="paused")) == 409
+    assert status_of(NotFoundError("x")) == 404
+    assert status_of(SandboxIsADirectoryError("x", code="is_a_directory", path="/")) == 409
+    assert status_of(ConfigError("x")) == 400
+    assert status_of(errors.PoolExhaustedError("x")) == 503
+    assert isinstance(from_wire(500, {"detail": "boom"}), ServerError)
+    assert isinstance(from_wire(429, {"error": "NoSuchClass", "detail": "x"}), QuotaError)
+    assert from_wire(502, "not json").message == "not json"
 
 
 def test_the_systemd_unit_runs_serve() -> None:
@@ -130,8 +193,9 @@ def test_the_local_token_lives_in_memory_and_beside_the_socket(tmp_path: Path) -
 
 def test_the_openapi_document_names_every_route(tmp_path: Path) -> None:
     from agent_vm.api.app import create_app
+    from agent_vm.api.service import SandboxService
 
-    def no_service() -> service.SandboxService:
+    def no_service() -> SandboxService:
         raise AssertionError("the schema needs no service")
 
     schema = create_app(no_service, TokenStore(tmp_path / "tokens.json")).openapi()
@@ -141,8 +205,13 @@ def test_the_openapi_document_names_every_route(tmp_path: Path) -> None:
         "/v1/sandboxes/{sandbox_id}",
         "/v1/sandboxes/{sandbox_id}/keepalive",
         "/v1/sandboxes/{sandbox_id}/resume",
+        "/v1/sandboxes/{sandbox_id}/pause",
+        "/v1/sandboxes/{sandbox_id}/stats",
         "/v1/sandboxes/{sandbox_id}/executions",
+        "/v1/executions/{execution_id}",
         "/v1/executions/{execution_id}/events",
+        "/v1/executions/{execution_id}/stdin",
+        "/v1/executions/{execution_id}/resize",
         "/v1/executions/{execution_id}/kill",
         "/v1/executions/{execution_id}/signal",
         "/v1/sandboxes/{sandbox_id}/files",
@@ -157,3 +226,10 @@ def test_the_openapi_document_names_every_route(tmp_path: Path) -> None:
     } <= paths, paths
     create = schema["components"]["schemas"]["CreateSandbox"]["properties"]
     assert {"labels", "lifetime_seconds", "policy", "workspace", "anomaly_action"} <= set(create)
+    for path, methods in schema["paths"].items():  # every answer is described
+        for method, operation in methods.items():
+            ok = {code: r for code, r in operation["responses"].items() if code.startswith("2")}
+            assert ok, (method, path)
+            if path not in ("/metrics", "/healthz") and "204" not in ok:
+                assert any("content" in r for r in ok.values()), (method, path)
+            assert "404" in operation["responses"] and "409" in operation["responses"], path

@@ -102,4 +102,17 @@ class _AppRaising:
 
         @self.app.command()
         def fail() -> None:
-            raise cli._fail(error)
+            raise cli.fail(error)
+
+
+def test_progress_is_one_line_per_step_off_a_terminal() -> None:
+    import io
+
+    from agent_vm.cli.common import Progress
+
+    out = io.StringIO()  # not a terminal (a pipe, a CI log)
+    shown = Progress(out)
+    for message in ("installing packages", "installing packages", "building the image"):
+        shown(message)
+    shown.stop()
+    assert out.getvalue() == "agent-vm: installing packages\nagent-vm: building the image\n"

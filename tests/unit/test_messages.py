@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_vm.errors import ProtocolError
-from agent_vm.protocol.messages import Configure, Execute, Hello, Ready, Result, Signal, Status
+from agent_vm.protocol.configure import Configure
+from agent_vm.protocol.messages import Execute, Hello, Ready, Result, Signal, Status
 
 
 def test_execute_round_trip() -> None:
@@ -27,13 +28,16 @@ def test_execute_round_trip() -> None:
         {"argv": ["a"], "shell": "b"},  # both
         {"argv": []},
         {"argv": [1]},
-        {"shell": "x", "user": "nobody"},
+        {"shell": "x", "user": "no body"},  # not a user name
+        {"shell": "x", "user": "-rf"},
+        {"shell": "x", "user": "99999999999"},
         {"shell": "x", "timeout": 0},
         {"shell": "x", "timeout": True},
         {"shell": "x", "env": {"A=B": "1"}},
         {"shell": "x", "env": {"A": 1}},
         {"shell": "x", "extra": 1},
-        {"shell": "x" * 200_000},
+        {"shell": "x" * 200_000},  # Linux's limit for one argument
+        {"argv": ["x" * 1000] * 2200},  # and for all of them
     ],
 )
 def test_execute_rejects_invalid_requests(payload: dict[str, object]) -> None:
@@ -126,3 +130,14 @@ def test_terminal_sizes_are_checked_both_ways() -> None:
             Execute(argv=["bash"], pty=bad)  # type: ignore[arg-type]
     with pytest.raises(ProtocolError):
         Resize.from_payload(b'{"cols": 80}')
+
+
+@pytest.mark.parametrize("user", ["root", "agent", "bob", "build-bot", "svc_1", "m$", "0", "1001"])
+def test_any_user_name_or_uid_is_accepted(user: str) -> None:
+    assert Execute(shell="id", user=user).user == user
+
+
+def test_a_one_mib_command_line_fits_a_request() -> None:
+    argv = ["python3", "-c", "pass", *["y" * 1023] * 1024]
+    request = Execute(argv=argv)
+    assert len(request.to_payload()) > 2**20  # more than one ordinary frame: still sent

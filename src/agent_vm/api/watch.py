@@ -3,6 +3,9 @@ looks at every sandbox each ``monitor_interval`` (libvirt's bulk stats in one ca
 guard's blocked counts, the guest's PING every few looks), feeds the anomaly detector and
 acts on its alerts.
 
+The monitor reports alerts to whoever attached it (the service), which acts on them:
+this module never calls the service (no import cycle, one owner of the actions).
+
 Actions: rule alerts (blocked burst, output flood, process storm, disk filling) get the
 sandbox's action (its own, else the server's ``anomaly_action``): ``log``, ``pause``
 (the domain is suspended; executions are refused until ``resume``) or ``kill`` (the
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from agent_vm.config import Settings
 from agent_vm.errors import AgentVMError
+from agent_vm.execution.shells import PoolStats
 from agent_vm.logs import get_logger
 from agent_vm.monitoring.anomaly import Alert, AnomalyDetector, Thresholds, Tick
 from agent_vm.monitoring.audit import AuditLogger
@@ -31,9 +36,7 @@ from agent_vm.monitoring.metrics import (
     bulk_stats,
     reason_class,
 )
-
-if TYPE_CHECKING:
-    from agent_vm.api.service import Hosted, SandboxService
+from agent_vm.sandbox.base import Exit, SandboxHandle, SandboxState
 
 log = get_logger(__name__)
 
@@ -42,16 +45,47 @@ PING_EVERY = 5  # looks
 VIOLATION_SAMPLE = 5  # destinations named per audit event
 
 
+@dataclass(frozen=True)
+class Watched:
+    """A sandbox as the monitor sees it."""
+
+    id: str
+    owner: str
+    handle: SandboxHandle
+    domain: str | None  # its libvirt domain (bulk stats), where it has one
+
+
+Act = Callable[[str, list[Alert]], Awaitable[None]]
+
+
 class Watch:
-    def __init__(self, settings: Settings, *, audit: AuditLogger | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        audit: AuditLogger | None = None,
+        connection: Callable[[], Any] | None = None,
+        pools: Callable[[], Mapping[str, PoolStats]] = dict,
+    ) -> None:
         self.settings = settings
         self.audit = audit
+        self.connection = connection  # libvirt, for bulk stats (None: no domains here)
         self.metrics = MetricsCollector()
         self.detector = AnomalyDetector(Thresholds.from_settings(settings))
-        self.guest: dict[str, GuestFigures] = {}
-        self._blocked_seen: dict[str, int] = {}
+        self.guest: dict[str, GuestFigures] = {}  # by domain
+        self._blocked_seen: dict[str, int] = {}  # by sandbox
+        self._blocked_total: dict[str, int] = {}  # by domain, for the scrape
         self._task: asyncio.Task[None] | None = None
-        self._live: Callable[[], Mapping[str, object]] = dict
+        self._live: Callable[[], list[Watched]] = list
+        self.metrics.sources = Sources(
+            connection=connection,
+            targets=lambda: [
+                Target(w.id, w.domain, w.owner) for w in self._live() if w.domain is not None
+            ],
+            pools=pools,
+            blocked=lambda domain: self._blocked_total.get(domain, 0),
+            guest=self.guest,
+        )
 
     def record(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
@@ -59,19 +93,10 @@ class Watch:
 
     # ------------------------------------------------------------------ wiring
 
-    def attach(self, service: SandboxService) -> None:
-        runtime = service.runtime
-        self._live = lambda: service.sandboxes
-        self.metrics.sources = Sources(
-            connection=lambda: runtime.connection.connection,
-            targets=lambda: [
-                Target(h.id, h.vm.name, h.owner) for h in list(service.sandboxes.values())
-            ],
-            pools=lambda: service.source.pool_stats(),
-            blocked=lambda vm: self._blocked_count(service, vm),
-            guest=self.guest,
-        )
-        self._task = asyncio.create_task(self._monitor(service), name="agent-vm-monitor")
+    def attach(self, live: Callable[[], list[Watched]], act: Act) -> None:
+        """Watch what ``live`` returns; hand alerts to ``act`` (sandbox id, alerts)."""
+        self._live = live
+        self._task = asyncio.create_task(self._monitor(act), name="agent-vm-monitor")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -81,92 +106,115 @@ class Watch:
         if self.audit is not None:
             self.audit.close()
 
-    @staticmethod
-    def _blocked_count(service: SandboxService, vm_name: str) -> int:
-        for hosted in list(service.sandboxes.values()):
-            if hosted.vm.name == vm_name and hosted.vm.guard is not None:
-                return hosted.vm.guard.blocked_count(vm_name)
-        return 0
-
     # ------------------------------------------------------------------ events
 
-    def sandbox_gone(self, hosted: Hosted, reason: str) -> None:
-        self.detector.forget(hosted.id)
-        self.guest.pop(hosted.vm.name, None)
-        self._blocked_seen.pop(hosted.id, None)
-        self.record("sandbox_deleted", sandbox=hosted.id, owner=hosted.owner, reason=reason)
+    def sandbox_gone(self, sandbox_id: str, owner: str, domain: str | None, reason: str) -> None:
+        self.detector.forget(sandbox_id)
+        if domain is not None:
+            self.guest.pop(domain, None)
+            self._blocked_total.pop(domain, None)
+        self._blocked_seen.pop(sandbox_id, None)
+        self.record("sandbox_deleted", sandbox=sandbox_id, owner=owner, reason=reason)
 
-    def execution_finished(
-        self, hosted: Hosted, execution_id: str, result: dict[str, Any], seconds: float,
-        output_bytes: int,
+    def command_finished(
+        self, sandbox_id: str, owner: str, command_id: str, exit: Exit | None, seconds: float,
+        output_bytes: int, *, terminal: bool = False, live: bool = True,
     ) -> list[Alert]:  # fmt: skip
-        if result.get("killed"):
+        if exit is None or (exit.exit_code is None and exit.failure is None):
+            outcome = "killed"  # its sandbox went first
+        elif exit.signal == 9 and not exit.timed_out:
             outcome = "killed"
-        elif result.get("timed_out"):
+        elif exit.timed_out:
             outcome = "timeout"
-        elif result.get("exit_code") is None:
+        elif exit.failure is not None:
             outcome = "error"
         else:
-            outcome = "ok" if result["exit_code"] == 0 else "nonzero"
+            outcome = "ok" if exit.exit_code == 0 else "nonzero"
+        exit_code = exit.exit_code if exit is not None else None
+        if terminal:
+            self.record("terminal_ended", sandbox=sandbox_id, execution=command_id, owner=owner,
+                        exit_code=exit_code, signal=exit.signal if exit else None)  # fmt: skip
+            return []
         self.metrics.observe_execution(outcome, seconds)
-        self.record("execution_finished", sandbox=hosted.id, execution=execution_id,
-                    owner=hosted.owner, outcome=outcome, exit_code=result.get("exit_code"),
+        self.record("execution_finished", sandbox=sandbox_id, execution=command_id,
+                    owner=owner, outcome=outcome, exit_code=exit_code,
                     duration=round(seconds, 4), output_bytes=output_bytes,
-                    error=result.get("error"))  # fmt: skip
-        if hosted.id not in self._live():
+                    error=exit.error if exit else None)  # fmt: skip
+        if not live:
             return []  # removed meanwhile (deleted, killed): nothing to watch any more
-        return self.detector.execution(hosted.id, seconds, output_bytes)
+        return self.detector.execution(sandbox_id, seconds, output_bytes)
+
+    def actions(
+        self, alerts: Sequence[Alert], own: str | None, owner: str
+    ) -> list[tuple[str, str]]:
+        """Each alert logged, counted and audited; the (action, rule) pairs to carry out:
+        a rule's alert gets the sandbox's action (``own``) or the server's, a statistical
+        one is logged only."""
+        todo = []
+        for alert in alerts:
+            action = (own or self.settings.anomaly_action) if alert.rule in RULES else "log"
+            log.warning("anomaly", sandbox=alert.sandbox, rule=alert.rule, detail=alert.detail,
+                        action=action)  # fmt: skip
+            self.metrics.alerts.labels(alert.rule, action).inc()
+            self.record("anomaly", sandbox=alert.sandbox, owner=owner, rule=alert.rule,
+                        detail=alert.detail, value=alert.value, action=action)  # fmt: skip
+            if action != "log":
+                todo.append((action, alert.rule))
+        return todo
 
     # ------------------------------------------------------------------ the monitor
 
-    async def _monitor(self, service: SandboxService) -> None:
+    async def _monitor(self, act: Act) -> None:
         looks = 0
         while True:
             await asyncio.sleep(self.settings.monitor_interval)
             looks += 1
             try:
-                await self._look(service, ping=looks % PING_EVERY == 1)
+                await self._look(act, ping=looks % PING_EVERY == 1)
             except Exception as exc:  # a bad look must not end the watching
                 log.warning("monitor_look_failed", error=str(exc))
 
-    async def _look(self, service: SandboxService, *, ping: bool) -> None:
-        hosted = list(service.sandboxes.values())
-        if not hosted:
+    async def _look(self, act: Act, *, ping: bool) -> None:
+        watched = self._live()
+        if not watched:
             return
-        connection = service.runtime.connection.connection
-        names = {h.vm.name for h in hosted}
-        figures = await asyncio.to_thread(bulk_stats, connection, names)
+        figures: dict[str, DomainFigures] = {}
+        domains = {w.domain for w in watched if w.domain is not None}
+        if self.connection is not None and domains:
+            figures = await asyncio.to_thread(bulk_stats, self.connection(), domains)
         if ping:
-            await asyncio.gather(*(self._ping(h) for h in hosted))
-        for sandbox in hosted:
-            if sandbox.id not in service.sandboxes:
-                continue  # removed meanwhile
-            alerts = self.detector.tick(
-                sandbox.id, self._tick(sandbox, figures.get(sandbox.vm.name))
-            )
-            await self.act(service, sandbox, alerts)
+            await asyncio.gather(*(self._ping(w) for w in watched))
+        for sandbox in watched:
+            found = figures.get(sandbox.domain) if sandbox.domain else None
+            tick = await self._tick(sandbox, found)
+            alerts = self.detector.tick(sandbox.id, tick)
+            if alerts:
+                await act(sandbox.id, alerts)
 
-    async def _ping(self, hosted: Hosted) -> None:
-        if hosted.paused:
+    async def _ping(self, watched: Watched) -> None:
+        if watched.handle.state is not SandboxState.RUNNING or watched.domain is None:
             return
         with contextlib.suppress(AgentVMError, OSError, TimeoutError):
-            status = await (await hosted.vm.channel()).ping(timeout=2.0)
-            self.guest[hosted.vm.name] = GuestFigures(status.load1, status.mem_available_kib)
+            figures = await watched.handle.stats()
+            self.guest[watched.domain] = GuestFigures(figures.load1, figures.mem_available_kib)
 
-    def _tick(self, hosted: Hosted, found: DomainFigures | None) -> Tick:
-        guard = hosted.vm.guard
-        total = guard.blocked_count(hosted.vm.name) if guard is not None else 0
-        seen = self._blocked_seen.get(hosted.id, 0)
-        if total > seen and guard is not None:
-            fresh = guard.blocked(hosted.vm.name)[-(total - seen) :]
-            for attempt in fresh:
-                self.metrics.blocked.labels(attempt.kind, reason_class(attempt.reason)).inc()
-            self.record("policy_violation", sandbox=hosted.id, owner=hosted.owner,
-                        count=total - seen, total=total,
-                        sample=[f"{a.kind} {a.destination}:{a.port} ({a.reason})"
-                                for a in fresh[:VIOLATION_SAMPLE]])  # fmt: skip
-        self._blocked_seen[hosted.id] = total
-        guest = self.guest.get(hosted.vm.name)
+    async def _tick(self, watched: Watched, found: DomainFigures | None) -> Tick:
+        total, seen = 0, self._blocked_seen.get(watched.id, 0)
+        with contextlib.suppress(AgentVMError):
+            total = await watched.handle.blocked_count()
+        if total > seen:
+            with contextlib.suppress(AgentVMError):
+                fresh = (await watched.handle.blocked())[-(total - seen) :]
+                for attempt in fresh:
+                    self.metrics.blocked.labels(attempt.kind, reason_class(attempt.reason)).inc()
+                self.record("policy_violation", sandbox=watched.id, owner=watched.owner,
+                            count=total - seen, total=total,
+                            sample=[f"{a.kind} {a.destination}:{a.port} ({a.reason})"
+                                    for a in fresh[:VIOLATION_SAMPLE]])  # fmt: skip
+        self._blocked_seen[watched.id] = total
+        if watched.domain is not None:
+            self._blocked_total[watched.domain] = total
+        guest = self.guest.get(watched.domain) if watched.domain else None
         return Tick(
             cpu_seconds=found.cpu_seconds if found else None,
             net_bytes=(found.net_rx_bytes + found.net_tx_bytes) if found else None,
@@ -175,21 +223,3 @@ class Watch:
             disk_used=found.disk_allocation_bytes if found else None,
             disk_cap=found.disk_capacity_bytes if found else None,
         )
-
-    async def act(self, service: SandboxService, hosted: Hosted, alerts: Sequence[Alert]) -> None:
-        for alert in alerts:
-            action = (
-                (hosted.anomaly_action or self.settings.anomaly_action)
-                if alert.rule in RULES
-                else "log"
-            )
-            log.warning("anomaly", sandbox=hosted.id, rule=alert.rule, detail=alert.detail,
-                        action=action)  # fmt: skip
-            self.metrics.alerts.labels(alert.rule, action).inc()
-            self.record("anomaly", sandbox=hosted.id, owner=hosted.owner, rule=alert.rule,
-                        detail=alert.detail, value=alert.value, action=action)  # fmt: skip
-            if action == "pause" and not hosted.paused:
-                await service.pause(hosted, f"anomaly: {alert.rule}")
-            elif action == "kill":
-                await service.kill_sandbox(hosted, f"anomaly: {alert.rule}")
-                return

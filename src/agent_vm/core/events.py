@@ -10,12 +10,16 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import libvirt
 
-if TYPE_CHECKING:
-    from agent_vm.core.connection import LibvirtConnection
+
+class Reopening(Protocol):
+    """A connection that calls back on every (re)open (``LibvirtConnection``)."""
+
+    def on_open(self, callback: Callable[[libvirt.virConnect], None]) -> None: ...
+
 
 _lock = threading.Lock()
 _started = False
@@ -62,7 +66,7 @@ class LifecycleEvents:
     every reconnect, because they die with the connection that made them.
     """
 
-    def __init__(self, connection: LibvirtConnection) -> None:
+    def __init__(self, connection: Reopening) -> None:
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, LifecycleCallback]] = []
         self._lock = threading.Lock()
         connection.on_open(self._register)

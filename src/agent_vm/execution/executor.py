@@ -7,12 +7,13 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from agent_vm.communication.channel import RESULT_GRACE, AgentChannel, OutputCallback
+from agent_vm.communication.channel import RESULT_GRACE, AgentChannel
+from agent_vm.communication.waiters import OutputCallback
 from agent_vm.communication.workspace import Workspace, workspace_for
 from agent_vm.errors import ChannelClosedError, ConfigError, ProtocolError
 from agent_vm.execution.result import ExecutionResult
 from agent_vm.execution.running import RunningVM
-from agent_vm.protocol.messages import Execute, Result
+from agent_vm.protocol.messages import Execute
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -95,7 +96,7 @@ class AgentExecutor:
         workspace = vm.workspace
         if cwd is None and workspace is not None:
             cwd = workspace.workspace.work_dir
-        request = self._request(command, code, timeout, env, cwd, user, stdin is not None, pids_max)
+        request = self.request(command, code, timeout, env, cwd, user, stdin is not None, pids_max)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         effective = request.timeout
         wait = effective + RESULT_GRACE if effective is not None else None
@@ -124,36 +125,7 @@ class AgentExecutor:
             output=tuple(await asyncio.to_thread(workspace.outputs)) if workspace else (),
         )
 
-    async def start_terminal(
-        self,
-        vm: RunningVM,
-        command: str | Sequence[str] | None,
-        *,
-        code: str | None = None,
-        cols: int = 80,
-        rows: int = 24,
-        on_output: OutputCallback,
-        timeout: float | None = None,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        user: str | None = None,
-    ) -> tuple[AgentChannel, int, asyncio.Future[Result]]:
-        """Start ``command`` in a ``cols`` x ``rows`` PTY in the guest; drive it through
-        the returned channel's ``send_input``/``resize``/``signal`` by request id."""
-        pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
-        if cwd is None and vm.workspace is not None:
-            cwd = vm.workspace.workspace.work_dir
-        request = self._request(command, code, timeout, env, cwd, user, False, pids_max)
-        request.pty = [cols, rows]
-        try:
-            request = Execute.from_payload(request.to_payload())  # validated as sent
-        except ProtocolError as exc:
-            raise ConfigError(f"invalid terminal request: {exc.message}") from exc
-        channel = await vm.channel()
-        rid, future = await channel.start_terminal(request, on_output)
-        return channel, rid, future
-
-    def _request(
+    def request(
         self,
         command: str | Sequence[str] | None,
         code: str | None,
@@ -163,7 +135,10 @@ class AgentExecutor:
         user: str | None,
         stdin: bool,
         pids_max: int | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> Execute:
+        """The EXECUTE request for ``command`` or ``code``, checked as the guest will
+        check it (``ConfigError`` naming what is wrong)."""
         if (command is None) == (code is None):
             raise ConfigError("give either a command or code, not both or neither")
         effective = timeout if timeout is not None else self.default_timeout
@@ -184,6 +159,7 @@ class AgentExecutor:
                 timeout=effective,
                 stdin=stdin,
                 pids_max=pids_max,
+                pty=list(pty) if pty is not None else None,
             )
         except ProtocolError as exc:
             raise ConfigError(f"invalid execution request: {exc.message}") from exc

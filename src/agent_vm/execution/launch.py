@@ -32,6 +32,7 @@ from agent_vm.core.template import (
 from agent_vm.core.vm import VM
 from agent_vm.errors import BootTimeout, ChannelError, ConfigError, HandshakeError
 from agent_vm.execution.confine import Confinement
+from agent_vm.execution.nic import Nic
 from agent_vm.execution.running import RunningVM, console_tail, transport_for
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
@@ -45,7 +46,6 @@ from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.hostnet import random_mac
 from agent_vm.network.policy import EgressPolicy
-from agent_vm.network.vmnet import VMNetwork
 from agent_vm.protocol.ports import SHARE_STAGING, SHARE_WORKSPACE
 
 log = get_logger(__name__)
@@ -55,23 +55,6 @@ OWNER = "agent-vm"
 
 def new_vm_name(prefix: str = "agentvm") -> str:
     return f"{prefix}-{os.urandom(4).hex()}"
-
-
-@dataclass(frozen=True)
-class Nic:
-    """A VM's network interface: how libvirt wires it, and what the guest configures."""
-
-    attachment: NetworkAttachment
-    guest: dict[str, object]  # CONFIGURE's ``net``
-    vm_network: VMNetwork | None = None  # NAT_FILTERED: the guard's record
-
-    @property
-    def cmdline(self) -> str:
-        g = self.guest
-        if g["mode"] == "static":
-            ipv6 = "1" if g.get("ipv6") else "0"
-            return f"static,{g['mac']},{g['address']},{g['gateway']},{g['dns']},{ipv6}"
-        return f"dhcp,{g['mac']}"
 
 
 async def make_nic(

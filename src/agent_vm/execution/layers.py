@@ -19,23 +19,23 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from agent_vm import timeutil
 from agent_vm.asyncutil import finish_in_thread
 from agent_vm.communication.workspace import Workspace
+from agent_vm.config import Settings
 from agent_vm.errors import ImageError
 from agent_vm.execution.confine import harden
 from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.spec import MachineSpec
 from agent_vm.host.mounts import remove_tree
 from agent_vm.image.layer import LayerTree, build_tree
 from agent_vm.image.manifest import ImageManifest, LayerInfo
 from agent_vm.image.recipe import LoadedRecipe
-from agent_vm.image.store import DISK_FILE, INITRD_FILE, MANIFEST_FILE, Image
+from agent_vm.image.store import DISK_FILE, INITRD_FILE, MANIFEST_FILE, Image, ImageStore
 from agent_vm.logs import get_logger
-
-if TYPE_CHECKING:
-    from agent_vm.execution.runtime import Runtime
 
 log = get_logger(__name__)
 
@@ -86,8 +86,24 @@ def _publish_files(base: Image, staged: Path) -> None:
     staged.chmod(0o755)
 
 
+class LayerHost(Protocol):
+    """What a layer build needs of the runtime (``Runtime`` is one; this module cannot
+    import it: the runtime builds layers through here)."""
+
+    settings: Settings
+    images: ImageStore
+
+    async def image(self, name: str | None, progress: Progress) -> Image: ...
+
+    def spec(self, *, network: str, disk_gib: int | None) -> MachineSpec: ...
+
+    async def vm(
+        self, *, image: Image, spec: MachineSpec, cold: bool, progress: Progress
+    ) -> RunningVM: ...
+
+
 async def build_layer(
-    runtime: Runtime,
+    runtime: LayerHost,
     loaded: LoadedRecipe,
     *,
     name: str | None = None,
@@ -118,7 +134,7 @@ async def build_layer(
 
 
 async def _build(
-    runtime: Runtime, loaded: LoadedRecipe, base: Image, name: str, key: str, progress: Progress
+    runtime: LayerHost, loaded: LoadedRecipe, base: Image, name: str, key: str, progress: Progress
 ) -> Image:
     started = time.monotonic()
     settings = runtime.settings

@@ -25,8 +25,9 @@ from agent_vm.config import Settings
 from agent_vm.core.events import LifecycleEvent
 from agent_vm.core.template import ResourceProfile
 from agent_vm.errors import AgentVMError
+from agent_vm.execution.clones import CloneShell, activate_shell, prepare_shell
 from agent_vm.execution.executor import AgentExecutor
-from agent_vm.execution.golden import CloneShell, GoldenState, activate_shell, prepare_shell
+from agent_vm.execution.golden import GoldenState
 from agent_vm.execution.pooling import ShellPool
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.shells import PoolStats

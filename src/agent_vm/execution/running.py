@@ -29,7 +29,7 @@ from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.policy import EgressPolicy
 
 if TYPE_CHECKING:
-    from agent_vm.execution.launch import Nic
+    from agent_vm.execution.nic import Nic
 
 log = get_logger(__name__)
 ALIVE_STATES = (VMState.RUNNING, VMState.BLOCKED, VMState.PAUSED)

@@ -22,17 +22,18 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from agent_vm.config import Settings, load_settings
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.events import LifecycleEvents
 from agent_vm.core.template import NetworkMode, ResourceProfile
 from agent_vm.errors import AgentVMError, ConfigError
+from agent_vm.execution.clones import start_clone
 from agent_vm.execution.confine import Confinement, qemu_opens_private_ram_read_only
-from agent_vm.execution.golden import GoldenState, GoldenStore, start_clone
+from agent_vm.execution.golden import GoldenState, GoldenStore
 from agent_vm.execution.launch import launch_vm
 from agent_vm.execution.layers import build_layer
-from agent_vm.execution.pool import VMPool
 from agent_vm.execution.reaper import reap
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.spec import MachineSpec, NetworkChoice, parse_network
@@ -53,6 +54,12 @@ log = get_logger(__name__)
 
 MIN_MEMORY_MIB = 128
 MIN_DISK_GIB = 2  # the image's root file system is built at this size
+
+
+class HeldPool(Protocol):
+    """A pool on this runtime (``VMPool`` adopts itself): shut down with the runtime."""
+
+    async def shutdown(self) -> None: ...
 
 
 def _quiet(_: str) -> None:
@@ -82,7 +89,7 @@ class Runtime:
         self.confinement: Confinement | None = None  # set by start()
         self._resources = resources
         self._guard: NetworkGuard | None = None
-        self._pools: set[VMPool] = set()
+        self._pools: set[HeldPool] = set()
         self._vms: set[RunningVM] = set()
         self._lock: asyncio.Lock | None = None
         self._reaped: list[str] = []
@@ -170,29 +177,10 @@ class Runtime:
         self._vms.add(vm)
         return vm
 
-    def pool(
-        self,
-        min_size: int = 2,
-        max_size: int = 4,
-        ttl_seconds: float = 3600.0,
-        *,
-        image: str | None = None,
-        profile: str | ResourceProfile = "light",
-        network: NetworkChoice = "nat",
-        policy: EgressPolicy | None = None,
-        standby: int = 1,
-    ) -> VMPool:
-        """A VMPool on this runtime (initialize it, or use it with ``async with``); it is
-        shut down with the runtime at the latest."""
-        return VMPool(
-            min_size, max_size, ttl_seconds, image=image, profile=profile, network=network,
-            policy=policy, runtime=self, standby=standby,
-        )  # fmt: skip
-
-    def adopt(self, pool: VMPool) -> None:
+    def adopt(self, pool: HeldPool) -> None:
         self._pools.add(pool)
 
-    def disown(self, pool: VMPool) -> None:
+    def disown(self, pool: HeldPool) -> None:
         self._pools.discard(pool)
 
     # ------------------------------------------------------------------ the stack

@@ -13,7 +13,6 @@ without following symlinks.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import queue
@@ -22,6 +21,16 @@ import stat
 import threading
 
 from agent_vm.errors import ProtocolError
+from agent_vm.guest.filebits import (
+    ERRNO_CODES,
+    Cancelled,
+    Failed,
+    Reader,
+    Writer,
+    entry,
+    staging,
+    take,
+)
 from agent_vm.protocol.files import (
     ACK_EVERY,
     DATA_CHUNK,
@@ -32,74 +41,20 @@ from agent_vm.protocol.files import (
     Done,
     FileRequest,
     Segment,
-    read_segment,
 )
 from agent_vm.protocol.frame import FLAG_EOF
 from agent_vm.protocol.messages import MessageType
-from agent_vm.protocol.ports import SHARE_STAGING
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from agent_vm.guest.agent import Agent
-
-ERRNO_CODES = {
-    errno.ENOENT: "not_found",
-    errno.EACCES: "permission_denied",
-    errno.EPERM: "permission_denied",
-    errno.EEXIST: "exists",
-    errno.ENOTDIR: "not_a_directory",
-    errno.EISDIR: "is_a_directory",
-    errno.ENOTEMPTY: "not_empty",
-    errno.ENOSPC: "no_space",
-    errno.EDQUOT: "no_space",
-    errno.EROFS: "read_only",
-    errno.ELOOP: "not_found",
-}
-
-
-class Failed(Exception):
-    """An operation's failure as the host sees it: ERROR with this code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Cancelled(Exception):
-    pass
-
-
-def entry(path: str, st: os.stat_result, name: str | None = None) -> dict[str, Any]:
-    mode = st.st_mode
-    kind = (
-        "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode)
-        else "symlink" if stat.S_ISLNK(mode) else "fifo" if stat.S_ISFIFO(mode)
-        else "socket" if stat.S_ISSOCK(mode) else "char" if stat.S_ISCHR(mode)
-        else "block" if stat.S_ISBLK(mode) else "other"
-    )  # fmt: skip
-    target = None
-    if kind == "symlink":
-        with contextlib.suppress(OSError):
-            target = os.readlink(path)
-    return {
-        "path": path,
-        "name": name if name is not None else os.path.basename(path.rstrip("/")) or "/",
-        "type": kind,
-        "size": st.st_size,
-        "mode": stat.S_IMODE(mode),
-        "mtime": st.st_mtime,
-        "uid": st.st_uid,
-        "gid": st.st_gid,
-        "target": target,
-    }
-
+    from agent_vm.guest.wire import Wire
 
 class Operation:
     """One FILE request: its thread, its incoming queue, its outgoing credit."""
 
-    def __init__(self, agent: Agent, request_id: int, session: str, req: FileRequest) -> None:
+    def __init__(self, agent: Wire, request_id: int, session: str, req: FileRequest) -> None:
         self.agent = agent
         self.request_id = request_id
         self.session = session
@@ -195,7 +150,7 @@ class Operation:
         """Write one segment into the staging directory; the DATA payload naming it."""
         self._segments += 1
         name = f"{self.request_id}-{self._segments}"
-        fd = os.open(_staging(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(staging(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             view = chunk
             while view:
@@ -222,7 +177,7 @@ class Operation:
                 return
             size = data.bytes if isinstance(data, Segment) else len(data)
             if isinstance(data, Segment):
-                data = _take(data)
+                data = take(data)
             with self._lock:
                 self._queued -= size
             yield data
@@ -347,7 +302,7 @@ class Operation:
         if not os.path.isdir(root):
             os.lstat(root)
             raise Failed("not_a_directory", f"not a directory: {root}")
-        writer = _Writer(self)
+        writer = Writer(self)
         # the stubs want a typed file object; tarfile needs only write()
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             for name in sorted(os.listdir(root)):
@@ -360,7 +315,7 @@ class Operation:
         import tarfile
 
         os.makedirs(self.req.path, exist_ok=True)
-        reader = _Reader(self.chunks())
+        reader = Reader(self.chunks())
         with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 tar.extract(member, self.req.path)
@@ -381,74 +336,3 @@ class Operation:
                                            self.session):  # fmt: skip
                         return
         raise Cancelled()
-
-
-def _staging(name: str) -> str:
-    from agent_vm.guest.workspace import SHARE_MOUNT
-
-    return f"{SHARE_MOUNT}/{SHARE_STAGING}/{name}"
-
-
-def _take(segment: Segment) -> bytes:
-    """The host's segment, read and removed (it wrote exactly ``segment.bytes``)."""
-    path = _staging(segment.name)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        data = read_segment(fd, segment)
-    finally:
-        os.close(fd)
-    os.unlink(path)
-    return data
-
-
-class _Writer:
-    """A file object for tarfile that sends what it is given as DATA frames."""
-
-    def __init__(self, op: Operation) -> None:
-        self.op = op
-        self.buffer = bytearray()
-        self.total = 0
-
-    def write(self, data: bytes) -> int:
-        self.buffer += data
-        if len(self.buffer) >= self.op.unit:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.total += len(self.buffer)
-            self.op.send_data(bytes(self.buffer))
-            self.buffer.clear()
-
-
-class _Reader:
-    """A file object for tarfile over the host's DATA chunks (no re-copying of chunks)."""
-
-    def __init__(self, chunks: Any) -> None:
-        self.chunks = chunks
-        self.current = b""
-        self.position = 0
-        self.total = 0
-
-    def read(self, size: int = -1) -> bytes:
-        parts = []
-        while size != 0:
-            if self.position >= len(self.current):
-                data = next(self.chunks, None)
-                if data is None:
-                    break
-                self.current, self.position = data, 0
-                self.total += len(data)
-            left = len(self.current) - self.position
-            take = left if size < 0 else min(size, left)
-            parts.append(self.current[self.position : self.position + take])
-            self.position += take
-            if size > 0:
-                size -= take
-        return b"".join(parts)
-
-    def rest(self) -> Any:
-        for data in self.chunks:
-            self.total += len(data)
-            yield data

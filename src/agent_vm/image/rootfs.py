@@ -13,8 +13,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-import agent_vm
 from agent_vm.errors import ImageError
+from agent_vm.version import __version__
 
 GUEST_PACKAGES = [
     "python3",
@@ -37,15 +37,21 @@ GUEST_SOURCES = [
     "protocol/record.py",
     "protocol/frame.py",
     "protocol/messages.py",
+    "protocol/configure.py",
     "protocol/ports.py",
     "protocol/files.py",
     "guest/__init__.py",
     "guest/defaults.py",
     "guest/files.py",
+    "guest/filebits.py",
     "guest/fileserver.py",
     "guest/inotify.py",
     "guest/workspace.py",
     "guest/netconf.py",
+    "guest/link.py",
+    "guest/wire.py",
+    "guest/cgroups.py",
+    "guest/process.py",
     "guest/agent.py",
     "guest/init.py",
 ]
@@ -69,7 +75,7 @@ def guest_code_hash() -> str:
     package = resources.files("agent_vm")
     for rel in [*GUEST_SOURCES, "guest/initramfs-init.sh"]:
         digest.update(rel.encode() + b"\0" + package.joinpath(rel).read_bytes())
-    digest.update(agent_vm.__version__.encode())
+    digest.update(__version__.encode())
     return digest.hexdigest()
 
 
@@ -158,7 +164,7 @@ def install_guest_code(tree: Path, late_modules: list[tuple[str, bytes]]) -> Non
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(package.joinpath(rel).read_bytes())
     (lib / "agent_vm/__init__.py").write_text(
-        f'"""agent-vm guest copy."""\n\n__version__ = "{agent_vm.__version__}"\n'
+        f'"""agent-vm guest copy."""\n\n__version__ = "{__version__}"\n'
     )
     bin_dir = lib / "bin"
     bin_dir.mkdir()

@@ -16,6 +16,7 @@ whole host may lose the last second.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_vm import secrets, timeutil
+from agent_vm.errors import ConfigError
 
 GENESIS = "0" * 64
 DEFAULT_MAX_BYTES = 16 << 20
@@ -80,7 +82,9 @@ def _last_line(path: Path) -> dict[str, Any] | None:
 
 
 class AuditLogger:
-    """Thread-safe; one writer process per log (the server)."""
+    """Thread-safe; one writer process per log: it holds ``.<log>.lock`` (``flock``) while
+    open, and a second writer is refused (``ConfigError`` naming the holder) instead of
+    appending a chain of its own into the same file."""
 
     def __init__(
         self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP
@@ -90,6 +94,7 @@ class AuditLogger:
         self.keep = keep
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._holder = _take_lock(path)
         self._seq, self._prev = 0, GENESIS
         for existing in reversed(files_of(path)):  # continue the chain where it ended
             last = _last_line(existing)
@@ -136,6 +141,27 @@ class AuditLogger:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+            if self._holder >= 0:
+                os.close(self._holder)  # the lock goes with it
+                self._holder = -1
+
+
+def _take_lock(path: Path) -> int:
+    """The log's lock, or ConfigError naming the process that holds it."""
+    lock = path.with_name(f".{path.name}.lock")  # not audit.log.N: a rotated file
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            f"another agent-vm process (pid {holder}) writes the audit log {path}",
+            hint="stop that server, or give this one its own AGENT_VM_AUDIT_LOG",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True)

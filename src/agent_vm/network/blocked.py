@@ -13,30 +13,18 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from ipaddress import IPv4Address
 
 from agent_vm import timeutil
 from agent_vm.logs import get_logger
 from agent_vm.network import ipsets
 from agent_vm.network.observer import Attempt
-from agent_vm.network.policy import verdict
+from agent_vm.network.policy import Blocked, verdict
 from agent_vm.network.vmnet import VMNetwork
 
 log = get_logger(__name__)
 
 RECENT = 1000
-
-
-@dataclass(frozen=True)
-class Blocked:
-    """One blocked attempt of a sandbox."""
-
-    at: datetime
-    kind: str  # dns, tcp, udp, icmp, ipv6, ...
-    destination: str
-    port: int | None
-    reason: str
 
 
 @dataclass

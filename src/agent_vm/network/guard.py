@@ -31,7 +31,7 @@ from agent_vm.errors import NetworkError
 from agent_vm.host.netfilter import ensure_bridge_netfilter
 from agent_vm.logs import get_logger
 from agent_vm.network import ipsets, l2filter, l3filter
-from agent_vm.network.blocked import Blocked, BlockedLog
+from agent_vm.network.blocked import BlockedLog
 from agent_vm.network.hostnet import (
     host_addresses,
     host_addresses6,
@@ -41,7 +41,7 @@ from agent_vm.network.hostnet import (
 from agent_vm.network.libvirt_net import NetworkDefinition, ensure_network
 from agent_vm.network.observer import KernelLogFollower, install
 from agent_vm.network.orphans import reap_network
-from agent_vm.network.policy import Addressing, EgressPolicy
+from agent_vm.network.policy import Addressing, Blocked, EgressPolicy
 from agent_vm.network.reconcile import Reconciler
 from agent_vm.network.resolver import Resolver, upstreams_from_resolv_conf
 from agent_vm.network.sandboxes import sandbox_directory

@@ -8,6 +8,8 @@ observed connection attempts as blocked (``observer.py``), so the three cannot d
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -172,3 +174,14 @@ def verdict(
     if policy.allow_domains is not None and not resolved:
         return "address not resolved from an allowed name"
     return None
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """One blocked attempt of a sandbox (what the filters and the resolver refused)."""
+
+    at: datetime
+    kind: str  # dns, tcp, udp, icmp, ipv6, ...
+    destination: str
+    port: int | None
+    reason: str

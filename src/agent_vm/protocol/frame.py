@@ -32,7 +32,10 @@ HEADER = struct.Struct(">4sBBHIII")
 HEADER_SIZE = HEADER.size  # 20
 TRAILER = struct.Struct(">I")
 TRAILER_SIZE = TRAILER.size
-MAX_PAYLOAD = 1 << 20
+MAX_PAYLOAD = 1 << 20  # what each side accepts by default (every guest-to-host frame)
+# The host may send one larger frame kind: an EXECUTE with a command line near Linux's
+# own limit (ARG_MAX, 2 MiB of arguments and environment). The guest's decoder accepts it.
+MAX_REQUEST_PAYLOAD = 4 << 20
 MAX_REQUEST_ID = 0xFFFFFFFF
 
 FLAG_EOF = 0x0001  # STDIN: no more input after this frame
@@ -59,9 +62,9 @@ class BadFrame(Record):
         self.too_large = too_large
 
 
-def encode(frame: Frame) -> bytes:
-    if len(frame.payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
+def encode(frame: Frame, max_payload: int = MAX_PAYLOAD) -> bytes:
+    if len(frame.payload) > max_payload:
+        raise ProtocolError(f"payload of {len(frame.payload)} bytes exceeds {max_payload}")
     if not 0 <= frame.request_id <= MAX_REQUEST_ID:
         raise ProtocolError(f"request id {frame.request_id} out of range")
     head = HEADER.pack(

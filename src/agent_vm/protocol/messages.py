@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 PROTOCOL_VERSION = 1
-MAX_ARGV_BYTES = 96 * 1024
+MAX_ARGV_BYTES = 2 << 20  # Linux's ARG_MAX with the usual 8 MiB stack (arguments + env)
+MAX_ARG_BYTES = 128 * 1024  # Linux's MAX_ARG_STRLEN: one argument (or a bash -c script)
+MAX_USER = 64
 MAX_ENV_ENTRIES = 1024
 
 
@@ -165,9 +167,17 @@ class Execute(JsonMessage):
         if self.argv is not None and not self.argv:
             raise ProtocolError("argv must not be empty")
         size = sum(len(a.encode()) + 1 for a in (self.argv or [self.shell or ""]))
+        size += sum(len(k.encode()) + len(v.encode()) + 2 for k, v in self.env.items())
         if size > MAX_ARGV_BYTES:
             raise ProtocolError(
-                f"command is {size} bytes; the maximum is {MAX_ARGV_BYTES}"
+                f"command line and environment are {size} bytes; Linux allows {MAX_ARGV_BYTES}"
+                " (send large programs as a file or on stdin)"
+            )
+        longest = max(len(a.encode()) for a in (self.argv or [self.shell or ""]))
+        if longest > MAX_ARG_BYTES:
+            what = "the shell command" if self.shell is not None else "one argument"
+            raise ProtocolError(
+                f"{what} is {longest} bytes; Linux allows {MAX_ARG_BYTES} per argument"
                 " (send large programs as a file or on stdin)"
             )
         if len(self.env) > MAX_ENV_ENTRIES:
@@ -177,8 +187,10 @@ class Execute(JsonMessage):
                 raise ProtocolError(f"invalid environment variable {key!r}")
         if self.timeout is not None and not 0 < self.timeout <= 7 * 86400:
             raise ProtocolError("timeout must be between 0 and 7 days")
-        if self.user not in (None, "root", "agent"):
-            raise ProtocolError("user must be 'root' or 'agent' (or unset: the image's default)")
+        if self.user is not None and not valid_user(self.user):
+            raise ProtocolError(
+                f"user {self.user[:MAX_USER]!r} is not a user name or a numeric uid"
+            )
         if self.pids_max is not None and not 1 <= self.pids_max <= 4_194_304:
             raise ProtocolError("pids_max must be between 1 and 4194304")
         if self.pty is not None:
@@ -208,6 +220,17 @@ class Execute(JsonMessage):
             pids_max=_field(data, "pids_max", (int, type(None)), None),
             pty=_field(data, "pty", (list, type(None)), None),
         )
+
+
+def valid_user(user: str) -> bool:
+    """A user name as Debian's ``adduser`` allows it (letters, digits, ``_.-``, a
+    trailing ``$``; not starting with ``-``), or a numeric uid."""
+    if user.isdigit():
+        return len(user) <= 10 and int(user) < 2**32 - 1
+    if not 0 < len(user) <= MAX_USER or user[0] == "-" or user[0].isdigit():
+        return False
+    body = user[:-1] if user.endswith("$") else user
+    return all(c.isascii() and (c.isalnum() or c in "_.-") for c in body)
 
 
 def _terminal_size(size: object) -> tuple[int, int]:
@@ -330,89 +353,3 @@ class ErrorMessage(JsonMessage):
         data = _loads(payload)
         _check_only(data, {"code", "message"})
         return cls(_field(data, "code", (str,))[:64], _field(data, "message", (str,))[:4096])
-
-
-class Configure(JsonMessage):
-    """What makes a VM started from a golden state distinct from its siblings.
-
-    Clones share the template's memory: its clock, RNG state, hostname and machine-id.
-    """
-
-    __slots__ = ("entropy", "hostname", "machine_id", "net", "time_ns")
-
-    def __init__(
-        self,
-        time_ns: int,
-        entropy: str = "",
-        hostname: str | None = None,
-        machine_id: str | None = None,
-        net: dict[str, object] | None = None,
-    ) -> None:
-        self.time_ns = time_ns
-        self.entropy = entropy  # hex
-        self.hostname = hostname
-        self.machine_id = machine_id
-        self.net = net  # see _check_net
-        if net is not None:
-            _check_net(net)
-        if not 0 < time_ns < 2**63:
-            raise ProtocolError("time_ns out of range")
-        if len(entropy) > 1024 or any(c not in "0123456789abcdef" for c in entropy):
-            raise ProtocolError("entropy must be at most 512 bytes of lower-case hex")
-        if hostname is not None and not _is_hostname(hostname):
-            raise ProtocolError("invalid hostname")
-        if machine_id is not None and (
-            len(machine_id) != 32 or any(c not in "0123456789abcdef" for c in machine_id)
-        ):
-            raise ProtocolError("machine_id must be 32 lower-case hex digits")
-
-    @classmethod
-    def from_payload(cls, payload: bytes) -> Configure:
-        data = _loads(payload)
-        _check_only(data, {"time_ns", "entropy", "hostname", "machine_id", "net"})
-        return cls(
-            time_ns=_field(data, "time_ns", (int,)),
-            entropy=_field(data, "entropy", (str,), ""),
-            hostname=_field(data, "hostname", (str, type(None)), None),
-            machine_id=_field(data, "machine_id", (str, type(None)), None),
-            net=_field(data, "net", (dict, type(None)), None),
-        )
-
-
-def _is_ipv4(text: object, prefix: bool = False) -> bool:
-    if not isinstance(text, str):
-        return False
-    address, _, length = text.partition("/") if prefix else (text, "", "")
-    if prefix and not (length.isdigit() and 0 < int(length) <= 32):
-        return False
-    parts = address.split(".")
-    return len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
-
-
-def _check_net(net: dict[str, object]) -> None:
-    """{"mode": "static", "mac", "address" (CIDR), "gateway", "dns", "ipv6"} or
-    {"mode": "dhcp", "mac", "ipv6"}: values end up on an ``ip`` command line, so they are
-    checked character by character."""
-    allowed = {"mode", "mac", "address", "gateway", "dns", "ipv6"}
-    if set(net) - allowed:
-        raise ProtocolError(f"unknown net fields {sorted(set(net) - allowed)}")
-    mac = net.get("mac")
-    if not isinstance(mac, str) or len(mac) != 17 or any(c not in "0123456789abcdef:" for c in mac):
-        raise ProtocolError("net.mac must be a lower-case MAC address")
-    if not isinstance(net.get("ipv6", False), bool):
-        raise ProtocolError("net.ipv6 must be a boolean")
-    mode = net.get("mode")
-    if mode == "static":
-        if not (
-            _is_ipv4(net.get("address"), prefix=True)
-            and _is_ipv4(net.get("gateway"))
-            and _is_ipv4(net.get("dns"))
-        ):
-            raise ProtocolError("static net needs address (CIDR), gateway and dns as IPv4")
-    elif mode != "dhcp":
-        raise ProtocolError("net.mode must be static or dhcp")
-
-
-def _is_hostname(name: str) -> bool:
-    allowed = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-."
-    return 0 < len(name) <= 63 and name[0] != "-" and all(c in allowed for c in name)

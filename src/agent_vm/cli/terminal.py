@@ -15,39 +15,20 @@ import os
 import signal
 import termios
 import tty
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from agent_vm.errors import AgentReplyTimeout
-from agent_vm.protocol.messages import Result
-
-T = TypeVar("T")
+from agent_vm.execution.result import ExecutionResult
 
 
 class Terminal(Protocol):
-    """What drives a guest PTY by request id: the agent channel, or a server's socket."""
+    """A command running in a guest PTY, as the SDK hands it out (``sb.pty.create``)."""
 
-    async def send_input(self, request_id: int, data: bytes) -> None: ...
+    async def send_stdin(self, data: str | bytes) -> None: ...
 
-    async def resize(self, request_id: int, cols: int, rows: int) -> None: ...
+    async def resize(self, cols: int, rows: int) -> None: ...
 
-    def end_terminal(self, request_id: int) -> None: ...
-
-
-async def wait_for_end(ended: Awaitable[T], name: object, timeout: float | None) -> T:
-    """What a terminal's command ended with; AgentVMTimeout naming it after ``timeout``."""
-    try:
-        return await asyncio.wait_for(asyncio.shield(ended), timeout)
-    except TimeoutError:
-        raise AgentReplyTimeout(
-            f"terminal {name} still running after {timeout} s",
-            hint="send it input, or kill() it",
-        ) from None
-
-
-def exit_status(exit_code: int | None, signum: int | None) -> int:
-    """A shell's way: the exit code, or 128+N when signal N ended the command."""
-    return exit_code if exit_code is not None else 128 + (signum or 0)
+    async def wait(self, timeout: float | None = None) -> ExecutionResult: ...
 
 
 EOT = b"\x04"  # what ends input in a terminal (stdin was not one: its end becomes ^D)
@@ -77,13 +58,10 @@ def raw_mode(fd: int) -> Iterator[None]:
 
 
 async def attach(
-    channel: Terminal,
-    request_id: int,
-    done: asyncio.Future[Result],
-    stdin_fd: int,
-    size: Callable[[], tuple[int, int]],
-) -> Result:
-    """Forward ``stdin_fd`` to the guest PTY and window changes as resizes until ``done``."""
+    terminal: Terminal, stdin_fd: int, size: Callable[[], tuple[int, int]]
+) -> ExecutionResult:
+    """Forward ``stdin_fd`` to the guest PTY and window changes as resizes until its
+    command ends; its result."""
     loop = asyncio.get_running_loop()
     keys: asyncio.Queue[bytes | tuple[int, int] | None] = asyncio.Queue()  # keys, sizes
     interactive = os.isatty(stdin_fd)
@@ -106,9 +84,9 @@ async def attach(
             if item is None:
                 return
             if isinstance(item, tuple):
-                await channel.resize(request_id, *item)
+                await terminal.resize(*item)
             else:
-                await channel.send_input(request_id, item)
+                await terminal.send_stdin(item)
 
     def window_changed() -> None:
         keys.put_nowait(size())
@@ -122,7 +100,7 @@ async def attach(
         keys.put_nowait(await asyncio.to_thread(_read_all, stdin_fd) + EOT)
     loop.add_signal_handler(signal.SIGWINCH, window_changed)
     try:
-        return await done
+        return await terminal.wait()
     finally:
         loop.remove_signal_handler(signal.SIGWINCH)
         if reading:
@@ -130,7 +108,6 @@ async def attach(
         pumper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pumper
-        channel.end_terminal(request_id)
 
 
 def _read_all(fd: int) -> bytes:

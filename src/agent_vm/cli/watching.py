@@ -3,27 +3,23 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket as socket_module
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from prometheus_client import start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from agent_vm.api.local import default_socket, read_local_token
-from agent_vm.config import load_settings
-from agent_vm.core.connection import LibvirtConnection
-from agent_vm.execution.reaper import owned_domains
+from agent_vm.api.local import LocalApi, default_socket, read_local_token
 from agent_vm.monitoring import audit
-from agent_vm.monitoring.metrics import DomainFigures, MetricsCollector, Sources, Target, bulk_stats
+
+if TYPE_CHECKING:  # the host's side (libvirt, prometheus): imported where used
+    from agent_vm.core.connection import LibvirtConnection
+    from agent_vm.monitoring.metrics import DomainFigures, Target
 
 audit_app = typer.Typer(help="The server's audit log: verify its chain, follow it, search it.",
                         no_args_is_help=True)  # fmt: skip
@@ -32,6 +28,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def _path(path: Path | None) -> Path:
+    from agent_vm.config import load_settings
+
     return path or load_settings().audit_path
 
 
@@ -119,6 +117,9 @@ def audit_tail(
 
 
 def _local_targets(connection: LibvirtConnection) -> list[Target]:
+    from agent_vm.execution.reaper import owned_domains
+    from agent_vm.monitoring.metrics import Target
+
     domains = owned_domains(connection)
     return [Target(d.vm.name, d.vm.name, d.metadata.get("pid", "")) for d in domains
             if d.vm.is_active()]  # fmt: skip
@@ -130,8 +131,15 @@ def metrics_command(
 ) -> None:
     """A standalone Prometheus exporter of this host's agent-vm VMs (CPU, memory, disk and
     network from libvirt's bulk stats); the server's own ``/metrics`` adds its events."""
+    from agent_vm.config import load_settings
+    from agent_vm.core.connection import LibvirtConnection
+
     connection = LibvirtConnection(load_settings().libvirt_uri)
     connection.open()
+    from prometheus_client import start_http_server
+
+    from agent_vm.monitoring.metrics import MetricsCollector, Sources
+
     collector = MetricsCollector(Sources(connection=lambda: connection.connection,
                                          targets=lambda: _local_targets(connection)))  # fmt: skip
     start_http_server(port, addr=host, registry=collector.registry)
@@ -144,23 +152,22 @@ def metrics_command(
 
 
 def _server_blocked() -> dict[str, tuple[str, float]]:
-    """vm name -> (sandbox id, blocked count) from the local server's /metrics, if any."""
+    """Blocked counts by VM from the local server's metrics (its sandbox ids too), when
+    a server runs here and this user has its local token; else nothing."""
     path = default_socket()
     token = read_local_token(path)
     if token is None:
         return {}
     try:
-        connection = http.client.HTTPConnection("agent-vm", timeout=2)
-        sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
-        sock.settimeout(2)
-        sock.connect(path)
-        connection.sock = sock
-        connection.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
-        text = connection.getresponse().read().decode()
+        status, raw = LocalApi(path, token, timeout=2).request("GET", "/metrics")
     except OSError:
         return {}
+    if status != 200:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
     found: dict[str, tuple[str, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(raw.decode()):
         if family.name == "agentvm_sandbox_blocked":
             for sample in family.samples:
                 found[sample.labels["vm"]] = (sample.labels["sandbox"], sample.value)
@@ -195,8 +202,13 @@ def top_command(
 ) -> None:
     """A live view of this host's sandboxes: CPU, memory, network, disk, blocked
     attempts (from the local server, when one runs) and state."""
+    from agent_vm.config import load_settings
+    from agent_vm.core.connection import LibvirtConnection
+
     connection = LibvirtConnection(load_settings().libvirt_uri)
     connection.open()
+
+    from agent_vm.monitoring.metrics import bulk_stats
 
     def sample() -> dict[str, DomainFigures]:
         return bulk_stats(connection.connection, {t.vm for t in _local_targets(connection)})

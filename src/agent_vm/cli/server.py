@@ -1,0 +1,150 @@
+"""Serving: ``serve``, ``service install`` (systemd) and ``token create|list|revoke``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent_vm.cli.common import fail
+from agent_vm.errors import AgentVMError, ConfigError
+
+if TYPE_CHECKING:
+    from agent_vm.api.tokens import TokenStore
+
+service_app = typer.Typer(help="Run `agent-vm serve` as a systemd service.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens for `agent-vm serve`.", no_args_is_help=True)
+
+
+def serve(
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            help="the Unix socket to listen on, root's, 0600 (default: $AGENT_VM_SOCKET, "
+            "else /run/agent-vm/api.sock)"
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="listen on TCP at this address instead (e.g. 127.0.0.1)")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="listen on TCP on this port (default 8177; alone: 127.0.0.1)")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM), TCP only")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM)")] = None,
+    pool: Annotated[
+        list[str] | None,
+        typer.Option(help="a warm pool, IMAGE:PROFILE:NETWORK:MIN:MAX (IMAGE empty: default)"),
+    ] = None,
+    workspace_root: Annotated[
+        Path | None,
+        typer.Option(help="clients may share directories below this one (else none)"),
+    ] = None,
+) -> None:
+    """Serve the HTTP API in the foreground (Ctrl-C or SIGTERM stops it and its sandboxes).
+
+    Clients need a token: `agent-vm token create NAME`. OpenAPI at /openapi.json.
+    """
+    from agent_vm.api.admission import PoolSpec
+    from agent_vm.api.server import serve as run_server
+    from agent_vm.config import load_settings
+
+    try:
+        specs = [PoolSpec.parse(item) for item in pool or []]
+        run_server(
+            load_settings(), specs, socket=socket, host=host, port=port, tls_cert=tls_cert,
+            tls_key=tls_key, workspace_root=workspace_root,
+        )  # fmt: skip
+    except AgentVMError as exc:
+        raise fail(exc) from exc
+
+
+@service_app.command("install")
+def service_install(
+    pool: Annotated[
+        list[str] | None, typer.Option(help="warm pools, as for serve (IMAGE:PROFILE:NET:MIN:MAX)")
+    ] = None,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="print the unit, change nothing")
+    ] = False,
+) -> None:
+    """Install /etc/systemd/system/agent-vm.service (and enable it) on a host with systemd."""
+    import subprocess
+
+    from agent_vm.api.admission import PoolSpec
+    from agent_vm.api.systemd import UNIT_PATH, has_systemd, render_unit
+
+    try:
+        for item in pool or []:
+            PoolSpec.parse(item)
+    except AgentVMError as exc:
+        raise fail(exc) from exc
+    launcher = Path(__file__).resolve().parents[3] / "agent-vm"
+    args = [part for item in pool or [] for part in ("--pool", item)]
+    unit = render_unit(launcher, args)
+    if print_only:
+        typer.echo(unit, nl=False)
+        return
+    if not has_systemd():
+        raise fail(
+            ConfigError(
+                "this host does not run systemd",
+                hint="run `./agent-vm serve` in the foreground (or under your supervisor)",
+            )
+        )
+    UNIT_PATH.write_text(unit)
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    subprocess.run(["systemctl", "enable", "--now", "agent-vm.service"], check=True)
+    typer.echo(f"installed and started {UNIT_PATH}")
+
+
+def _tokens() -> TokenStore:
+    from agent_vm.api.server import token_store
+    from agent_vm.config import load_settings
+
+    return token_store(load_settings())
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    max_sandboxes: Annotated[int, typer.Option(help="sandboxes at once")] = 8,
+    max_executions: Annotated[int, typer.Option(help="executions running at once")] = 16,
+    metrics: Annotated[
+        bool, typer.Option("--metrics", help="may read /metrics (every tenant's figures)")
+    ] = False,
+) -> None:
+    """Create a token; it is printed once and stored only as a hash."""
+    try:
+        _, token = _tokens().create(
+            name, max_sandboxes=max_sandboxes, max_executions=max_executions, metrics=metrics
+        )
+    except AgentVMError as exc:
+        raise fail(exc) from exc
+    typer.echo(token)
+
+
+@token_app.command("list")
+def token_list() -> None:
+    """List tokens (never their values)."""
+    table = Table("id", "name", "created", "sandboxes", "executions", "metrics", "state")
+    for record in _tokens().all():
+        table.add_row(
+            record.id, record.name, record.created_at.isoformat(timespec="seconds"),
+            str(record.max_sandboxes), str(record.max_executions),
+            "yes" if record.metrics else "no", "revoked" if record.revoked else "active",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(name_or_id: str) -> None:
+    """Revoke a token: requests with it get 401 from then on."""
+    try:
+        record = _tokens().revoke(name_or_id)
+    except AgentVMError as exc:
+        raise fail(exc) from exc
+    typer.echo(f"revoked {record.id} ({record.name})")

@@ -1,0 +1,419 @@
+"""The local backend: sandboxes on this host's VMs, from a warm pool when one matches,
+else a clone of a golden state (or a cold boot). What ``AsyncSandbox()`` uses without a
+server, and what ``agent-vm serve`` holds behind its API.
+
+A command is started and left running (``LocalCommand``): its output goes into a
+journal that any number of followers read from any sequence number, so a foreground
+run, a background handle, a reattaching client and the server's audit all see the same
+bytes, exactly as the guest wrote them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import secrets
+import signal as signals
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from agent_vm import timeutil
+from agent_vm.communication.channel import RESULT_GRACE, AgentChannel
+from agent_vm.communication.files import FileService
+from agent_vm.config import Settings
+from agent_vm.errors import (
+    AgentVMError,
+    ChannelClosedError,
+    NotFoundError,
+    VMDiedError,
+    to_wire,
+)
+from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.pool import VMPool
+from agent_vm.execution.running import RunningVM
+from agent_vm.execution.runtime import Runtime
+from agent_vm.execution.shells import PoolStats
+from agent_vm.logs import get_logger
+from agent_vm.network.policy import Blocked, EgressPolicy
+from agent_vm.protocol.messages import Result
+from agent_vm.sandbox.base import (
+    CommandInfo,
+    CommandSpec,
+    Event,
+    GuestFigures,
+    PoolInfo,
+    Progress,
+    SandboxHandle,
+    SandboxInfo,
+    SandboxSpec,
+    SandboxState,
+)
+from agent_vm.sandbox.journal import Journal, prune
+
+log = get_logger(__name__)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class LocalCommand:
+    """One command running (or ended) in a local sandbox."""
+
+    def __init__(self, sandbox: LocalSandbox, spec: CommandSpec) -> None:
+        self.id = new_id("ex")
+        self.sandbox = sandbox
+        self.spec = spec
+        self.started_at = timeutil.now()
+        self.journal = Journal()
+        self._channel: AgentChannel | None = None
+        self._rid: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def info(self) -> CommandInfo:
+        cmd = self.spec.cmd if isinstance(self.spec.cmd, str | None) else list(self.spec.cmd)
+        return CommandInfo(
+            self.id, self.sandbox.id, cmd if self.spec.code is None else ["python3", "-c", "…"],
+            self.spec.pty is not None, self.started_at, self.journal.done, self.journal.exit,
+        )  # fmt: skip
+
+    def follow(self, after: int = -1) -> AsyncIterator[Event]:
+        return self.journal.follow(after)
+
+    async def start(self) -> None:
+        """Send the command; its result is awaited in the background."""
+        vm = self.sandbox.vm
+        spec = self.spec
+        pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
+        cwd = spec.cwd
+        if cwd is None and vm.workspace is not None:
+            cwd = vm.workspace.workspace.work_dir
+        wants_stdin = spec.stdin is not None or spec.stdin_open
+        request = AgentExecutor().request(
+            spec.cmd, spec.code, spec.timeout, dict(spec.envs), cwd, spec.user,
+            wants_stdin and spec.pty is None, pids_max, spec.pty,
+        )  # fmt: skip
+        channel = await vm.channel()
+        rid, future = await channel.start(
+            request,
+            on_stdout=lambda data: self.journal.output("stdout", data),
+            on_stderr=lambda data: self.journal.output("stderr", data),
+        )
+        self._channel, self._rid = channel, rid
+        began = time.monotonic()
+        self._task = asyncio.create_task(self._wait(future, request.timeout, began), name=self.id)
+        if spec.stdin is not None or (wants_stdin and not spec.stdin_open and spec.pty is None):
+            await channel.send_input(rid, spec.stdin or b"", eof=not spec.stdin_open)
+
+    async def _wait(
+        self, future: asyncio.Future[Result], timeout: float | None, began: float
+    ) -> None:
+        assert self._channel is not None and self._rid is not None
+        channel, rid = self._channel, self._rid
+        wait = timeout + RESULT_GRACE if timeout is not None else None
+        try:
+            raw = await channel.wait(rid, future, wait)
+            result = raw.result
+            workspace = self.sandbox.vm.workspace
+            outputs = await asyncio.to_thread(workspace.outputs) if workspace else []
+            self.journal.end(
+                result.exit_code if result.exit_code is not None else 128 + (result.signal or 0),
+                signal=result.signal, timed_out=result.timed_out, error=result.error,
+                duration=time.monotonic() - began,
+                output=tuple((o.path, o.size, o.is_dir) for o in outputs),
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            self.journal.end(
+                None, error="the sandbox was closed", duration=time.monotonic() - began
+            )
+            raise
+        except ChannelClosedError as exc:
+            failure = await self.sandbox.vm.explain_failure(exc)
+            if isinstance(failure, VMDiedError):
+                self.sandbox.state = SandboxState.FAILED
+            self._fail(failure, began)
+        except AgentVMError as exc:
+            self._fail(exc, began)
+        finally:
+            channel.release(rid)
+            self.sandbox.ended(self)
+
+    def _fail(self, exc: BaseException, began: float) -> None:
+        error = exc if isinstance(exc, AgentVMError) else AgentVMError(str(exc))
+        self.journal.end(
+            None, error=error.message, duration=time.monotonic() - began, failure=to_wire(error)
+        )
+
+    def _target(self) -> tuple[AgentChannel, int] | None:
+        if self.journal.done or self._channel is None or self._rid is None:
+            return None
+        return self._channel, self._rid
+
+    async def send_stdin(self, data: bytes) -> None:
+        if (target := self._target()) is not None:
+            await target[0].send_input(target[1], data)
+
+    async def close_stdin(self) -> None:
+        if (target := self._target()) is not None and self.spec.pty is None:
+            await target[0].send_input(target[1], b"", eof=True)
+
+    async def signal(self, signum: int) -> None:
+        """Delivered to the command's process group (nothing, once it ended)."""
+        if (target := self._target()) is not None:
+            await target[0].signal(target[1], signum)
+
+    async def kill(self) -> None:
+        """SIGKILL to its whole process tree (its cgroup in the guest)."""
+        await self.signal(signals.SIGKILL)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        if (target := self._target()) is not None:
+            await target[0].resize(target[1], cols, rows)
+
+    async def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+class LocalSandbox(SandboxHandle):
+    """A sandbox on one of this host's VMs."""
+
+    def __init__(
+        self,
+        vm: RunningVM,
+        spec: SandboxSpec,
+        release: Callable[[RunningVM], Awaitable[None]],
+        pooled: bool = False,
+    ) -> None:
+        self.id = new_id("sb")
+        self.vm = vm
+        self.spec = spec
+        self.state = SandboxState.RUNNING
+        self.created_at = timeutil.now()
+        self.paused_because: str | None = None
+        self._release = release
+        self.pooled = pooled
+        self._commands: dict[str, LocalCommand] = {}
+        self._files = FileService(vm.channel, vm.staging)
+
+    def info(self) -> SandboxInfo:
+        profile = self.spec.profile if isinstance(self.spec.profile, str) else "custom"
+        return SandboxInfo(
+            self.id, self.state, self.spec.image, profile, self.spec.network, self.created_at,
+            dict(self.spec.labels), self.vm.name, paused_because=self.paused_because,
+            pooled=self.pooled,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ commands
+
+    async def run(self, spec: CommandSpec) -> LocalCommand:
+        self._require("run")
+        command = LocalCommand(self, spec)
+        await command.start()
+        self._commands[command.id] = command
+        return command
+
+    async def command(self, command_id: str) -> LocalCommand:
+        self._require("command")
+        found = self._commands.get(command_id)
+        if found is None:
+            raise NotFoundError(f"no command {command_id!r} in sandbox {self.id}")
+        return found
+
+    async def commands(self) -> list[CommandInfo]:
+        self._require("commands")
+        return [command.info() for command in self._commands.values()]
+
+    def ended(self, command: LocalCommand) -> None:
+        """A command ended: forget the oldest ended ones past the budget."""
+        held = list(self._commands.values())
+        for index in prune([c.journal for c in held]):
+            self._commands.pop(held[index].id, None)
+
+    # ------------------------------------------------------------------ the rest
+
+    @property
+    def files(self) -> FileService:
+        self._require("files")
+        return self._files
+
+    async def policy(self) -> EgressPolicy | None:
+        self._require("policy")
+        guard = self.vm.guard
+        return guard.policy(self.vm.name) if guard is not None else None
+
+    async def set_policy(self, policy: EgressPolicy) -> None:
+        self._require("set_policy")
+        await self.vm.set_policy(policy)
+
+    async def blocked(self) -> list[Blocked]:
+        self._require("blocked")
+        guard = self.vm.guard
+        return guard.blocked(self.vm.name) if guard is not None else []
+
+    async def blocked_count(self) -> int:
+        self._require("blocked_count")
+        guard = self.vm.guard
+        return guard.blocked_count(self.vm.name) if guard is not None else 0
+
+    async def stats(self) -> GuestFigures:
+        self._require("stats")
+        status = await (await self.vm.channel()).ping(timeout=2.0)
+        return GuestFigures(status.uptime, status.running, status.load1, status.mem_available_kib)
+
+    async def pause(self, reason: str = "requested") -> None:
+        """Suspend the VM: nothing runs in it, nothing is lost (its memory stays)."""
+        self._require("pause")
+        if self.state is SandboxState.PAUSED:
+            return
+        await asyncio.to_thread(self.vm.vm.pause)
+        self.state, self.paused_because = SandboxState.PAUSED, reason
+
+    async def resume(self) -> None:
+        self._require("resume")
+        if self.state is SandboxState.RUNNING:
+            return
+        await asyncio.to_thread(self.vm.vm.resume)
+        self.state, self.paused_because = SandboxState.RUNNING, None
+
+    async def close(self) -> None:
+        if self.state in (SandboxState.CLOSING, SandboxState.CLOSED):
+            return
+        paused = self.state is SandboxState.PAUSED
+        self.state = SandboxState.CLOSING
+        try:
+            if paused:  # a pool takes it back running
+                with contextlib.suppress(AgentVMError):
+                    await asyncio.to_thread(self.vm.vm.resume)
+            for command in list(self._commands.values()):
+                await command.cancel()
+            await self._release(self.vm)
+        finally:
+            self.state = SandboxState.CLOSED
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What a pool's VMs are: a request matches when all three are the same."""
+
+    image: str | None
+    profile: str
+    network: str
+
+
+class LocalBackend:
+    """Sandboxes on this host. ``pools``: warm pools by what they hold (a request that
+    matches one takes its VM); ``pool``: one pool every request uses. Without a runtime
+    the backend makes one and closes it with itself."""
+
+    def __init__(
+        self,
+        runtime: Runtime | None = None,
+        *,
+        settings: Settings | None = None,
+        pools: dict[PoolKey, VMPool] | None = None,
+        pool: VMPool | None = None,
+    ) -> None:
+        self._own_runtime = runtime is None and pool is None
+        self._settings = settings
+        self.runtime = pool.runtime if pool is not None else runtime or Runtime(settings)
+        self.warm = dict(pools or {})
+        self._pool = pool
+        self._held: dict[str, LocalSandbox] = {}
+
+    def check(self, spec: SandboxSpec) -> None:
+        """Refuse what this host cannot give before anything starts (no daemon, no VM):
+        hardware it lacks, a network it cannot make, an image never built."""
+        if self._pool is not None:
+            return
+        self.runtime.spec(profile=spec.profile, network=spec.network)
+        if spec.image is not None and spec.image != self.runtime.settings.image:
+            self.runtime.images.require(spec.image)
+
+    async def acquire(self, spec: SandboxSpec, progress: Progress | None = None) -> LocalSandbox:
+        if self._own_runtime and self.runtime.closed:  # used again after close()
+            self.runtime = Runtime(self._settings)
+        pool = self._pool or self._matching(spec)
+        if pool is not None:
+            vm = await pool.acquire(spec.acquire_timeout)
+            release = self._to_pool(pool)
+        else:
+            machine = self.runtime.spec(profile=spec.profile, network=spec.network)
+            vm = await self.runtime.vm(
+                image=spec.image, spec=machine, policy=spec.policy, cold=spec.cold,
+                **({"progress": progress} if progress is not None else {}),
+            )  # fmt: skip
+            release = _destroy
+        try:
+            if pool is not None and spec.policy is not None:
+                await vm.set_policy(spec.policy)
+            if spec.workspace is not None:
+                await vm.attach_workspace(spec.workspace)
+        except BaseException:
+            await release(vm)
+            raise
+        handle = LocalSandbox(vm, spec, release, pooled=pool is not None)
+        self._held[handle.id] = handle
+        return handle
+
+    def _matching(self, spec: SandboxSpec) -> VMPool | None:
+        if spec.cold or not isinstance(spec.profile, str):
+            return None
+        return self.warm.get(PoolKey(spec.image, spec.profile, spec.network))
+
+    def _to_pool(self, pool: VMPool) -> Callable[[RunningVM], Awaitable[None]]:
+        async def release(vm: RunningVM) -> None:
+            try:
+                await vm.detach_workspace()  # the user's directory goes before the VM does
+            finally:
+                await pool.release(vm)
+
+        return release
+
+    async def get(self, sandbox_id: str) -> LocalSandbox:
+        found = self._held.get(sandbox_id)
+        if found is None or found.state is SandboxState.CLOSED:
+            raise NotFoundError(f"no sandbox {sandbox_id!r}")
+        return found
+
+    async def list(self) -> builtins.list[SandboxHandle]:
+        return [h for h in self._held.values() if h.state is not SandboxState.CLOSED]
+
+    async def release(self, handle: SandboxHandle) -> None:
+        try:
+            await handle.close()
+        finally:
+            self._held.pop(handle.id, None)
+
+    def pool_stats(self) -> dict[str, PoolStats]:
+        """The warm pools' own figures (start times too), for the metrics."""
+        return {
+            f"{key.image or ''}:{key.profile}:{key.network}": pool.stats()
+            for key, pool in self.warm.items()
+        }
+
+    async def pools(self) -> builtins.list[PoolInfo]:
+        found = []
+        for key, pool in self.warm.items():
+            stats = pool.stats()
+            found.append(PoolInfo(
+                key.image, key.profile, key.network, pool.min_size, pool.max_size,
+                stats.idle, stats.in_use, stats.starting, stats.standby, stats.started,
+                stats.replaced_dead,
+            ))  # fmt: skip
+        return found
+
+    async def close(self) -> None:
+        for handle in list(self._held.values()):
+            with contextlib.suppress(Exception):
+                await self.release(handle)
+        if self._own_runtime:
+            await self.runtime.close()
+
+
+async def _destroy(vm: RunningVM) -> None:
+    await vm.close()
