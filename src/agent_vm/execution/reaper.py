@@ -86,7 +86,10 @@ def reap(
         log.info("reaped", vm=owned.vm.name)
     if vms_dir.is_dir():
         for leftover in vms_dir.iterdir():
-            age = time.time() - leftover.stat().st_mtime
+            try:
+                age = time.time() - leftover.stat().st_mtime
+            except FileNotFoundError:
+                continue  # its own process removed it meanwhile (agent-vm processes share it)
             if leftover.is_dir() and leftover not in known_workdirs and age >= orphan_min_age:
                 remove_tree(leftover)
                 removed.append(leftover.name)
