@@ -1,11 +1,6 @@
 """The local backend: sandboxes on this host's VMs, from a warm pool when one matches,
 else a clone of a golden state (or a cold boot). What ``AsyncSandbox()`` uses without a
-server, and what ``agent-vm serve`` holds behind its API.
-
-A command is started and left running (``LocalCommand``): its output goes into a
-journal that any number of followers read from any sequence number, so a foreground
-run, a background handle, a reattaching client and the server's audit all see the same
-bytes, exactly as the guest wrote them.
+server, and what ``agent-vm serve`` holds behind its API. Its commands: ``localcmd.py``.
 """
 
 from __future__ import annotations
@@ -13,35 +8,25 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import secrets
-import signal as signals
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent_vm import timeutil
-from agent_vm.communication.channel import RESULT_GRACE, AgentChannel
 from agent_vm.communication.files import FileService
 from agent_vm.config import Settings
 from agent_vm.errors import (
     AgentVMError,
-    ChannelClosedError,
     NotFoundError,
-    VMDiedError,
-    to_wire,
 )
-from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.pool import VMPool
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.shells import PoolStats
 from agent_vm.logs import get_logger
 from agent_vm.network.policy import Blocked, EgressPolicy
-from agent_vm.protocol.messages import Result
 from agent_vm.sandbox.base import (
     CommandInfo,
     CommandSpec,
-    Event,
     GuestFigures,
     PoolInfo,
     Progress,
@@ -50,133 +35,10 @@ from agent_vm.sandbox.base import (
     SandboxSpec,
     SandboxState,
 )
-from agent_vm.sandbox.journal import Journal, prune
+from agent_vm.sandbox.journal import prune
+from agent_vm.sandbox.localcmd import LocalCommand, new_id
 
 log = get_logger(__name__)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(6)}"
-
-
-class LocalCommand:
-    """One command running (or ended) in a local sandbox."""
-
-    def __init__(self, sandbox: LocalSandbox, spec: CommandSpec) -> None:
-        self.id = new_id("ex")
-        self.sandbox = sandbox
-        self.spec = spec
-        self.started_at = timeutil.now()
-        self.journal = Journal()
-        self._channel: AgentChannel | None = None
-        self._rid: int | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def info(self) -> CommandInfo:
-        cmd = self.spec.cmd if isinstance(self.spec.cmd, str | None) else list(self.spec.cmd)
-        return CommandInfo(
-            self.id, self.sandbox.id, cmd if self.spec.code is None else ["python3", "-c", "…"],
-            self.spec.pty is not None, self.started_at, self.journal.done, self.journal.exit,
-        )  # fmt: skip
-
-    def follow(self, after: int = -1) -> AsyncIterator[Event]:
-        return self.journal.follow(after)
-
-    async def start(self) -> None:
-        """Send the command; its result is awaited in the background."""
-        vm = self.sandbox.vm
-        spec = self.spec
-        pids_max = vm.spec.profile.pids_max if vm.spec is not None else None
-        cwd = spec.cwd
-        if cwd is None and vm.workspace is not None:
-            cwd = vm.workspace.workspace.work_dir
-        wants_stdin = spec.stdin is not None or spec.stdin_open
-        request = AgentExecutor().request(
-            spec.cmd, spec.code, spec.timeout, dict(spec.envs), cwd, spec.user,
-            wants_stdin and spec.pty is None, pids_max, spec.pty,
-        )  # fmt: skip
-        channel = await vm.channel()
-        rid, future = await channel.start(
-            request,
-            on_stdout=lambda data: self.journal.output("stdout", data),
-            on_stderr=lambda data: self.journal.output("stderr", data),
-        )
-        self._channel, self._rid = channel, rid
-        began = time.monotonic()
-        self._task = asyncio.create_task(self._wait(future, request.timeout, began), name=self.id)
-        if spec.stdin is not None or (wants_stdin and not spec.stdin_open and spec.pty is None):
-            await channel.send_input(rid, spec.stdin or b"", eof=not spec.stdin_open)
-
-    async def _wait(
-        self, future: asyncio.Future[Result], timeout: float | None, began: float
-    ) -> None:
-        assert self._channel is not None and self._rid is not None
-        channel, rid = self._channel, self._rid
-        wait = timeout + RESULT_GRACE if timeout is not None else None
-        try:
-            raw = await channel.wait(rid, future, wait)
-            result = raw.result
-            workspace = self.sandbox.vm.workspace
-            outputs = await asyncio.to_thread(workspace.outputs) if workspace else []
-            self.journal.end(
-                result.exit_code if result.exit_code is not None else 128 + (result.signal or 0),
-                signal=result.signal, timed_out=result.timed_out, error=result.error,
-                duration=time.monotonic() - began,
-                output=tuple((o.path, o.size, o.is_dir) for o in outputs),
-            )  # fmt: skip
-        except asyncio.CancelledError:
-            self.journal.end(
-                None, error="the sandbox was closed", duration=time.monotonic() - began
-            )
-            raise
-        except ChannelClosedError as exc:
-            failure = await self.sandbox.vm.explain_failure(exc)
-            if isinstance(failure, VMDiedError):
-                self.sandbox.state = SandboxState.FAILED
-            self._fail(failure, began)
-        except AgentVMError as exc:
-            self._fail(exc, began)
-        finally:
-            channel.release(rid)
-            self.sandbox.ended(self)
-
-    def _fail(self, exc: BaseException, began: float) -> None:
-        error = exc if isinstance(exc, AgentVMError) else AgentVMError(str(exc))
-        self.journal.end(
-            None, error=error.message, duration=time.monotonic() - began, failure=to_wire(error)
-        )
-
-    def _target(self) -> tuple[AgentChannel, int] | None:
-        if self.journal.done or self._channel is None or self._rid is None:
-            return None
-        return self._channel, self._rid
-
-    async def send_stdin(self, data: bytes) -> None:
-        if (target := self._target()) is not None:
-            await target[0].send_input(target[1], data)
-
-    async def close_stdin(self) -> None:
-        if (target := self._target()) is not None and self.spec.pty is None:
-            await target[0].send_input(target[1], b"", eof=True)
-
-    async def signal(self, signum: int) -> None:
-        """Delivered to the command's process group (nothing, once it ended)."""
-        if (target := self._target()) is not None:
-            await target[0].signal(target[1], signum)
-
-    async def kill(self) -> None:
-        """SIGKILL to its whole process tree (its cgroup in the guest)."""
-        await self.signal(signals.SIGKILL)
-
-    async def resize(self, cols: int, rows: int) -> None:
-        if (target := self._target()) is not None:
-            await target[0].resize(target[1], cols, rows)
-
-    async def cancel(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
 
 
 class LocalSandbox(SandboxHandle):
