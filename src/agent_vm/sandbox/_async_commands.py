@@ -74,6 +74,8 @@ class AsyncCommandHandle:
         self._truncated = False
         self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
         self._exit: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
+        # a handle nobody waits on (its sandbox killed under it) must not log its end
+        self._exit.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._pump = asyncio.ensure_future(self._follow(after))
 
     async def _follow(self, after: int) -> None:
