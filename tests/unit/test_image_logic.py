@@ -11,7 +11,7 @@ import pytest
 from agent_vm.errors import ImageError
 from agent_vm.image.kernel import extract_vmlinux, module_closure
 from agent_vm.image.manifest import BuildInputs
-from agent_vm.image.mirror import detect_distro
+from agent_vm.image.mirror import detect_distro, image_sources
 
 
 def write_release(tmp: Path, distro: str, codename: str) -> Path:
@@ -34,6 +34,37 @@ def test_mirror_from_deb822_sources(tmp_path: Path) -> None:
         "bookworm",
         "http://mirror.example/debian",
     )
+
+
+def test_images_list_the_hosts_updates_and_security_suites(tmp_path: Path) -> None:
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    (apt / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
+        "Components: main contrib\n\nTypes: deb\nURIs: http://security.example/\n"
+        "Suites: bookworm-security\nComponents: main\n\n"
+        "Types: deb\nURIs: http://other.example/\nSuites: stable\nComponents: main\n"
+    )
+    distro = detect_distro(write_release(tmp_path, "debian", "bookworm"), apt)
+    same = [s.line() for s in image_sources(distro, "bookworm", distro.mirror)]
+    assert same == [
+        "deb http://mirror.example/debian bookworm bookworm-updates main contrib",
+        "deb http://security.example bookworm-security main",
+    ]
+    # another release on this host: the same suites, renamed; the build's mirror for it
+    newer = [s.line() for s in image_sources(distro, "trixie", "http://m2.example/debian")]
+    assert newer == [
+        "deb http://m2.example/debian trixie trixie-updates main contrib",
+        "deb http://security.example trixie-security main",
+    ]
+
+
+def test_without_host_sources_an_image_lists_its_release(tmp_path: Path) -> None:
+    apt = tmp_path / "apt"
+    apt.mkdir()
+    distro = detect_distro(write_release(tmp_path, "debian", "bookworm"), apt)
+    lines = [s.line() for s in image_sources(distro, "bookworm", distro.mirror)]
+    assert lines == ["deb http://deb.debian.org/debian bookworm main"]
 
 
 def test_mirror_from_one_line_sources(tmp_path: Path) -> None:

@@ -53,6 +53,15 @@ packages = ["@scope/tool@1.2.3"]
     assert '"user": "agent"' in defaults_json(loaded)
 
 
+def test_kernel_modules_are_installed_for_init_to_load(tmp_path: Path) -> None:
+    loaded = load_recipe(write(tmp_path, 'name = "x"\n[kernel]\nmodules = ["kvm_amd"]\n'))
+    assert loaded.recipe.kernel.modules == ["kvm_amd"]
+    plain = [s.label for s in steps(loaded)]
+    assert not any(label.startswith("kernel modules") for label in plain)
+    [step] = [s for s in steps(loaded, ["kvm", "kvm_amd"]) if s.label.startswith("kernel")]
+    assert "for m in kvm kvm_amd;" in step.script and "/opt/agent-vm/modules/order" in step.script
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -66,6 +75,7 @@ packages = ["@scope/tool@1.2.3"]
         ("name = ", "not valid TOML"),
         ('name = "x"\nfiles = [{source = "missing", dest = "/etc/x"}]', "cannot read missing"),
         ('name = "x"\nfiles = [{source = "r.toml", dest = "etc/x"}]', "must be an absolute"),
+        ('name = "x"\n[kernel]\nmodules = ["kvm; reboot"]', "not a kernel module name"),
     ],
 )
 def test_a_bad_recipe_gets_one_line(tmp_path: Path, text: str, says: str) -> None:

@@ -31,6 +31,7 @@ from agent_vm.execution.executor import AgentExecutor
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.host.mounts import remove_tree
+from agent_vm.image import kernel
 from agent_vm.image.layer import LayerTree, build_tree
 from agent_vm.image.manifest import ImageManifest, LayerInfo
 from agent_vm.image.recipe import LoadedRecipe
@@ -140,7 +141,17 @@ async def _build(
     settings = runtime.settings
     work = settings.build_cache_dir / "layers" / name
     base_tree = settings.build_cache_dir / "rootfs" / base.manifest.inputs.rootfs_key() / "tree"
-    tree = await asyncio.to_thread(build_tree, loaded, base_tree, work, progress)
+    inputs = base.manifest.inputs
+    modules = await asyncio.to_thread(
+        kernel.extra_modules,
+        settings.build_cache_dir,
+        kernel.KernelSpec(
+            inputs.kernel_package, inputs.kernel_version, tuple(inputs.kernel_extra_packages)
+        ),
+        [*inputs.boot_modules, *inputs.late_modules],
+        loaded.recipe.kernel.modules,
+    )
+    tree = await asyncio.to_thread(build_tree, loaded, base_tree, work, progress, modules)
     host_seconds = time.monotonic() - started
     disk_gib = layer_disk_gib(base, tree)
     progress(f"writing the layer into a disk on {base.name} ({tree.tar_bytes / 2**20:.0f} MiB)")

@@ -21,7 +21,7 @@ from agent_vm.errors import ImageError
 from agent_vm.image import disk, kernel, rootfs
 from agent_vm.image.initramfs import build_initramfs
 from agent_vm.image.manifest import BuildInputs, ImageManifest
-from agent_vm.image.mirror import detect_distro
+from agent_vm.image.mirror import detect_distro, image_sources
 from agent_vm.image.store import DISK_FILE, INITRD_FILE, MANIFEST_FILE, Image, ImageStore
 from agent_vm.logs import get_logger
 
@@ -57,10 +57,13 @@ class ImageBuilder:
     def resolve_inputs(self) -> BuildInputs:
         distro = detect_distro()
         spec = kernel.resolve_kernel(distro.id)
+        suite = self.settings.suite or distro.codename
+        mirror = self.settings.mirror or distro.mirror
         return BuildInputs(
             distro=distro.id,
-            suite=self.settings.suite or distro.codename,
-            mirror=self.settings.mirror or distro.mirror,
+            suite=suite,
+            mirror=mirror,
+            apt_sources=[s.line() for s in image_sources(distro, suite, mirror)],
             packages=sorted(rootfs.GUEST_PACKAGES),
             kernel_package=spec.package,
             kernel_version=spec.version,
@@ -120,6 +123,8 @@ class ImageBuilder:
         if not (tree.parent / ".complete").exists():
             progress(f"debootstrap {inputs.suite} from {inputs.mirror}")
             rootfs.debootstrap(inputs.suite, inputs.mirror, tree, progress)
+            progress("apt upgrade from " + ", ".join(inputs.apt_sources))
+            rootfs.upgrade(tree, inputs.apt_sources, progress)
             rootfs.trim(tree)
             rootfs.configure(tree)
             (tree.parent / ".complete").write_text(timeutil.isoformat() + "\n")

@@ -229,3 +229,19 @@ def decompressed_module(path: Path) -> bytes:
     if path.name.endswith(".gz"):
         return gzip.decompress(data)
     return data
+
+
+def extra_modules(
+    cache_dir: Path, spec: KernelSpec, base_modules: list[str], wanted: list[str]
+) -> list[tuple[str, bytes]]:
+    """``wanted`` and their dependencies from the image's own kernel package, minus what
+    the base image loads already, decompressed, in load order (for a recipe's layer)."""
+    if not wanted:
+        return []
+    files = fetch_kernel(spec, cache_dir / "kernel" / f"{spec.package}_{spec.version}")
+    have = {name for name, _ in module_closure(files.modules_dir, base_modules)}
+    return [
+        (name, decompressed_module(path))
+        for name, path in module_closure(files.modules_dir, wanted)
+        if name not in have
+    ]

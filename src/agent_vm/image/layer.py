@@ -29,7 +29,7 @@ from pathlib import Path
 from agent_vm.errors import ImageError
 from agent_vm.host.mounts import remove_tree, unmount_under
 from agent_vm.image.recipe import LoadedRecipe
-from agent_vm.image.rootfs import TRIM
+from agent_vm.image.rootfs import GUEST_LIB, TRIM
 from agent_vm.logs import get_logger
 from agent_vm.protocol.ports import IMAGE_DEFAULTS
 
@@ -70,9 +70,11 @@ class Step:
     script: str
 
 
-def steps(loaded: LoadedRecipe) -> list[Step]:
+def steps(loaded: LoadedRecipe, modules: list[str] | None = None) -> list[Step]:
     """The recipe as shell scripts, in the order a Dockerfile author would expect:
-    packages, then files, then the recipe's own commands, then clean-up."""
+    packages, then files, then the recipe's own commands, then clean-up. ``modules`` are
+    the kernel modules staged for the recipe (its ``[kernel]`` list and their dependencies,
+    in load order)."""
     recipe = loaded.recipe
     out = [Step("policy", f"printf %s {shlex.quote(NO_DAEMONS)} > /usr/sbin/policy-rc.d && "
                           "chmod 755 /usr/sbin/policy-rc.d")]  # fmt: skip
@@ -105,6 +107,15 @@ def steps(loaded: LoadedRecipe) -> list[Step]:
                 f"npm: {' '.join(recipe.npm.packages)}",
                 "npm install -g --no-fund --no-audit --no-update-notifier --loglevel=error "
                 + " ".join(shlex.quote(p) for p in recipe.npm.packages),
+            )
+        )
+    if modules:
+        names = " ".join(modules)
+        out.append(
+            Step(
+                f"kernel modules: {names}",
+                f"for m in {names}; do install -m 0644 {STAGED}/modules/$m.ko "
+                f"/{GUEST_LIB}/modules/$m.ko; echo $m >> /{GUEST_LIB}/modules/order; done",
             )
         )
     for index, copy in enumerate(recipe.files):
@@ -234,9 +245,14 @@ def _scan(upper: Path) -> tuple[list[str], list[str]]:
 
 
 def build_tree(
-    loaded: LoadedRecipe, base_tree: Path, workdir: Path, progress: Progress
+    loaded: LoadedRecipe,
+    base_tree: Path,
+    workdir: Path,
+    progress: Progress,
+    modules: list[tuple[str, bytes]] | None = None,
 ) -> LayerTree:
-    """Run the recipe over ``base_tree`` (never modified) and pack what changed."""
+    """Run the recipe over ``base_tree`` (never modified) and pack what changed;
+    ``modules`` (name, .ko bytes) are installed for the guest's init to load."""
     if not (base_tree / "usr").is_dir():
         raise ImageError(
             f"the base image's file tree is not in the build cache ({base_tree})",
@@ -250,10 +266,14 @@ def build_tree(
     for index, copy in enumerate(loaded.recipe.files):
         shutil.copyfile(loaded.source(copy), staged / str(index))
     (staged / "defaults").write_text(defaults_json(loaded))
+    if modules:
+        (staged / "modules").mkdir()
+        for name, data in modules:
+            (staged / "modules" / f"{name}.ko").write_bytes(data)
     _mount_overlay(base_tree, upper, work, root)
     try:
         argv = _bwrap(root, staged)
-        for step in steps(loaded):
+        for step in steps(loaded, [name for name, _ in modules or []]):
             _run_step(argv, step, progress)
     finally:
         unmount_under(root)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 
 
 class BuildInputs(BaseModel):
@@ -19,6 +19,9 @@ class BuildInputs(BaseModel):
     distro: str
     suite: str
     mirror: str
+    apt_sources: list[str] = Field(
+        default=[], description="the image's sources.list lines (release, updates, security)"
+    )
     packages: list[str]
     kernel_package: str
     kernel_version: str
@@ -32,7 +35,7 @@ class BuildInputs(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def rootfs_key(self) -> str:
-        parts = [self.builder_version, self.suite, self.mirror, *self.packages]
+        parts = [self.builder_version, self.suite, self.mirror, *self.apt_sources, *self.packages]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 

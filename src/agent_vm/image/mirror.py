@@ -1,7 +1,10 @@
-"""Find the distribution suite and package mirror the host already uses.
+"""Find the distribution suite, package mirror and apt sources the host already uses.
 
 Building from the host's own mirror keeps image builds working on machines that can only
-reach their configured mirror (the usual case on CI and in companies).
+reach their configured mirror (the usual case on CI and in companies). Images list the
+same suites as the host (``bookworm``, ``bookworm-updates``, ``bookworm-security``):
+debootstrap alone knows only the release suite, so an image built from it alone misses
+every security fix published since the last point release.
 """
 
 from __future__ import annotations
@@ -19,10 +22,23 @@ DEFAULT_MIRRORS = {
 
 
 @dataclass(frozen=True)
+class AptSource:
+    """One ``deb`` line of an image's sources.list."""
+
+    uri: str
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+
+    def line(self) -> str:
+        return f"deb {self.uri} {' '.join(self.suites)} {' '.join(self.components)}"
+
+
+@dataclass(frozen=True)
 class Distro:
     id: str
     codename: str
     mirror: str
+    sources: tuple[AptSource, ...] = ()
 
 
 def read_os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
@@ -94,7 +110,31 @@ def detect_distro(
             hint="agent-vm builds images on Debian and Ubuntu hosts; set AGENT_VM_SUITE and "
             "AGENT_VM_MIRROR to build anyway",
         )
-    for uri, suites, components in apt_sources(apt_root):
+    entries = apt_sources(apt_root)
+    sources = tuple(
+        AptSource(uri.rstrip("/"), tuple(mine), tuple(components))
+        for uri, suites, components in entries
+        if (mine := [s for s in suites if s == codename or s.startswith(codename + "-")])
+        and components
+    )
+    for uri, suites, components in entries:
         if codename in suites and "main" in components:
-            return Distro(distro_id, codename, uri.rstrip("/"))
-    return Distro(distro_id, codename, DEFAULT_MIRRORS[distro_id])
+            return Distro(distro_id, codename, uri.rstrip("/"), sources)
+    return Distro(distro_id, codename, DEFAULT_MIRRORS[distro_id], sources)
+
+
+def image_sources(distro: Distro, suite: str, mirror: str) -> list[AptSource]:
+    """The host's sources for its own release, moved to ``suite`` and ``mirror``.
+
+    ``bookworm-security`` becomes ``trixie-security`` when a trixie image is built on a
+    bookworm host; the release suite's entry uses ``mirror`` (the build's, which may be
+    overridden). Without any host entry for the release: the release suite alone.
+    """
+    out = []
+    for source in distro.sources:
+        suites = tuple(suite + s[len(distro.codename) :] for s in source.suites)
+        uri = mirror if suite in suites else source.uri
+        out.append(AptSource(uri, suites, source.components))
+    if not any(suite in source.suites for source in out):
+        out.insert(0, AptSource(mirror, (suite,), ("main",)))
+    return out

@@ -60,6 +60,24 @@ class NpmSection(_Strict):
     _check = field_validator("packages")(_packages)
 
 
+class KernelSection(_Strict):
+    """Modules of the guest's own kernel. A recipe's apt sees the distribution's newest
+    kernel package, which need not be the one the guest boots; these come from the
+    package the image's kernel was taken from, so they always match it."""
+
+    modules: list[str] = Field(
+        default=[], description="installed with their dependencies and loaded at boot"
+    )
+
+    @field_validator("modules")
+    @classmethod
+    def _modules(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                raise ValueError(f"not a kernel module name: {name!r}")
+        return value
+
+
 class FileCopy(_Strict):
     source: str = Field(description="a file next to the recipe (a relative path)")
     dest: str = Field(description="absolute path in the image")
@@ -95,6 +113,7 @@ class Recipe(_Strict):
     apt: AptSection = AptSection()
     pip: PipSection = PipSection()
     npm: NpmSection = NpmSection()
+    kernel: KernelSection = KernelSection()
     files: list[FileCopy] = []
     run: list[str] = Field(default=[], description="shell commands run at build time, as root")
     env: dict[str, str] = {}

@@ -111,6 +111,37 @@ def debootstrap(suite: str, mirror: str, target: Path, progress: Progress) -> No
         )
 
 
+def upgrade(tree: Path, sources: list[str], progress: Progress) -> None:
+    """List the host's suites (updates, security) in the tree and install their fixes.
+
+    Runs in a plain chroot with the host's network, like debootstrap before it: the tree
+    is debootstrap's own output, nothing of a user's runs here yet.
+    """
+    if not sources:
+        return
+    (tree / "etc/apt/sources.list").write_text("\n".join(sources) + "\n")
+    shutil.copyfile("/etc/resolv.conf", tree / "etc/resolv.conf")
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "LANG": "C.UTF-8",
+    }
+    for argv in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "upgrade", "-y", "-q", "--with-new-pkgs"],
+        ["apt-get", "clean"],
+    ):
+        proc = subprocess.run(
+            ["chroot", str(tree), *argv], env=env, capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise ImageError(
+                f"{' '.join(argv)} in the new image failed:\n{proc.stderr.strip()[-1500:]}",
+                hint="check that the mirrors in /etc/apt are reachable",
+            )
+        progress(f"{' '.join(argv[:2])}: done")
+
+
 def trim(tree: Path) -> None:
     for rel in TRIM:
         path = tree / rel
