@@ -142,16 +142,22 @@ async def _build(
     work = settings.build_cache_dir / "layers" / name
     base_tree = settings.build_cache_dir / "rootfs" / base.manifest.inputs.rootfs_key() / "tree"
     inputs = base.manifest.inputs
+    wanted = loaded.recipe.kernel
+    spec = kernel.KernelSpec(
+        inputs.kernel_package, inputs.kernel_version, tuple(inputs.kernel_extra_packages)
+    )
+    cache = settings.build_cache_dir
     modules = await asyncio.to_thread(
         kernel.extra_modules,
-        settings.build_cache_dir,
-        kernel.KernelSpec(
-            inputs.kernel_package, inputs.kernel_version, tuple(inputs.kernel_extra_packages)
-        ),
+        cache,
+        spec,
         [*inputs.boot_modules, *inputs.late_modules],
-        loaded.recipe.kernel.modules,
+        wanted.modules,
     )
-    tree = await asyncio.to_thread(build_tree, loaded, base_tree, work, progress, modules)
+    whole = await asyncio.to_thread(kernel.module_tree, cache, spec) if wanted.all_modules else None
+    tree = await asyncio.to_thread(
+        build_tree, loaded, base_tree, work, progress, modules, whole
+    )
     host_seconds = time.monotonic() - started
     disk_gib = layer_disk_gib(base, tree)
     progress(f"writing the layer into a disk on {base.name} ({tree.tar_bytes / 2**20:.0f} MiB)")

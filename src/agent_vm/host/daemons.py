@@ -74,6 +74,24 @@ def fix_dev_kvm_permissions(dev: Path = Path("/dev/kvm")) -> bool:
     return True
 
 
+def ensure_tun(dev: Path = Path("/dev/net/tun")) -> bool:
+    """Create the TUN device node if nothing did; True if it was made.
+
+    Where udev runs, ``kmod static-nodes`` makes it at boot and opening it loads ``tun``;
+    on a host without udev (agent-vm's own guest as a nested host, containers) the node is
+    missing until the module is loaded, and libvirt fails every NAT start with "Unable to
+    open /dev/net/tun". Loading the module makes devtmpfs create it; mknod is the fallback.
+    """
+    if dev.exists():
+        return False
+    subprocess.run(["modprobe", "tun"], capture_output=True, check=False)
+    if not dev.exists():
+        dev.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(10, 200))
+    log.info("dev_net_tun_created", path=str(dev))
+    return True
+
+
 def _spawn_detached(daemon: Daemon) -> None:
     binary = shutil.which(daemon.name) or f"/usr/sbin/{daemon.name}"
     if not Path(binary).exists():
@@ -128,6 +146,8 @@ def ensure_daemons(timeout: float = 30.0) -> list[str]:
         raise HostError("agent-vm manages qemu:///system and must run as root", hint="use sudo")
     if fix_dev_kvm_permissions():
         actions.append("set /dev/kvm to root:kvm 0660")
+    if ensure_tun():
+        actions.append("created /dev/net/tun")
     for daemon in (VIRTLOGD, LIBVIRTD):
         if socket_accepts(daemon.socket):
             continue

@@ -231,6 +231,11 @@ def decompressed_module(path: Path) -> bytes:
     return data
 
 
+def module_tree(cache_dir: Path, spec: KernelSpec) -> Path:
+    """The kernel package's /lib/modules/<release> (unpacked into the build cache)."""
+    return fetch_kernel(spec, cache_dir / "kernel" / f"{spec.package}_{spec.version}").modules_dir
+
+
 def extra_modules(
     cache_dir: Path, spec: KernelSpec, base_modules: list[str], wanted: list[str]
 ) -> list[tuple[str, bytes]]:

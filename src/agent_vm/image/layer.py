@@ -46,6 +46,7 @@ CAPABILITIES = (
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA = "/run/agent-vm-build/ca.crt"
 STAGED = "/run/agent-vm-build/files"
+KERNEL_MODULES = "/run/agent-vm-build/modules"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STEP_TIMEOUT = 3600.0
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -70,11 +71,13 @@ class Step:
     script: str
 
 
-def steps(loaded: LoadedRecipe, modules: list[str] | None = None) -> list[Step]:
+def steps(
+    loaded: LoadedRecipe, modules: list[str] | None = None, release: str | None = None
+) -> list[Step]:
     """The recipe as shell scripts, in the order a Dockerfile author would expect:
     packages, then files, then the recipe's own commands, then clean-up. ``modules`` are
     the kernel modules staged for the recipe (its ``[kernel]`` list and their dependencies,
-    in load order)."""
+    in load order); ``release`` the kernel's, when its whole module tree is installed."""
     recipe = loaded.recipe
     out = [Step("policy", f"printf %s {shlex.quote(NO_DAEMONS)} > /usr/sbin/policy-rc.d && "
                           "chmod 755 /usr/sbin/policy-rc.d")]  # fmt: skip
@@ -116,6 +119,14 @@ def steps(loaded: LoadedRecipe, modules: list[str] | None = None) -> list[Step]:
                 f"kernel modules: {names}",
                 f"for m in {names}; do install -m 0644 {STAGED}/modules/$m.ko "
                 f"/{GUEST_LIB}/modules/$m.ko; echo $m >> /{GUEST_LIB}/modules/order; done",
+            )
+        )
+    if release is not None:
+        out.append(
+            Step(
+                f"kernel module tree: /lib/modules/{release}",
+                f"mkdir -p /lib/modules && rm -rf /lib/modules/{release} && "
+                f"cp -a {KERNEL_MODULES} /lib/modules/{release}",
             )
         )
     for index, copy in enumerate(recipe.files):
@@ -250,9 +261,11 @@ def build_tree(
     workdir: Path,
     progress: Progress,
     modules: list[tuple[str, bytes]] | None = None,
+    module_tree: Path | None = None,
 ) -> LayerTree:
     """Run the recipe over ``base_tree`` (never modified) and pack what changed;
-    ``modules`` (name, .ko bytes) are installed for the guest's init to load."""
+    ``modules`` (name, .ko bytes) are installed for the guest's init to load, and
+    ``module_tree`` (the kernel's /lib/modules/<release>) as a whole when given."""
     if not (base_tree / "usr").is_dir():
         raise ImageError(
             f"the base image's file tree is not in the build cache ({base_tree})",
@@ -273,7 +286,10 @@ def build_tree(
     _mount_overlay(base_tree, upper, work, root)
     try:
         argv = _bwrap(root, staged)
-        for step in steps(loaded, [name for name, _ in modules or []]):
+        if module_tree is not None:
+            argv += ["--ro-bind", str(module_tree), KERNEL_MODULES]
+        release = module_tree.name if module_tree is not None else None
+        for step in steps(loaded, [name for name, _ in modules or []], release):
             _run_step(argv, step, progress)
     finally:
         unmount_under(root)

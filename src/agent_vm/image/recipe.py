@@ -68,6 +68,11 @@ class KernelSection(_Strict):
     modules: list[str] = Field(
         default=[], description="installed with their dependencies and loaded at boot"
     )
+    all_modules: bool = Field(
+        default=False,
+        description="install the kernel's whole /lib/modules tree (~400 MB), so modprobe "
+        "and the kernel's on-demand loading work (a VM that runs VMs or firewalls)",
+    )
 
     @field_validator("modules")
     @classmethod
