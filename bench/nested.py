@@ -59,6 +59,8 @@ REPO_FILES = [
 ]
 L1_PROFILE = ResourceProfile(vcpu=2, memory_mib=6144, disk_gib=12)
 PROBE_TIMEOUT = 3600.0
+# TCG inside TCG: the L2 kernel reaches init after ~3 min of guest time
+TCG_ENV = "AGENT_VM_BOOT_TIMEOUT=1200"
 
 Progress = Callable[[str], None]
 
@@ -181,7 +183,7 @@ async def inside(vm: RunningVM, l2_image: Image, tcg: bool, progress: Progress) 
     out["kvm"] = json.loads(raw.strip().splitlines()[-1])
     out["run"] = await step("agent-vm run", f"{AGENT_VM} run -- python3 -c 'print(1)' 2>&1")
     if tcg:
-        raw = await step("probe under TCG inside L1", f"AGENT_VM_ACCEL=tcg {probe}",
+        raw = await step("probe under TCG inside L1", f"AGENT_VM_ACCEL=tcg {TCG_ENV} {probe}",
                          PROBE_TIMEOUT, must=True)  # fmt: skip
         out["tcg"] = json.loads(raw.strip().splitlines()[-1])
     return out

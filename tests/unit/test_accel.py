@@ -64,3 +64,18 @@ def test_bad_forced_value(tmp_path: Path) -> None:
 
 def test_domain_types() -> None:
     assert Accel.KVM.domain_type == "kvm" and Accel.TCG.domain_type == "qemu"
+
+
+def test_a_missing_tun_node_is_made_once(tmp_path: Path) -> None:
+    """Without udev /dev/net/tun may be missing: libvirt's NAT networks need it."""
+    import os
+    import stat
+
+    from agent_vm.host.daemons import ensure_tun
+
+    node = tmp_path / "net" / "tun"
+    assert ensure_tun(node)
+    info = node.stat()
+    assert stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == 10
+    assert os.minor(info.st_rdev) == 200
+    assert not ensure_tun(node)  # there now: nothing to do

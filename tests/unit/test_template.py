@@ -9,7 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from agent_vm.core.template import (
+    QEMU_NS,
     BootSpec,
+    MemoryFile,
     NetworkAttachment,
     NetworkMode,
     ResourceProfile,
@@ -107,3 +109,21 @@ def test_channel_socket_path_from_live_xml() -> None:
     )
     assert channel_socket_path(xml) == Path("/run/x.sock")
     assert channel_socket_path("<domain><devices/></domain>") is None
+
+
+@pytest.mark.parametrize(
+    ("memory_file", "expected"),
+    [
+        (MemoryFile(path=Path("/s/g.ram"), shared=True), "share=on"),
+        (MemoryFile(path=Path("/s/g.ram"), shared=False), "share=off"),
+        (
+            MemoryFile(path=Path("/s/g.ram"), shared=False, read_only=True),
+            "share=off,readonly=on,rom=off",  # QEMU >= 8.2: a read-only open, writable RAM
+        ),
+    ],
+)
+def test_golden_ram_backend_arguments(memory_file: MemoryFile, expected: str) -> None:
+    root = render(memory_file=memory_file)
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    backend = next(a for a in args if a and a.startswith("memory-backend-file"))
+    assert backend.endswith("mem-path=/s/g.ram," + expected)

@@ -154,6 +154,11 @@ class MemoryFile(BaseModel):
 
     path: Path
     shared: bool
+    read_only: bool = Field(
+        default=False,
+        description="open the file read-only, the RAM still writable (private mappings, "
+        "QEMU >= 8.2: readonly=on,rom=off); QEMU would otherwise need write access to it",
+    )
 
 
 class VMTemplate(BaseModel):
@@ -229,10 +234,11 @@ class VMTemplate(BaseModel):
         args: list[str] = []
         if self.memory_file is not None:
             share = "on" if self.memory_file.shared else "off"
+            read_only = ",readonly=on,rom=off" if self.memory_file.read_only else ""
             args += [
                 "-object",
                 f"memory-backend-file,id={RAM_BACKEND_ID},size={self.resources.memory_mib}M,"
-                f"mem-path={self.memory_file.path},share={share}",
+                f"mem-path={self.memory_file.path},share={share}{read_only}",
                 "-machine",
                 f"memory-backend={RAM_BACKEND_ID}",
             ]

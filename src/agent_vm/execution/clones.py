@@ -93,10 +93,12 @@ async def prepare_shell(
             f"golden state {golden.digest} changed since its capture: not cloning it",
             hint="it is captured again on the next start; see the golden_ram_changed log line",
         )
+    read_only = confinement is not None and confinement.ram_read_only
     async with creating(vms_dir, name or new_vm_name(), guard, confinement) as held:
         vm = await define_vm(
             connection, image, spec, held, backing_disk=golden.disk, policy=policy,
-            memory_file=MemoryFile(path=golden.ram, shared=False), incoming=True,
+            memory_file=MemoryFile(path=golden.ram, shared=False, read_only=read_only),
+            incoming=True,
         )  # fmt: skip
         await start_limited(vm, spec)
         pid = await asyncio.to_thread(vm.qemu_pid)

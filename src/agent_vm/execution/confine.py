@@ -32,7 +32,7 @@ class Confinement:
     identities: Identities
     images_dir: Path
     images_view: Path  # a read-only bind mount of images_dir
-    ram_read_only: bool  # QEMU can open a private RAM file read-only (>= 8.2)
+    ram_read_only: bool  # clones open golden RAM read-only (QEMU >= 8.2 asked to)
 
     def prepare(self) -> None:
         """The shared group, the read-only view, root-owned read-only image files."""
@@ -66,7 +66,11 @@ def harden(path: Path, mode: int, gid: int = 0) -> None:
 
 
 def qemu_opens_private_ram_read_only(qemu_version: str) -> bool:
-    """QEMU 8.2 falls back to a read-only open for private memory-backend-file RAM."""
+    """QEMU 8.2 can map a private memory-backend-file from a read-only open
+    (``readonly=on,rom=off``); 7.2 opens it read-write even for a private mapping.
+
+    Found on QEMU 10 (Debian 13, nested run of bench/nested.py): without asking for it,
+    QEMU still opens read-write and a 0640 file fails with "Permission denied"."""
     try:
         major, minor = (int(part) for part in qemu_version.split(".")[:2])
     except ValueError:

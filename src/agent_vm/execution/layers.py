@@ -143,18 +143,18 @@ async def _build(
     base_tree = settings.build_cache_dir / "rootfs" / base.manifest.inputs.rootfs_key() / "tree"
     inputs = base.manifest.inputs
     wanted = loaded.recipe.kernel
-    spec = kernel.KernelSpec(
+    kspec = kernel.KernelSpec(
         inputs.kernel_package, inputs.kernel_version, tuple(inputs.kernel_extra_packages)
     )
     cache = settings.build_cache_dir
     modules = await asyncio.to_thread(
         kernel.extra_modules,
         cache,
-        spec,
+        kspec,
         [*inputs.boot_modules, *inputs.late_modules],
         wanted.modules,
     )
-    whole = await asyncio.to_thread(kernel.module_tree, cache, spec) if wanted.all_modules else None
+    whole = await asyncio.to_thread(kernel.module_tree, cache, kspec) if wanted.all_modules else None
     tree = await asyncio.to_thread(
         build_tree, loaded, base_tree, work, progress, modules, whole
     )

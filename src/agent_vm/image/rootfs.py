@@ -26,6 +26,7 @@ GUEST_PACKAGES = [
     "iproute2",
     "procps",
     "netbase",
+    "e2fsprogs",  # resize2fs grows the root file system (no longer in trixie's minbase)
 ]
 AGENT_UID = 1000
 GUEST_LIB = Path("opt/agent-vm")

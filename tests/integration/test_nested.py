@@ -1,0 +1,75 @@
+"""agent-vm's KVM path, for real, on hosts without hardware virtualization.
+
+An agent-vm VM (L1, under TCG here, with SVM and nested paging from ``-cpu max``) is made
+an agent-vm host: QEMU, libvirt, agent-vm from this checkout, the guest kernel's KVM
+modules. Inside it agent-vm must choose KVM by its own probe and run L2 VMs under it:
+golden capture and clones, ``agent-vm run``, a pool cycle, the egress policy against a
+test host in L1's own namespace, resource limits (``bench/nested.py`` does the work and
+prints the figures). Debian 13 as L1 (QEMU 10, libvirt 11) is marked ``release``: a
+maintainer runs it before a release (``./run-tests -m release``, ~8 min with the images
+built), CI runs the Debian 12 one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from bench.nested import measure
+
+from agent_vm.host.accel import detect_accel
+from tests.integration.conftest import RESULTS
+
+pytestmark = pytest.mark.integration
+
+MIB = 2**20
+
+
+def qemu_at_least(version_line: str, wanted: tuple[int, int]) -> bool:
+    found = re.search(r"version (\d+)\.(\d+)", version_line)
+    assert found, version_line
+    return (int(found[1]), int(found[2])) >= wanted
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize(
+    "suite", ["bookworm", pytest.param("trixie", marks=pytest.mark.release)]
+)
+async def test_the_kvm_path_runs_nested(suite: str) -> None:
+    if detect_accel().accel.value == "kvm":
+        pytest.skip("this host has KVM itself: the whole suite runs the KVM path here")
+    result = await measure(suite, tcg=False)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"nested-{suite}.json").write_text(json.dumps(result, indent=2))
+    assert not result.get("failures"), result.get("failures")
+    assert "KVM: hardware virtualization (svm + kvm_amd)" in result["doctor"], result["doctor"]
+    probe = result["kvm"]
+    assert not probe.get("errors"), probe.get("errors")
+    assert probe["accel"] == "kvm", probe["accel_reason"]
+    assert probe["domain_type"] == "kvm"
+    assert "<cpu mode='host-passthrough'" in probe["domain_xml"]
+    assert "accel=kvm" in probe["qemu_cmdline"] or "-accel kvm" in probe["qemu_cmdline"]
+    assert probe["print_1"] == "1"
+    assert result["run"].strip().splitlines()[-1] == "1", result["run"]
+    # a pool hands out a reset VM: what the last holder wrote is gone
+    assert "No such file" in probe["pool_after_reset"]
+    # the allowlist: the allowed name answers, another name and a bare address do not
+    assert probe["egress"]["web.allowed.test"] == "200"
+    assert probe["egress"]["evil.test"].endswith("blocked")
+    assert probe["egress"]["198.51.100.11"].endswith("blocked")
+    # limits: no TCG translation cache under KVM, so guest RAM + QEMU's overhead only
+    limits = probe["limits"]
+    assert int(limits["memory.max"]) == (512 + 256) * MIB
+    assert limits["cpu.max"].split() == ["50000", "100000"]
+    assert int(limits["fork_bomb_pids_events"].split()[-1]) > 0
+    # QEMU >= 8.2 opens the clones' private golden RAM read-only; before, read-write
+    if qemu_at_least(probe["qemu"], (8, 2)):
+        assert (probe["golden_ram_mode"], probe["clone_opens_golden_ram"]) == (
+            "0o640",
+            "read-only",
+        )
+    else:
+        assert probe["golden_ram_mode"] == "0o660"
+    if suite == "trixie":
+        assert qemu_at_least(probe["qemu"], (10, 0)), probe["qemu"]
