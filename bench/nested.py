@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -182,6 +183,7 @@ async def inside(vm: RunningVM, l2_image: Image, tcg: bool, progress: Progress) 
                      must=True)  # fmt: skip
     out["kvm"] = json.loads(raw.strip().splitlines()[-1])
     out["run"] = await step("agent-vm run", f"{AGENT_VM} run -- python3 -c 'print(1)' 2>&1")
+    out["l1_dmesg_tail"] = await step("L1's kernel log", "dmesg | tail -n 80")
     if tcg:
         raw = await step("probe under TCG inside L1", f"AGENT_VM_ACCEL=tcg {TCG_ENV} {probe}",
                          PROBE_TIMEOUT, must=True)  # fmt: skip
@@ -203,10 +205,14 @@ async def measure(suite: str, tcg: bool, progress: Progress = _say) -> dict[str,
         spec = runtime.spec(profile=L1_PROFILE, network="isolated")
         vm = await runtime.vm(image=name, spec=spec, cold=True)
         result["l1_boot_s"] = round(time.perf_counter() - started, 1)
+        console = settings.build_cache_dir / "nested" / f"l1-console-{suite}.log"
         try:
             await vm.attach_workspace(Workspace(path=staged, readonly=True))
             result |= await inside(vm, l2_image, tcg, progress)
-        finally:
+        finally:  # L1's kernel log, for when it is L1 that failed
+            with contextlib.suppress(OSError):
+                shutil.copyfile(vm.workdir / "console.log", console)
+                progress(f"L1's console log: {console}")
             await vm.close()
     return result
 

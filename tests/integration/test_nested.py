@@ -8,22 +8,50 @@ test host in L1's own namespace, resource limits (``bench/nested.py`` does the w
 prints the figures). Debian 13 as L1 (QEMU 10, libvirt 11) is marked ``release``: a
 maintainer runs it before a release (``./run-tests -m release``, ~8 min with the images
 built), CI runs the Debian 12 one.
+
+Emulated SVM is not flawless: in ~8 nested runs one L1 kernel panicked ("Fatal exception
+in interrupt") and one L2 QEMU died mid-command. A run where a VM *died* is therefore
+made once more (and the death kept in the results file); any other failure fails at once.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
+from typing import Any
 
 import pytest
 from bench.nested import measure
 
+from agent_vm.errors import VMDiedError
 from agent_vm.host.accel import detect_accel
 from tests.integration.conftest import RESULTS
 
 pytestmark = pytest.mark.integration
 
 MIB = 2**20
+DIED = ("VMDiedError", "stopped while in use", "closed by the VM side")
+
+
+def death(result: dict[str, Any]) -> str | None:
+    """What died in a run, if a VM did (emulation trouble, not agent-vm's verdict)."""
+    texts = [*result.get("failures", {}).values(), *result["kvm"].get("errors", {}).values()]
+    return next((t for t in texts if any(mark in t for mark in DIED)), None)
+
+
+async def nested_run(suite: str) -> dict[str, Any]:
+    try:
+        result = await measure(suite, tcg=False)
+        died = death(result)
+    except VMDiedError as exc:  # L1 itself
+        died = str(exc)
+    if died is None:
+        return result
+    warnings.warn(f"a nested VM died, running once more: {died[-300:]}", stacklevel=1)
+    result = await measure(suite, tcg=False)
+    result["first_attempt_died"] = died
+    return result
 
 
 def qemu_at_least(version_line: str, wanted: tuple[int, int]) -> bool:
@@ -39,7 +67,7 @@ def qemu_at_least(version_line: str, wanted: tuple[int, int]) -> bool:
 async def test_the_kvm_path_runs_nested(suite: str) -> None:
     if detect_accel().accel.value == "kvm":
         pytest.skip("this host has KVM itself: the whole suite runs the KVM path here")
-    result = await measure(suite, tcg=False)
+    result = await nested_run(suite)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"nested-{suite}.json").write_text(json.dumps(result, indent=2))
     assert not result.get("failures"), result.get("failures")

@@ -275,7 +275,8 @@ async def connect_agent(held: Held, timeout: float) -> AgentChannel:
 async def wait_settled(agent: AgentChannel, timeout: float) -> None:
     """Wait for init's late start-up work (modules, power button, network settings)."""
     deadline = time.monotonic() + timeout
-    while not (await agent.ping()).settled:
+    # one PING may take long on a very slow guest (TCG inside TCG: >5 s): the deadline rules
+    while not (await agent.ping(timeout=max(5.0, deadline - time.monotonic()))).settled:
         if time.monotonic() > deadline:
             raise BootTimeout(
                 f"{agent.name} did not settle within {timeout:.0f} s",
