@@ -154,7 +154,9 @@ async def _build(
         [*inputs.boot_modules, *inputs.late_modules],
         wanted.modules,
     )
-    whole = await asyncio.to_thread(kernel.module_tree, cache, kspec) if wanted.all_modules else None
+    whole = None
+    if wanted.all_modules:
+        whole = await asyncio.to_thread(kernel.module_tree, cache, kspec)
     tree = await asyncio.to_thread(
         build_tree, loaded, base_tree, work, progress, modules, whole
     )
