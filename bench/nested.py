@@ -177,7 +177,7 @@ async def inside(vm: RunningVM, l2_image: Image, tcg: bool, progress: Progress) 
                f"ln -sfn {l2_image.key} {images}/current", must=True)  # fmt: skip
     out["l1_kernel"] = (await step("uname", "uname -r; grep -c -w svm /proc/cpuinfo")).split()
     out["l1_kvm_messages"] = await step("kvm messages", "dmesg | grep -i -E 'kvm|svm' || true")
-    out["doctor"] = await step("agent-vm doctor", f"{AGENT_VM} doctor 2>&1")
+    out["doctor"] = await step("agent-vm doctor", f"COLUMNS=150 {AGENT_VM} doctor 2>&1")
     probe = f"{VENV}/bin/python /workspace/repo/bench/nested_probe.py --repo /workspace/repo"
     raw = await step("probe under KVM (agent-vm's own choice)", probe + " --full", PROBE_TIMEOUT,
                      must=True)  # fmt: skip
