@@ -9,9 +9,11 @@ prints the figures). Debian 13 as L1 (QEMU 10, libvirt 11) is marked ``release``
 maintainer runs it before a release (``./run-tests -m release``, ~8 min with the images
 built), CI runs the Debian 12 one.
 
-Emulated SVM is not flawless: in ~8 nested runs one L1 kernel panicked ("Fatal exception
-in interrupt") and one L2 QEMU died mid-command. A run where a VM *died* is therefore
-made once more (and the death kept in the results file); any other failure fails at once.
+Emulated SVM is not flawless: in ~11 nested runs L1's kernel panicked three times, each
+time on a broken stack right after leaving a nested guest (RBP 0x8e0, RSP at a stack page
+boundary, a page fault recursing until "corrupted stack end"), and one L2 QEMU died
+mid-command. A run where a VM *died* is therefore made again, up to three attempts (every
+death kept in the results file); any other failure fails at once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tests.integration.conftest import RESULTS
 pytestmark = pytest.mark.integration
 
 MIB = 2**20
+ATTEMPTS = 3
 DIED = ("VMDiedError", "stopped while in use", "closed by the VM side")
 
 
@@ -41,16 +44,21 @@ def death(result: dict[str, Any]) -> str | None:
 
 
 async def nested_run(suite: str) -> dict[str, Any]:
-    try:
-        result = await measure(suite, tcg=False)
-        died = death(result)
-    except VMDiedError as exc:  # L1 itself
-        died = str(exc)
-    if died is None:
-        return result
-    warnings.warn(f"a nested VM died, running once more: {died[-300:]}", stacklevel=1)
-    result = await measure(suite, tcg=False)
-    result["first_attempt_died"] = died
+    """A run in which no VM died, within ATTEMPTS; every death is kept in the result."""
+    deaths: list[str] = []
+    for _ in range(ATTEMPTS - 1):
+        try:
+            result = await measure(suite, tcg=False)
+            died = death(result)
+        except VMDiedError as exc:  # L1 itself
+            died = str(exc)
+        if died is None:
+            result["deaths_before"] = deaths
+            return result
+        deaths.append(died)
+        warnings.warn(f"a nested VM died, running again: {died[-300:]}", stacklevel=1)
+    result = await measure(suite, tcg=False)  # the last attempt: what it says, stands
+    result["deaths_before"] = deaths
     return result
 
 
