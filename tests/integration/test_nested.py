@@ -5,15 +5,17 @@ an agent-vm host: QEMU, libvirt, agent-vm from this checkout, the guest kernel's
 modules. Inside it agent-vm must choose KVM by its own probe and run L2 VMs under it:
 golden capture and clones, ``agent-vm run``, a pool cycle, the egress policy against a
 test host in L1's own namespace, resource limits (``bench/nested.py`` does the work and
-prints the figures). Debian 13 as L1 (QEMU 10, libvirt 11) is marked ``release``: a
-maintainer runs it before a release (``./run-tests -m release``, ~8 min with the images
-built), CI runs the Debian 12 one.
+prints the figures). Debian 12 and Debian 13 as L1 (QEMU 10, libvirt 11); marked
+``release``: a maintainer runs them before a release (``./run-tests -m release``, ~5 and
+~8 min with the images built), not CI: see below.
 
 Emulated SVM is not flawless: in ~11 nested runs L1's kernel panicked three times, each
 time on a broken stack right after leaving a nested guest (RBP 0x8e0, RSP at a stack page
 boundary, a page fault recursing until "corrupted stack end"), and one L2 QEMU died
 mid-command. A run where a VM *died* is therefore made again, up to three attempts (every
-death kept in the results file); any other failure fails at once.
+death kept in the results file); any other failure fails at once. In another run L1
+locked up (both vCPUs "soft lockup ... stuck for 800 s" in L2's QEMU and its KVM vCPU
+thread): a hang that only the probe's timeout ends. That is why CI does not run this.
 """
 
 from __future__ import annotations
@@ -69,9 +71,8 @@ def qemu_at_least(version_line: str, wanted: tuple[int, int]) -> bool:
 
 
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize(
-    "suite", ["bookworm", pytest.param("trixie", marks=pytest.mark.release)]
-)
+@pytest.mark.release  # emulated SVM panics or hangs L1 too often for every push (see above)
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
 async def test_the_kvm_path_runs_nested(suite: str) -> None:
     if detect_accel().accel.value == "kvm":
         pytest.skip("this host has KVM itself: the whole suite runs the KVM path here")
