@@ -20,13 +20,20 @@ def write_release(tmp: Path, distro: str, codename: str) -> Path:
     return path
 
 
-def test_mirror_from_deb822_sources(tmp_path: Path) -> None:
+def deb822(tmp_path: Path, text: str) -> Path:
+    """An /etc/apt with one deb822 sources file holding ``text``."""
     apt = tmp_path / "apt"
     (apt / "sources.list.d").mkdir(parents=True)
-    (apt / "sources.list.d" / "debian.sources").write_text(
+    (apt / "sources.list.d" / "debian.sources").write_text(text)
+    return apt
+
+
+def test_mirror_from_deb822_sources(tmp_path: Path) -> None:
+    apt = deb822(
+        tmp_path,
         "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
         "Components: main\n\nTypes: deb\nURIs: http://security.example/\n"
-        "Suites: bookworm-security\nComponents: main\n"
+        "Suites: bookworm-security\nComponents: main\n",
     )
     distro = detect_distro(write_release(tmp_path, "debian", "bookworm"), apt)
     assert (distro.id, distro.codename, distro.mirror) == (
@@ -37,13 +44,12 @@ def test_mirror_from_deb822_sources(tmp_path: Path) -> None:
 
 
 def test_images_list_the_hosts_updates_and_security_suites(tmp_path: Path) -> None:
-    apt = tmp_path / "apt"
-    (apt / "sources.list.d").mkdir(parents=True)
-    (apt / "sources.list.d" / "debian.sources").write_text(
+    apt = deb822(
+        tmp_path,
         "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
         "Components: main contrib\n\nTypes: deb\nURIs: http://security.example/\n"
         "Suites: bookworm-security\nComponents: main\n\n"
-        "Types: deb\nURIs: http://other.example/\nSuites: stable\nComponents: main\n"
+        "Types: deb\nURIs: http://other.example/\nSuites: stable\nComponents: main\n",
     )
     distro = detect_distro(write_release(tmp_path, "debian", "bookworm"), apt)
     same = [s.line() for s in image_sources(distro, "bookworm", distro.mirror)]
