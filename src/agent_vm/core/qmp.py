@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,11 +59,11 @@ def pass_file(vm: VM, name: str, path: Path, flags: int) -> None:
         os.close(fd)
 
 
-def set_ignore_shared(vm: VM) -> None:
+def set_ignore_shared(vm: VM, state: bool = True) -> None:
     qmp(
         vm,
         "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        {"capabilities": [{"capability": "x-ignore-shared", "state": state}]},
     )
 
 
@@ -96,7 +97,7 @@ def save_device_state(vm: VM, path: Path, timeout: float = 60.0) -> int:
     return path.stat().st_size
 
 
-def load_device_state(vm: VM, path: Path, timeout: float = 60.0) -> None:
+def load_device_state(vm: VM, path: Path, timeout: float = 60.0, paused: bool = False) -> None:
     """Load state saved by :func:`save_device_state` into a VM started with -incoming defer.
 
     libvirt's own ``cont`` at start-up only armed autostart, so the guest runs as soon as
@@ -106,3 +107,26 @@ def load_device_state(vm: VM, path: Path, timeout: float = 60.0) -> None:
     pass_file(vm, "agentvm-in", path, os.O_RDONLY)
     qmp(vm, "migrate-incoming", {"uri": "fd:agentvm-in"})
     wait_migration(vm, timeout)
+    # A state saved by a paused QEMU (a capture's converter) says "paused", and QEMU
+    # restores that runstate instead of autostarting.
+    if not paused and (qmp(vm, "query-status") or {}).get("status") == "paused":
+        qmp(vm, "cont")
+
+
+def migrate_into(source: VM, target: VM, timeout: float = 120.0) -> None:
+    """Migrate ``source`` with all its RAM into ``target``, a QEMU started with -incoming
+    defer, over a socket pair: neither QEMU opens anything by path. (``x-ignore-shared``
+    off on both: the target's RAM is a shared file that must receive every page.)"""
+    ours, theirs = socket.socketpair()
+    try:
+        for vm in (source, target):
+            set_ignore_shared(vm, False)
+        qmp(target, "getfd", {"fdname": "agentvm-in"}, fds=[theirs.fileno()])
+        qmp(source, "getfd", {"fdname": "agentvm-out"}, fds=[ours.fileno()])
+    finally:
+        ours.close()
+        theirs.close()
+    qmp(target, "migrate-incoming", {"uri": "fd:agentvm-in"})
+    qmp(source, "migrate", {"uri": "fd:agentvm-out"})
+    wait_migration(source, timeout)
+    wait_migration(target, timeout)

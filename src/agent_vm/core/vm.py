@@ -115,8 +115,11 @@ class VM:
 
     # -- lifecycle --
 
-    def start(self) -> None:
-        self._call("start", lambda d: d.create())
+    def start(self, paused: bool = False) -> None:
+        """Start QEMU; ``paused``: its vCPUs never run until resumed (with -incoming, the
+        loaded state stays paused: what a capture's converter needs)."""
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        self._call("start", lambda d: d.createWithFlags(flags))
         log.debug("vm_started", vm=self._name)
 
     def stop(self, graceful: bool = True, timeout: float = 30.0) -> None:

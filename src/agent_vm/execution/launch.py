@@ -178,6 +178,14 @@ def create_overlay(
         overlay.chmod(0o600)
 
 
+def link_overlay(disk: Path, overlay: Path, identity: Identity | None) -> None:
+    """An overlay kept from before (a paused sandbox's), linked in: if the start fails,
+    removing the work directory leaves the kept one whole."""
+    os.link(disk, overlay)
+    if identity is not None:
+        os.chown(overlay, identity.uid, identity.gid)
+
+
 def _make_workdir(vms_dir: Path, workdir: Path) -> None:
     vms_dir.mkdir(parents=True, exist_ok=True)
     vms_dir.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the overlay
@@ -210,9 +218,10 @@ async def define_vm(
     policy: EgressPolicy | None = None,
     memory_file: MemoryFile | None = None,
     incoming: bool = False,
+    disk: Path | None = None,
 ) -> VM:
-    """Identity, network interface, overlay on ``backing_disk`` (the VM's own), libvirt
-    definition (not started)."""
+    """Identity, network interface, overlay on ``backing_disk`` (the VM's own; or
+    ``disk``, an overlay kept from before, linked in), libvirt definition (not started)."""
     confinement = held.confinement
     if confinement is not None:
 
@@ -233,9 +242,12 @@ async def define_vm(
         boot_files=confinement.boot_files(image) if confinement is not None else None,
     )
     disk_gib = max(spec.profile.disk_gib, image.min_disk_gib)  # never below its file system
-    await finish_in_thread(
-        create_overlay, backing_disk, template.disk_path, held.identity, disk_gib
-    )
+    if disk is not None:
+        await finish_in_thread(link_overlay, disk, template.disk_path, held.identity)
+    else:
+        await finish_in_thread(
+            create_overlay, backing_disk, template.disk_path, held.identity, disk_gib
+        )
     await finish_in_thread(make_share, held.workdir, held.identity)
     xml = template.generate_xml()
 

@@ -196,6 +196,16 @@ class RunningVM:
             channel = None if self._channel.closed else self._channel
             await attached.detach(channel)
 
+    async def vacate(self) -> None:
+        """Remove the VM (domain, work directory, identity, network) but not its session:
+        a pause saved its state, and its disk was linked out first."""
+        self._closed = True
+        self.workspace = None
+        await teardown(
+            self.name, vm=self.vm, workdir=self.workdir, guard=self.guard,
+            identity=self.identity,
+        )  # fmt: skip
+
     async def close(self) -> None:
         """Destroy the domain and remove everything it left on disk and on the network.
         Idempotent. If libvirtd is unreachable the rest is retried later."""
