@@ -5,7 +5,8 @@
 Rules: every ``AsyncX`` class becomes ``X`` holding its async twin in ``_core``; coroutine
 methods run on one background event loop; properties and plain methods are forwarded; a
 classmethod ``create`` calls the sync constructor, which starts the object (so ``with
-X(...)`` works), another classmethod runs on the loop and wraps what it returns;
+X(...)`` works), another classmethod runs on the loop and wraps what it returns when
+that is an instance of the class;
 ``__aenter__``/``__aexit__`` become ``__enter__``/``__exit__``; async generators become
 iterators (each item fetched on the loop); ``@overload`` stubs are kept (in sync names);
 attributes that the async ``__init__`` sets to ``AsyncY(...)`` are wrapped as ``Y``; an
@@ -194,12 +195,16 @@ def generate_class(cls: ast.ClassDef) -> list[str]:
                 "",
             ]
         elif "classmethod" in decorators:
+            call = f"shared_loop().run({cls.name}.{fn.name}({call_args(fn)}))"
+            returned = ast.unparse(fn.returns) if fn.returns else ""
+            result = ["        core = " + call, "        return cls._from_core(core)"]
+            if returned != cls.name:  # not an instance of this class: returned as it is
+                result = [f"        return {call}"]
             lines += [
                 "    @classmethod",
                 f"    def {fn.name}({args_source(fn)}) -> {returns(fn)}:",
                 *doc,
-                f"        core = shared_loop().run({cls.name}.{fn.name}({call_args(fn)}))",
-                "        return cls._from_core(core)",
+                *result,
                 "",
             ]
         elif fn.name == "__aenter__":

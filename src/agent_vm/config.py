@@ -156,6 +156,11 @@ class Settings(BaseSettings):
         return self.state_dir / "vms"
 
     @property
+    def paused_dir(self) -> Path:
+        """Paused sandboxes: memory, devices and disk of each (data, never reaped)."""
+        return self.state_dir / "paused"
+
+    @property
     def images_view(self) -> Path:
         """The read-only bind mount of images_dir that libvirt reads kernels through."""
         return Path("/run/agent-vm/images") / self.state_tag

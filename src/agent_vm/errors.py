@@ -91,7 +91,11 @@ class QMPError(VMError):
 
 
 class SnapshotError(AgentVMError):
-    """A snapshot operation failed."""
+    """A snapshot operation failed (a name taken, a snapshot still in use)."""
+
+
+class DiskFullError(AgentVMError):
+    """Not enough disk for what was asked (a pause's or a snapshot's memory)."""
 
 
 class NetworkError(AgentVMError):
@@ -229,6 +233,8 @@ STATUS: tuple[tuple[type[AgentVMError], int], ...] = (
     (NotFoundError, 404),
     (QuotaError, 429),
     (SandboxStateError, 409),
+    (SnapshotError, 409),
+    (DiskFullError, 507),
     (ConfigError, 400),
     (ImageNotFoundError, 400),
     (ExtractionError, 400),

@@ -42,7 +42,7 @@ from agent_vm.host.daemons import ensure_daemons
 from agent_vm.host.mounts import mounts_under
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
-from tests.integration.helpers import vm_dirs
+from tests.integration.helpers import saved_dirs, vm_dirs
 from tests.integration.testnet import TestHost, exclusive
 
 TEST_HOST_IP = "198.51.100.10"
@@ -184,6 +184,7 @@ def connection(runtime: Runtime) -> LibvirtConnection:
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind(settings: Settings, host_ready: None) -> Iterator[None]:
     before = vm_dirs(settings)
+    saved_before = saved_dirs(settings)
     yield
     with LibvirtConnection(settings.libvirt_uri) as conn:
         ours = [d for d in owned_domains(conn) if d.metadata.get("pid") == str(os.getpid())]
@@ -207,6 +208,9 @@ def nothing_left_behind(settings: Settings, host_ready: None) -> Iterator[None]:
         problems.append(f"work directories left: {stray_dirs}")
     if stray_mounts:
         problems.append(f"mounts left: {stray_mounts}")
+    stray_saved = sorted(str(p) for p in saved_dirs(settings) - saved_before)
+    if stray_saved:
+        problems.append(f"paused sandboxes or snapshots left: {stray_saved}")
     if qemus:
         problems.append(f"QEMU processes left: {qemus}")
     if problems:

@@ -20,6 +20,15 @@ def vm_dirs(settings: Settings) -> set[Path]:
     return set(settings.vms_dir.iterdir()) if settings.vms_dir.is_dir() else set()
 
 
+def saved_dirs(settings: Settings) -> set[Path]:
+    """Paused sandboxes and snapshots on disk now (data a test must remove itself)."""
+    found: set[Path] = set()
+    for root in (settings.paused_dir, settings.state_dir / "snapshots"):
+        if root.is_dir():
+            found |= set(root.iterdir())
+    return found
+
+
 def domains_of(connection: LibvirtConnection, pid: int) -> set[str]:
     """Names of the agent-vm domains a process made."""
     return {d.vm.name for d in owned_domains(connection) if d.metadata.get("pid") == str(pid)}

@@ -37,6 +37,7 @@ from agent_vm.sandbox.base import (
     SandboxInfo,
     SandboxSpec,
     SandboxState,
+    SnapshotInfo,
 )
 from agent_vm.sandbox.journal import Journal
 
@@ -173,8 +174,10 @@ class FakeFiles(Files):
 
 
 class FakeSandbox(SandboxHandle):
-    def __init__(self, number: int, spec: SandboxSpec) -> None:
+    def __init__(self, number: int, spec: SandboxSpec, backend: FakeBackend | None = None) -> None:
         self.id = f"sb-{number}"
+        self.keep: dict[str, object] = {}
+        self.backend = backend
         self.spec = spec
         self.state = SandboxState.RUNNING
         self.created = timeutil.now()
@@ -237,6 +240,20 @@ class FakeSandbox(SandboxHandle):
         self._require("resume")
         self.state = SandboxState.RUNNING
 
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        self._require("snapshot")
+        if self.backend is None:
+            raise NotFoundError("no backend")
+        info = SnapshotInfo(name, timeutil.now(), self.spec.image or "base", "light", "nat",
+                            self.id, 1 << 20, 2 << 20, 0.1)  # fmt: skip
+        self.backend.snapshots_made[name] = (info, str(self.keep.get("owner")))
+        return info
+
+    async def fork(self, count: int = 1) -> builtins.list[SandboxHandle]:
+        self._require("fork")
+        assert self.backend is not None
+        return [await self.backend.acquire(self.spec) for _ in range(count)]
+
     async def close(self) -> None:
         for command in self.commands_run.values():
             if not command.journal.done:
@@ -248,13 +265,14 @@ class FakeBackend:
     def __init__(self) -> None:
         self.held: dict[str, FakeSandbox] = {}
         self.made = 0
+        self.snapshots_made: dict[str, tuple[SnapshotInfo, str]] = {}
 
     def check(self, spec: SandboxSpec) -> None:
         return None
 
     async def acquire(self, spec: SandboxSpec, progress: Progress | None = None) -> FakeSandbox:
         self.made += 1
-        handle = FakeSandbox(self.made, spec)
+        handle = FakeSandbox(self.made, spec, self)
         self.held[handle.id] = handle
         return handle
 
@@ -272,6 +290,15 @@ class FakeBackend:
 
     async def pools(self) -> builtins.list[PoolInfo]:
         return [PoolInfo(None, "light", "nat", 1, 2, 1, 0, 0)]
+
+    async def snapshots(self) -> builtins.list[SnapshotInfo]:
+        return [info for info, _ in self.snapshots_made.values()]
+
+    def snapshot_owners(self) -> dict[str, str]:
+        return {name: owner for name, (_, owner) in self.snapshots_made.items()}
+
+    async def remove_snapshot(self, name: str) -> None:
+        self.snapshots_made.pop(name, None)
 
     async def close(self) -> None:
         for handle in list(self.held.values()):

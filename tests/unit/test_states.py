@@ -58,6 +58,8 @@ CALLS: dict[str, Callable[[SandboxHandle], object]] = {
     "stats": lambda h: h.stats(),
     "pause": lambda h: h.pause(),
     "resume": lambda h: h.resume(),
+    "snapshot": lambda h: h.snapshot("s1"),
+    "fork": lambda h: h.fork(2),
     "close": lambda h: h.close(),
 }
 
@@ -66,7 +68,7 @@ def local() -> SandboxHandle:
     async def release(vm: object) -> None:
         raise Touched("release")
 
-    return LocalSandbox(Tripwire(), SandboxSpec(), release)  # type: ignore[arg-type]
+    return LocalSandbox(Tripwire(), SandboxSpec(), release, Tripwire())  # type: ignore[arg-type]
 
 
 def remote() -> SandboxHandle:

@@ -44,6 +44,23 @@ class CreateSandbox(_Body):
     anomaly_action: Literal["log", "pause", "kill"] | None = Field(
         default=None, description="what an anomaly rule's alert does here (default: server's)"
     )
+    snapshot: str | None = Field(
+        default=None, max_length=64, description="start from this snapshot (one of yours)"
+    )
+    on_expiry: Literal["kill", "pause"] = Field(
+        default="kill", description="when its lifetime runs out: remove it, or pause it to disk"
+    )
+    auto_resume: bool = Field(
+        default=False, description="a command or file call on it while paused resumes it"
+    )
+
+
+class TakeSnapshot(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Fork(_Body):
+    count: int = Field(default=1, ge=1, le=64)
 
 
 class KeepAlive(_Body):
@@ -157,6 +174,18 @@ class FileEntryView(BaseModel):
     uid: int
     gid: int
     symlink_target: str | None
+
+
+class SnapshotView(BaseModel):
+    name: str
+    created_at: str
+    image: str
+    profile: str
+    network: str
+    source: str
+    memory_bytes: int
+    disk_bytes: int
+    pause_seconds: float
 
 
 class PoolView(BaseModel):

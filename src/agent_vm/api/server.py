@@ -34,7 +34,7 @@ from agent_vm.execution.pool import VMPool
 from agent_vm.execution.runtime import Runtime
 from agent_vm.logs import get_logger
 from agent_vm.monitoring.audit import AuditLogger
-from agent_vm.sandbox.local import LocalBackend, PoolKey
+from agent_vm.sandbox.localbackend import LocalBackend, PoolKey
 
 log = get_logger(__name__)
 

@@ -15,13 +15,12 @@ import builtins
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent_vm import timeutil
 from agent_vm.api.admission import resolve_workspace
+from agent_vm.api.lifecycle import Hosted, Lifecycle
 from agent_vm.api.tokens import TokenRecord
 from agent_vm.api.watch import Watch, Watched
 from agent_vm.communication.fileapi import Files, WriteData
@@ -39,8 +38,6 @@ from agent_vm.sandbox.base import (
     GuestFigures,
     Output,
     PoolInfo,
-    SandboxHandle,
-    SandboxInfo,
     SandboxSpec,
     SandboxState,
 )
@@ -50,29 +47,7 @@ log = get_logger(__name__)
 REAP_INTERVAL = 1.0
 
 
-@dataclass
-class Hosted:
-    """A sandbox the server hands out: its handle and what the server adds to it."""
-
-    handle: SandboxHandle
-    owner: str
-    owner_name: str
-    lifetime: float
-    deadline: float  # monotonic
-    anomaly_action: str | None = None  # None: the server's
-    commands: set[str] = field(default_factory=set)
-
-    @property
-    def id(self) -> str:
-        return self.handle.id
-
-    def info(self) -> SandboxInfo:
-        remaining = max(0.0, self.deadline - time.monotonic())
-        expires = timeutil.now() + timedelta(seconds=remaining)
-        return replace(self.handle.info(), expires_at=expires)
-
-
-class SandboxService:
+class SandboxService(Lifecycle):
     def __init__(
         self,
         backend: Backend,
@@ -94,6 +69,7 @@ class SandboxService:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        self.adopt()
         self._reaper = asyncio.create_task(self._reap_expired(), name="agent-vm-lifetimes")
         self.watch.attach(self._watched, self._act)
 
@@ -102,6 +78,7 @@ class SandboxService:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        await self.close_paused()
         for sandbox_id in list(self.sandboxes):
             with contextlib.suppress(Exception):
                 await self._remove(sandbox_id, "shutdown")
@@ -119,10 +96,9 @@ class SandboxService:
             await asyncio.sleep(REAP_INTERVAL)
             now = time.monotonic()
             for hosted in list(self.sandboxes.values()):
-                if hosted.deadline <= now:
-                    log.info("sandbox_expired", sandbox=hosted.id, owner=hosted.owner)
+                if hosted.deadline <= now and hosted.handle.state is not SandboxState.PAUSED:
                     with contextlib.suppress(Exception):
-                        await self._remove(hosted.id, "expired")
+                        await self.expire(hosted)
 
     def _watched(self) -> list[Watched]:
         return [
@@ -148,15 +124,11 @@ class SandboxService:
             path, readonly = workspace
             found = resolve_workspace(self.workspace_root, path, anywhere=token.any_workspace)
             spec = replace(spec, workspace=Workspace(path=found, readonly=readonly))
+        if spec.snapshot is not None and not self.owns_snapshot(token, spec.snapshot):
+            raise NotFoundError(f"no snapshot {spec.snapshot!r}")
         self.backend.check(spec)
         async with self._lock:  # quota check and reservation in one step
-            mine = sum(1 for h in self.sandboxes.values() if h.owner == token.id)
-            mine += self._starting.get(token.id, 0) + self._pending.get(token.id, 0)
-            if mine >= token.max_sandboxes:
-                raise QuotaError(
-                    f"token {token.name!r} has {mine} sandboxes, its limit",
-                    hint="delete one, or raise max_sandboxes (agent-vm token create)",
-                )
+            self._quota_room(token, 1)
             self._starting[token.id] = self._starting.get(token.id, 0) + 1
         started = time.monotonic()
         try:
@@ -165,8 +137,9 @@ class SandboxService:
             self._starting[token.id] -= 1
         hosted = Hosted(
             handle, token.id, token.name, spec.lifetime, time.monotonic() + spec.lifetime,
-            spec.anomaly_action,
+            spec.anomaly_action, on_expiry=spec.on_expiry,
         )  # fmt: skip
+        handle.keep = hosted.notes()
         self.sandboxes[hosted.id] = hosted
         seconds = time.monotonic() - started
         info = handle.info()
@@ -176,13 +149,23 @@ class SandboxService:
         self.watch.record(
             "sandbox_created", sandbox=hosted.id, owner=token.id, owner_name=token.name,
             vm=info.domain, image=spec.image, profile=info.profile, network=spec.network,
-            labels=dict(spec.labels), pooled=info.pooled,
+            labels=dict(spec.labels), pooled=info.pooled, snapshot=spec.snapshot,
             workspace=str(spec.workspace.path) if spec.workspace else None,
             policy=spec.policy.model_dump(mode="json") if spec.policy else None,
             seconds=round(seconds, 4),
         )  # fmt: skip
         log.info("sandbox_created", sandbox=hosted.id, owner=token.id, vm=info.domain)
         return hosted
+
+    def _quota_room(self, token: TokenRecord, more: int) -> None:
+        """Refuse (429) past the token's sandboxes (held, starting, being released)."""
+        mine = sum(1 for h in self.sandboxes.values() if h.owner == token.id)
+        mine += self._starting.get(token.id, 0) + self._pending.get(token.id, 0)
+        if mine + more > token.max_sandboxes:
+            raise QuotaError(
+                f"token {token.name!r} has {mine} sandboxes; {more} more is past its limit",
+                hint="delete one, or raise max_sandboxes (agent-vm token create)",
+            )
 
     def list(
         self, token: TokenRecord, labels: Mapping[str, str] | None = None
@@ -209,24 +192,6 @@ class SandboxService:
         resets it, a fresh one is destroyed), still counted in the token's quota."""
         self._owned(token, sandbox_id)
         self._release_later(sandbox_id, "deleted")
-
-    async def pause(self, token: TokenRecord, sandbox_id: str, reason: str = "requested") -> Hosted:
-        hosted = self._owned(token, sandbox_id)
-        await self._pause(hosted, reason)
-        return hosted
-
-    async def _pause(self, hosted: Hosted, reason: str) -> None:
-        if hosted.handle.state is SandboxState.PAUSED:
-            return
-        await hosted.handle.pause(reason)
-        self.watch.record("sandbox_paused", sandbox=hosted.id, owner=hosted.owner, reason=reason)
-
-    async def resume(self, token: TokenRecord, sandbox_id: str) -> Hosted:
-        hosted = self._owned(token, sandbox_id)
-        if hosted.handle.state is SandboxState.PAUSED:
-            await hosted.handle.resume()
-            self.watch.record("sandbox_resumed", sandbox=hosted.id, owner=hosted.owner)
-        return hosted
 
     async def _act(self, sandbox_id: str, alerts: builtins.list[Alert]) -> None:
         """The monitor's alerts: audited and counted there, acted on here."""

@@ -31,6 +31,7 @@ class TokenRecord(BaseModel):
     revoked: bool = False
     max_sandboxes: int = Field(default=8, ge=0)
     max_executions: int = Field(default=16, ge=0)
+    max_snapshot_gib: float = Field(default=20.0, ge=0)  # disk its snapshots may hold
     any_workspace: bool = False  # the server's own local token: root on the server's host
     metrics: bool = False  # may read /metrics (every tenant's figures)
 

@@ -198,7 +198,6 @@ class Files(ABC):
         )
 
 
-
 async def save_stream(chunks: AsyncIterator[bytes], local: str | os.PathLike[str]) -> int:
     """Bytes onto a host file, under a temporary name until complete (a failed transfer
     leaves no partial file); returns the bytes written."""
@@ -214,7 +213,6 @@ async def save_stream(chunks: AsyncIterator[bytes], local: str | os.PathLike[str
     finally:
         temporary.unlink(missing_ok=True)
     return total
-
 
 
 async def chunks_of(data: WriteData) -> AsyncIterator[bytes]:

@@ -195,5 +195,3 @@ def _json(line: bytes) -> object:
         return json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"list: not JSON: {exc}") from exc
-
-

@@ -30,7 +30,7 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import migrate_into, save_device_state
 from agent_vm.core.template import METADATA_URI, QEMU_NS, RAM_BACKEND_ID
 from agent_vm.core.vm import VM
-from agent_vm.errors import ConfigError, VMError
+from agent_vm.errors import ConfigError, DiskFullError, VMError
 from agent_vm.execution.launch import new_vm_name
 from agent_vm.execution.running import RunningVM
 from agent_vm.logs import get_logger
@@ -63,7 +63,7 @@ def check_room(dest: Path, memory_mib: int, extra_bytes: int = 0) -> None:
     free = shutil.disk_usage(probe).free
     needed = ((memory_mib + MARGIN_MIB) << 20) + extra_bytes
     if free < needed:
-        raise ConfigError(
+        raise DiskFullError(
             f"not enough disk to save the sandbox's memory: {free >> 20} MiB free in "
             f"{probe}, {needed >> 20} MiB needed",
             hint="free some disk (agent-vm snapshot rm, agent-vm gc) and try again",

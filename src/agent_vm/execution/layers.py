@@ -157,9 +157,7 @@ async def _build(
     whole = None
     if wanted.all_modules:
         whole = await asyncio.to_thread(kernel.module_tree, cache, kspec)
-    tree = await asyncio.to_thread(
-        build_tree, loaded, base_tree, work, progress, modules, whole
-    )
+    tree = await asyncio.to_thread(build_tree, loaded, base_tree, work, progress, modules, whole)
     host_seconds = time.monotonic() - started
     disk_gib = layer_disk_gib(base, tree)
     progress(f"writing the layer into a disk on {base.name} ({tree.tar_bytes / 2**20:.0f} MiB)")

@@ -126,6 +126,11 @@ class RunningVM:
             raise ConfigError(f"{self.name} has no filtered network (mode is not NAT_FILTERED)")
         await self.guard.set_policy(self.name, policy)
 
+    @property
+    def session(self) -> AgentChannel:
+        """The agent channel as it is (no reconnect): what a pause keeps."""
+        return self._channel
+
     async def channel(self, timeout: float = 30.0) -> AgentChannel:
         """The agent channel, reconnected first if it closed (e.g. after a snapshot restore)."""
         if self._closed:

@@ -36,6 +36,7 @@ from agent_vm.execution.launch import launch_vm
 from agent_vm.execution.layers import build_layer
 from agent_vm.execution.reaper import reap
 from agent_vm.execution.running import RunningVM
+from agent_vm.execution.snapshots import SnapshotStore
 from agent_vm.execution.spec import MachineSpec, NetworkChoice, parse_network
 from agent_vm.execution.teardown import retry_pending
 from agent_vm.host.accel import AccelChoice, HostPaths, detect_accel
@@ -84,6 +85,9 @@ class Runtime:
             self.settings.state_dir, self.settings.vms_dir, self.settings.ram_dir
         )
         self.images = ImageStore(self.settings.images_dir)
+        self.snapshots = SnapshotStore(
+            self.settings.state_dir, self.settings.vms_dir, self.settings.paused_dir
+        )
         self._builder = ImageBuilder(self.settings)
         self.identities = Identities(self.settings.uid_base)
         self.confinement: Confinement | None = None  # set by start()
@@ -173,9 +177,13 @@ class Runtime:
                 guard=guard, policy=policy, timeout=self.settings.boot_timeout,
                 confinement=self.confinement,
             )  # fmt: skip
+        self.track(vm)
+        return vm
+
+    def track(self, vm: RunningVM) -> None:
+        """A VM this runtime closes with itself (if its user has not)."""
         self._vms = {held for held in self._vms if not held.closed}
         self._vms.add(vm)
-        return vm
 
     def adopt(self, pool: HeldPool) -> None:
         self._pools.add(pool)
@@ -323,7 +331,8 @@ class Runtime:
                 identities=self.identities,
             )
             live = {image.build_id for image, _ in self.images.all()}
-            return removed + [f"golden state {d}" for d in self.golden_store.prune(live)]
+            removed += [f"golden state {d}" for d in self.golden_store.prune(live)]
+            return removed + [f"fork snapshot {n}" for n in self.snapshots.prune()]
 
         return await asyncio.to_thread(collect)
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from agent_vm.guest.wire import Wire
 
+
 class Operation:
     """One FILE request: its thread, its incoming queue, its outgoing credit."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from agent_vm.sandbox.base import (
     SandboxInfo,
     SandboxSpec,
     SandboxState,
+    SnapshotInfo,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +68,9 @@ class AsyncSandbox:
         lifetime_seconds: float = 3600.0,
         cold: bool = False,
         on_progress: Progress | None = None,
+        snapshot: str | None = None,
+        on_expiry: str = "kill",
+        auto_resume: bool = False,
     ) -> None:
         self._backend: Backend
         if server is not None:
@@ -75,7 +80,7 @@ class AsyncSandbox:
 
             self._backend = HttpBackend(server, token)
         else:  # imported here: a client-only install has no libvirt
-            from agent_vm.sandbox.local import LocalBackend
+            from agent_vm.sandbox.localbackend import LocalBackend
 
             self._backend = LocalBackend(runtime, settings=settings, pool=pool)
         share = workspace
@@ -86,14 +91,16 @@ class AsyncSandbox:
             image=image, profile=profile, network="nat" if mode == "nat_filtered" else mode,
             policy=policy, workspace=share if isinstance(share, Workspace) else None, cold=cold,
             labels=dict(labels or {}), lifetime=lifetime_seconds, acquire_timeout=timeout,
+            snapshot=snapshot, on_expiry=_expiry(on_expiry), auto_resume=auto_resume,
         )  # fmt: skip
         self._backend.check(self._spec)
         self._secrets = dict(secrets or {})
         secret_store.register(self._secrets)
         self._progress = on_progress
         self._handle: SandboxHandle | None = None
+        self._owns_backend = True  # a fork's children share their parent's
         self.commands = AsyncCommands(self._live, self._secrets)
-        self.files = AsyncFiles(self._live)
+        self.files = AsyncFiles(self._live, self._wake)
         self.pty = AsyncPty(self._live, self._secrets)
 
     @classmethod
@@ -117,6 +124,9 @@ class AsyncSandbox:
         lifetime_seconds: float = 3600.0,
         cold: bool = False,
         on_progress: Progress | None = None,
+        snapshot: str | None = None,
+        on_expiry: str = "kill",
+        auto_resume: bool = False,
     ) -> AsyncSandbox:
         """A running sandbox (see the class for the arguments)."""
         sandbox = cls(
@@ -124,6 +134,7 @@ class AsyncSandbox:
             timeout=timeout, settings=settings, runtime=runtime, workspace=workspace,
             workspace_readonly=workspace_readonly, secrets=secrets, server=server, token=token,
             labels=labels, lifetime_seconds=lifetime_seconds, cold=cold, on_progress=on_progress,
+            snapshot=snapshot, on_expiry=on_expiry, auto_resume=auto_resume,
         )  # fmt: skip
         await sandbox.start()
         return sandbox
@@ -138,10 +149,44 @@ class AsyncSandbox:
         secrets: Mapping[str, str] | None = None,
     ) -> AsyncSandbox:
         """A sandbox a server already holds (made by this client earlier, or another
-        with the same token): its commands, files and terminals, as if created here."""
+        with the same token), or without a server one paused on this host (by another
+        process too): its commands, files and terminals, as if created here. A paused
+        one is resumed."""
         sandbox = cls(server=server, token=token, secrets=secrets)
         sandbox._handle = await sandbox._backend.get(sandbox_id)
+        if sandbox._handle.state is SandboxState.PAUSED:
+            await sandbox._handle.resume()
         return sandbox
+
+    @classmethod
+    async def list_snapshots(
+        cls, *, server: str | None = None, token: str | None = None,
+        runtime: Runtime | None = None,
+    ) -> list[SnapshotInfo]:  # fmt: skip
+        """Snapshots to start sandboxes from (``snapshot=NAME``)."""
+        sandbox = cls(server=server, token=token, runtime=runtime)
+        try:
+            return await sandbox._backend.snapshots()
+        finally:
+            await sandbox._backend.close()
+
+    @classmethod
+    async def remove_snapshot(
+        cls, name: str, *, server: str | None = None, token: str | None = None,
+        runtime: Runtime | None = None,
+    ) -> None:  # fmt: skip
+        """Refused (``SnapshotError``) while sandboxes started from it exist."""
+        sandbox = cls(server=server, token=token, runtime=runtime)
+        try:
+            await sandbox._backend.remove_snapshot(name)
+        finally:
+            await sandbox._backend.close()
+
+    async def _wake(self) -> None:
+        """A paused sandbox resumed before a file call, when ``auto_resume`` asks."""
+        handle = self._live()
+        if self._spec.auto_resume and handle.state is SandboxState.PAUSED:
+            await handle.resume()
 
     def _live(self) -> SandboxHandle:
         if self._handle is None:
@@ -190,11 +235,34 @@ class AsyncSandbox:
         await self._live().set_policy(policy)
 
     async def pause(self) -> None:
-        """Stop everything in it where it is (commands and files refuse until resume)."""
+        """Save it to disk and free its memory and CPU; every process stops where it is
+        (commands and files refuse until ``resume``, unless ``auto_resume``)."""
         await self._live().pause()
 
     async def resume(self) -> None:
+        """Continue exactly where it was paused."""
         await self._live().resume()
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        """Capture it as snapshot ``name`` (it runs on): start new sandboxes from it
+        with ``AsyncSandbox.create(snapshot=name)``."""
+        return await self._live().snapshot(name)
+
+    async def fork(self, count: int = 1) -> list[AsyncSandbox]:
+        """``count`` new sandboxes continuing from this moment (own hostname, machine-id,
+        address and randomness; no workspace); this one runs on. They share this one's
+        backend: kill them, or they go with it."""
+        children = []
+        for handle in await self._live().fork(count):
+            child = AsyncSandbox.__new__(AsyncSandbox)
+            child.__dict__.update(self.__dict__)
+            child._spec = replace(self._spec, workspace=None)
+            child._handle, child._owns_backend = handle, False
+            child.commands = AsyncCommands(child._live, child._secrets)
+            child.files = AsyncFiles(child._live, child._wake)
+            child.pty = AsyncPty(child._live, child._secrets)
+            children.append(child)
+        return children
 
     async def start(self) -> None:
         """Start (or acquire) the VM and attach its workspace; a no-op when running."""
@@ -209,7 +277,8 @@ class AsyncSandbox:
             if handle is not None:
                 await self._backend.release(handle)
         finally:
-            await self._backend.close()
+            if self._owns_backend:
+                await self._backend.close()
 
     async def __aenter__(self) -> AsyncSandbox:
         await self.start()
@@ -222,3 +291,9 @@ class AsyncSandbox:
         tb: TracebackType | None,
     ) -> None:
         await self.kill()
+
+
+def _expiry(action: str) -> str:
+    if action not in ("kill", "pause"):
+        raise ConfigError(f"on_expiry is 'kill' or 'pause', not {action!r}")
+    return action

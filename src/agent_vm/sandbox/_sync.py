@@ -21,6 +21,7 @@ from agent_vm.sandbox.base import (
     SandboxHandle,
     SandboxInfo,
     SandboxState,
+    SnapshotInfo,
 )
 
 if TYPE_CHECKING:
@@ -28,10 +29,13 @@ if TYPE_CHECKING:
     from agent_vm.core.template import NetworkMode, ResourceProfile
     from agent_vm.execution.pool import VMPool
     from agent_vm.execution.runtime import Runtime
+from typing import cast
+
 from agent_vm.sandbox._async import AsyncSandbox
 from agent_vm.sandbox._sync_commands import Commands, Pty
 from agent_vm.sandbox._sync_files import Files
 from agent_vm.sandbox.twins import register, shared_loop
+from agent_vm.sandbox.twins import wrap as _wrap
 
 
 class Sandbox:
@@ -64,6 +68,9 @@ class Sandbox:
         lifetime_seconds: float = 3600.0,
         cold: bool = False,
         on_progress: Progress | None = None,
+        snapshot: str | None = None,
+        on_expiry: str = "kill",
+        auto_resume: bool = False,
     ) -> None:
         self._core = AsyncSandbox(
             pool=pool,
@@ -83,6 +90,9 @@ class Sandbox:
             lifetime_seconds=lifetime_seconds,
             cold=cold,
             on_progress=on_progress,
+            snapshot=snapshot,
+            on_expiry=on_expiry,
+            auto_resume=auto_resume,
         )
         self.commands = Commands(self._core.commands)
         self.files = Files(self._core.files)
@@ -119,6 +129,9 @@ class Sandbox:
         lifetime_seconds: float = 3600.0,
         cold: bool = False,
         on_progress: Progress | None = None,
+        snapshot: str | None = None,
+        on_expiry: str = "kill",
+        auto_resume: bool = False,
     ) -> Sandbox:
         """A running sandbox (see the class for the arguments)."""
         return cls(
@@ -139,6 +152,9 @@ class Sandbox:
             lifetime_seconds=lifetime_seconds,
             cold=cold,
             on_progress=on_progress,
+            snapshot=snapshot,
+            on_expiry=on_expiry,
+            auto_resume=auto_resume,
         )
 
     @classmethod
@@ -151,11 +167,36 @@ class Sandbox:
         secrets: Mapping[str, str] | None = None,
     ) -> Sandbox:
         """A sandbox a server already holds (made by this client earlier, or another
-        with the same token): its commands, files and terminals, as if created here."""
+        with the same token), or without a server one paused on this host (by another
+        process too): its commands, files and terminals, as if created here. A paused
+        one is resumed."""
         core = shared_loop().run(
             AsyncSandbox.connect(sandbox_id, server=server, token=token, secrets=secrets)
         )
         return cls._from_core(core)
+
+    @classmethod
+    def list_snapshots(
+        cls, *, server: str | None = None, token: str | None = None, runtime: Runtime | None = None
+    ) -> list[SnapshotInfo]:
+        """Snapshots to start sandboxes from (``snapshot=NAME``)."""
+        return shared_loop().run(
+            AsyncSandbox.list_snapshots(server=server, token=token, runtime=runtime)
+        )
+
+    @classmethod
+    def remove_snapshot(
+        cls,
+        name: str,
+        *,
+        server: str | None = None,
+        token: str | None = None,
+        runtime: Runtime | None = None,
+    ) -> None:
+        """Refused (``SnapshotError``) while sandboxes started from it exist."""
+        return shared_loop().run(
+            AsyncSandbox.remove_snapshot(name, server=server, token=token, runtime=runtime)
+        )
 
     @property
     def sandbox_id(self) -> str:
@@ -197,11 +238,24 @@ class Sandbox:
         return shared_loop().run(self._core.set_policy(policy))
 
     def pause(self) -> None:
-        """Stop everything in it where it is (commands and files refuse until resume)."""
+        """Save it to disk and free its memory and CPU; every process stops where it is
+        (commands and files refuse until ``resume``, unless ``auto_resume``)."""
         return shared_loop().run(self._core.pause())
 
     def resume(self) -> None:
+        """Continue exactly where it was paused."""
         return shared_loop().run(self._core.resume())
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        """Capture it as snapshot ``name`` (it runs on): start new sandboxes from it
+        with ``AsyncSandbox.create(snapshot=name)``."""
+        return shared_loop().run(self._core.snapshot(name))
+
+    def fork(self, count: int = 1) -> list[Sandbox]:
+        """``count`` new sandboxes continuing from this moment (own hostname, machine-id,
+        address and randomness; no workspace); this one runs on. They share this one's
+        backend: kill them, or they go with it."""
+        return cast("list[Sandbox]", _wrap(shared_loop().run(self._core.fork(count))))
 
     def start(self) -> None:
         """Start (or acquire) the VM and attach its workspace; a no-op when running."""

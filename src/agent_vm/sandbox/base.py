@@ -60,6 +60,8 @@ ALLOWED: dict[str, frozenset[SandboxState]] = {
     "stats": frozenset({SandboxState.RUNNING}),
     "pause": _LIVE,  # idempotent
     "resume": _LIVE,  # idempotent
+    "snapshot": frozenset({SandboxState.RUNNING}),
+    "fork": frozenset({SandboxState.RUNNING}),
     "close": frozenset(SandboxState),  # idempotent
 }
 _HINTS = {
@@ -99,6 +101,9 @@ class SandboxSpec:
     lifetime: float = 3600.0  # a server reclaims it after this long without keepalive
     anomaly_action: str | None = None  # log, pause or kill (None: the server's)
     acquire_timeout: float = 60.0  # waiting for a pool's VM
+    snapshot: str | None = None  # start from this snapshot (its image, hardware, policy)
+    on_expiry: str = "kill"  # a server's lifetime ran out: kill, or pause (to disk)
+    auto_resume: bool = False  # a command or file call on a paused sandbox resumes it
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,21 @@ class SandboxInfo:
 
 
 @dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot: a running sandbox captured, to start new ones from."""
+
+    name: str
+    created_at: datetime
+    image: str
+    profile: str
+    network: str
+    source: str  # the sandbox it was taken from
+    memory_bytes: int  # the saved memory on disk (what the guest had touched)
+    disk_bytes: int  # all it holds on disk
+    pause_seconds: float  # how long the source stood still
+
+
+@dataclass(frozen=True)
 class PoolInfo:
     image: str | None
     profile: str
@@ -237,6 +257,8 @@ class SandboxHandle(ABC):
 
     id: str
     state: SandboxState
+    # a front door's notes about the sandbox (a server's: its owner), kept with a pause
+    keep: dict[str, Any]
 
     def _require(self, call: str) -> None:
         check(self.id, self.state, call)
@@ -287,6 +309,15 @@ class SandboxHandle(ABC):
     async def resume(self) -> None: ...
 
     @abstractmethod
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        """Capture the running sandbox as snapshot ``name``; it runs on."""
+
+    @abstractmethod
+    async def fork(self, count: int = 1) -> builtins.list[SandboxHandle]:
+        """``count`` new running sandboxes continuing from this moment (held by the
+        same backend); this one runs on."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Release the sandbox (a pool takes it back; else it is destroyed). Idempotent."""
 
@@ -311,6 +342,12 @@ class Backend(Protocol):
     async def release(self, handle: SandboxHandle) -> None: ...
 
     async def pools(self) -> builtins.list[PoolInfo]: ...
+
+    async def snapshots(self) -> builtins.list[SnapshotInfo]: ...
+
+    async def remove_snapshot(self, name: str) -> None:
+        """Refused (``SnapshotError``) while sandboxes run from it."""
+        ...
 
     async def close(self) -> None:
         """Release every sandbox it handed out, and what it holds itself."""

@@ -30,6 +30,7 @@ from agent_vm.sandbox.base import (
     SandboxInfo,
     SandboxSpec,
     SandboxState,
+    SnapshotInfo,
 )
 from agent_vm.sandbox.client import RECONNECT_SECONDS, ServerClient
 from agent_vm.sandbox.http_files import HttpFiles
@@ -85,8 +86,10 @@ def command_body(spec: CommandSpec) -> dict[str, Any]:
 
 
 class HttpSandbox(SandboxHandle):
-    def __init__(self, client: ServerClient, info: SandboxInfo) -> None:
+    def __init__(self, client: ServerClient, info: SandboxInfo, auto_resume: bool = False) -> None:
         self.client = client
+        self.auto_resume = auto_resume  # the server resumes it: no local state check
+        self.keep: dict[str, Any] = {}
         self.id = info.id
         self._info = info
         self.state = info.state
@@ -105,7 +108,8 @@ class HttpSandbox(SandboxHandle):
         return self._update(await self.client.json("GET", self.prefix))
 
     async def run(self, spec: CommandSpec) -> HttpCommand:
-        self._require("run")
+        if not (self.auto_resume and self.state is SandboxState.PAUSED):
+            self._require("run")
         data = await self.client.json("POST", f"{self.prefix}/executions", json=command_body(spec))
         return HttpCommand(self.client, wire.command_from(data))
 
@@ -153,6 +157,16 @@ class HttpSandbox(SandboxHandle):
         self._require("resume")
         self._update(await self.client.json("POST", f"{self.prefix}/resume"))
 
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        self._require("snapshot")
+        data = await self.client.json("POST", f"{self.prefix}/snapshot", json={"name": name})
+        return wire.snapshot_from(data)
+
+    async def fork(self, count: int = 1) -> builtins.list[SandboxHandle]:
+        self._require("fork")
+        data = await self.client.json("POST", f"{self.prefix}/fork", json={"count": count})
+        return [HttpSandbox(self.client, wire.sandbox_from(item)) for item in data]
+
     async def keep_alive(self, lifetime: float) -> None:
         body = {"lifetime_seconds": lifetime}
         self._update(await self.client.json("POST", f"{self.prefix}/keepalive", json=body))
@@ -194,7 +208,8 @@ class HttpBackend:
             "image": spec.image, "profile": profile, "network": spec.network,
             "labels": dict(spec.labels), "lifetime_seconds": spec.lifetime, "cold": spec.cold,
             "policy": spec.policy.model_dump(mode="json") if spec.policy is not None else None,
-            "anomaly_action": spec.anomaly_action,
+            "anomaly_action": spec.anomaly_action, "snapshot": spec.snapshot,
+            "on_expiry": spec.on_expiry, "auto_resume": spec.auto_resume,
             "workspace": {"path": os.fspath(spec.workspace.path.absolute()),
                           "readonly": spec.workspace.readonly}
             if spec.workspace is not None else None,
@@ -202,7 +217,7 @@ class HttpBackend:
         if self.client.http.is_closed:  # used again after close()
             self.client = ServerClient(*self._args)
         data = await self.client.json("POST", "/v1/sandboxes", json=body)
-        return HttpSandbox(self.client, wire.sandbox_from(data))
+        return HttpSandbox(self.client, wire.sandbox_from(data), spec.auto_resume)
 
     async def get(self, sandbox_id: str) -> HttpSandbox:
         data = await self.client.json("GET", f"/v1/sandboxes/{sandbox_id}")
@@ -217,6 +232,12 @@ class HttpBackend:
 
     async def pools(self) -> builtins.list[PoolInfo]:
         return [wire.pool_from(item) for item in await self.client.json("GET", "/v1/pools")]
+
+    async def snapshots(self) -> builtins.list[SnapshotInfo]:
+        return [wire.snapshot_from(item) for item in await self.client.json("GET", "/v1/snapshots")]
+
+    async def remove_snapshot(self, name: str) -> None:
+        await self.client.call("DELETE", f"/v1/snapshots/{name}")
 
     async def close(self) -> None:
         await self.client.close()

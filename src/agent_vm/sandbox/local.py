@@ -1,6 +1,13 @@
 """The local backend: sandboxes on this host's VMs, from a warm pool when one matches,
-else a clone of a golden state (or a cold boot). What ``AsyncSandbox()`` uses without a
-server, and what ``agent-vm serve`` holds behind its API. Its commands: ``localcmd.py``.
+else a clone of a golden state (or a cold boot, or a snapshot). What ``AsyncSandbox()``
+uses without a server, and what ``agent-vm serve`` holds behind its API. Its commands:
+``localcmd.py``; the backend: ``localbackend.py``; what a pause writes down:
+``localsave.py``.
+
+Pause writes the sandbox to disk (``<state>/paused/<id>/``) and frees its VM; resume
+brings the same machine back, every process where it was. The workspace is detached
+around a pause, snapshot or fork (a mounted 9p share blocks QEMU's migration) and
+attached again after; a fork's children get none.
 """
 
 from __future__ import annotations
@@ -9,75 +16,111 @@ import asyncio
 import builtins
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
 
 from agent_vm import timeutil
+from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.files import FileService
-from agent_vm.config import Settings
-from agent_vm.errors import (
-    AgentVMError,
-    NotFoundError,
-)
-from agent_vm.execution.pool import VMPool
+from agent_vm.communication.workspace import Workspace
+from agent_vm.errors import AgentVMError, NotFoundError
+from agent_vm.execution import lifecycle
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
-from agent_vm.execution.shells import PoolStats
+from agent_vm.execution.suspend import PausedMeta
 from agent_vm.logs import get_logger
 from agent_vm.network.policy import Blocked, EgressPolicy
 from agent_vm.sandbox.base import (
     CommandInfo,
     CommandSpec,
     GuestFigures,
-    PoolInfo,
-    Progress,
     SandboxHandle,
     SandboxInfo,
     SandboxSpec,
     SandboxState,
+    SnapshotInfo,
 )
 from agent_vm.sandbox.journal import prune
 from agent_vm.sandbox.localcmd import LocalCommand, new_id
+from agent_vm.sandbox.localsave import record, snapshot_info
 
 log = get_logger(__name__)
+Release = Callable[[RunningVM], Awaitable[None]]
+
+
+class Holder(Protocol):
+    """Where a sandbox lives (``localbackend.LocalBackend``): its runtime, and the
+    table that fork's children join."""
+
+    runtime: Runtime
+
+    def hold(self, handle: LocalSandbox) -> LocalSandbox: ...
 
 
 class LocalSandbox(SandboxHandle):
-    """A sandbox on one of this host's VMs."""
+    """A sandbox on one of this host's VMs (``vm`` None while paused to disk)."""
 
     def __init__(
         self,
-        vm: RunningVM,
+        vm: RunningVM | None,
         spec: SandboxSpec,
-        release: Callable[[RunningVM], Awaitable[None]],
+        release: Release,
+        backend: Holder,
         pooled: bool = False,
+        *,
+        paused: PausedMeta | None = None,
     ) -> None:
         self.id = new_id("sb")
-        self.vm = vm
         self.spec = spec
-        self.state = SandboxState.RUNNING
-        self.created_at = timeutil.now()
-        self.paused_because: str | None = None
+        self.state = SandboxState.RUNNING if paused is None else SandboxState.PAUSED
+        self.created_at: datetime = timeutil.now()
+        self.paused_because: str | None = paused.reason if paused is not None else None
+        self.keep: dict[str, Any] = {}
+        self.parent: str | None = None  # the sandbox it was forked from
         self._release = release
+        self._backend = backend
         self.pooled = pooled
         self._commands: dict[str, LocalCommand] = {}
-        self._files = FileService(vm.channel, vm.staging)
+        self._paused = paused
+        self._session: AgentChannel | None = None  # kept across a pause in this process
+        self._vm = vm
+        self._files = FileService(vm.channel, vm.staging) if vm is not None else None
+
+    @property
+    def vm(self) -> RunningVM:
+        if self._vm is None:
+            self._require("run")  # says: paused
+            raise AgentVMError(f"sandbox {self.id} has no VM")
+        return self._vm
 
     def info(self) -> SandboxInfo:
         profile = self.spec.profile if isinstance(self.spec.profile, str) else "custom"
         return SandboxInfo(
             self.id, self.state, self.spec.image, profile, self.spec.network, self.created_at,
-            dict(self.spec.labels), self.vm.name, paused_because=self.paused_because,
-            pooled=self.pooled,
+            dict(self.spec.labels), self._vm.name if self._vm is not None else None,
+            paused_because=self.paused_because, pooled=self.pooled,
         )  # fmt: skip
+
+    @property
+    def paused_dir(self) -> Path:
+        return self._backend.runtime.settings.paused_dir / self.id
 
     # ------------------------------------------------------------------ commands
 
     async def run(self, spec: CommandSpec) -> LocalCommand:
-        self._require("run")
+        await self._running("run")
         command = LocalCommand(self, spec)
         await command.start()
         self._commands[command.id] = command
         return command
+
+    async def _running(self, call: str) -> None:
+        """A paused sandbox resumes first when it was asked for (``auto_resume``)."""
+        if self.state is SandboxState.PAUSED and self.spec.auto_resume:
+            await self.resume()
+        self._require(call)
 
     async def command(self, command_id: str) -> LocalCommand:
         self._require("command")
@@ -101,12 +144,16 @@ class LocalSandbox(SandboxHandle):
     @property
     def files(self) -> FileService:
         self._require("files")
+        assert self._files is not None
         return self._files
 
     async def policy(self) -> EgressPolicy | None:
         self._require("policy")
-        guard = self.vm.guard
-        return guard.policy(self.vm.name) if guard is not None else None
+        if self._vm is None:
+            saved = self._paused.policy if self._paused is not None else None
+            return EgressPolicy.model_validate(saved) if saved is not None else None
+        guard = self._vm.guard
+        return guard.policy(self._vm.name) if guard is not None else None
 
     async def set_policy(self, policy: EgressPolicy) -> None:
         self._require("set_policy")
@@ -114,12 +161,12 @@ class LocalSandbox(SandboxHandle):
 
     async def blocked(self) -> list[Blocked]:
         self._require("blocked")
-        guard = self.vm.guard
+        guard = self._vm.guard if self._vm is not None else None
         return guard.blocked(self.vm.name) if guard is not None else []
 
     async def blocked_count(self) -> int:
         self._require("blocked_count")
-        guard = self.vm.guard
+        guard = self._vm.guard if self._vm is not None else None
         return guard.blocked_count(self.vm.name) if guard is not None else 0
 
     async def stats(self) -> GuestFigures:
@@ -127,20 +174,76 @@ class LocalSandbox(SandboxHandle):
         status = await (await self.vm.channel()).ping(timeout=2.0)
         return GuestFigures(status.uptime, status.running, status.load1, status.mem_available_kib)
 
+    # ------------------------------------------------------------------ lifecycle
+
     async def pause(self, reason: str = "requested") -> None:
-        """Suspend the VM: nothing runs in it, nothing is lost (its memory stays)."""
+        """Save the sandbox to disk and free its VM: no memory, no CPU while paused."""
         self._require("pause")
         if self.state is SandboxState.PAUSED:
             return
-        await asyncio.to_thread(self.vm.vm.pause)
+        vm = self.vm
+        async with self._workspace_off(vm):
+            meta = await lifecycle.pause(
+                self._backend.runtime, vm, self.paused_dir, reason=reason, owner=record(self)
+            )
+        self._session = vm.session
+        self._vm, self._files, self._paused = None, None, meta
         self.state, self.paused_because = SandboxState.PAUSED, reason
+        await self._release(vm)  # a pool frees its place (the VM itself is gone)
+        self._release = _destroy
 
     async def resume(self) -> None:
         self._require("resume")
         if self.state is SandboxState.RUNNING:
             return
-        await asyncio.to_thread(self.vm.vm.resume)
+        if self._paused is None:
+            raise NotFoundError(f"sandbox {self.id} has no saved state to resume")
+        runtime = self._backend.runtime
+        vm = await lifecycle.resume(runtime, self.paused_dir, self._paused, self._session)
+        self._vm, self._files = vm, FileService(vm.channel, vm.staging)
+        self._paused = self._session = None
         self.state, self.paused_because = SandboxState.RUNNING, None
+        if self.spec.workspace is not None:
+            try:
+                await vm.attach_workspace(self.spec.workspace)
+            except AgentVMError as exc:
+                log.error("workspace_not_attached_again", sandbox=self.id, error=str(exc))
+                raise
+
+    async def snapshot(self, name: str) -> SnapshotInfo:
+        self._require("snapshot")
+        vm = self.vm
+        async with self._workspace_off(vm):
+            meta = await lifecycle.snapshot(
+                self._backend.runtime, vm, name, source=self.id, owner=self.keep.get("owner")
+            )
+        return snapshot_info(meta)
+
+    async def fork(self, count: int = 1) -> builtins.list[SandboxHandle]:
+        """Children with no workspace (they must never write into this one's)."""
+        self._require("fork")
+        vm = self.vm
+        async with self._workspace_off(vm):
+            vms = await lifecycle.fork(self._backend.runtime, vm, count, source=self.id)
+        spec = replace(self.spec, workspace=None, policy=await self.policy())
+        children: list[SandboxHandle] = []
+        for child_vm in vms:
+            child = self._backend.hold(LocalSandbox(child_vm, spec, _destroy, self._backend))
+            child.parent, child.keep = self.id, dict(self.keep)
+            children.append(child)
+        return children
+
+    @contextlib.asynccontextmanager
+    async def _workspace_off(self, vm: RunningVM) -> Any:
+        """The workspace detached for the operation and attached again after it (also
+        when it fails; not once the VM is gone: a resume attaches it)."""
+        workspace: Workspace | None = self.spec.workspace if vm.workspace is not None else None
+        await vm.detach_workspace()
+        try:
+            yield
+        finally:
+            if workspace is not None and not vm.closed:
+                await vm.attach_workspace(workspace)
 
     async def close(self) -> None:
         if self.state in (SandboxState.CLOSING, SandboxState.CLOSED):
@@ -148,134 +251,24 @@ class LocalSandbox(SandboxHandle):
         paused = self.state is SandboxState.PAUSED
         self.state = SandboxState.CLOSING
         try:
-            if paused:  # a pool takes it back running
-                with contextlib.suppress(AgentVMError):
-                    await asyncio.to_thread(self.vm.vm.resume)
             for command in list(self._commands.values()):
                 await command.cancel()
-            await self._release(self.vm)
+            if paused:  # its saved state is all there is of it
+                if self._session is not None:
+                    await self._session.close()
+                await asyncio.to_thread(_remove_tree, self.paused_dir)
+            else:
+                await self._release(self.vm)
         finally:
             self.state = SandboxState.CLOSED
-
-
-@dataclass(frozen=True)
-class PoolKey:
-    """What a pool's VMs are: a request matches when all three are the same."""
-
-    image: str | None
-    profile: str
-    network: str
-
-
-class LocalBackend:
-    """Sandboxes on this host. ``pools``: warm pools by what they hold (a request that
-    matches one takes its VM); ``pool``: one pool every request uses. Without a runtime
-    the backend makes one and closes it with itself."""
-
-    def __init__(
-        self,
-        runtime: Runtime | None = None,
-        *,
-        settings: Settings | None = None,
-        pools: dict[PoolKey, VMPool] | None = None,
-        pool: VMPool | None = None,
-    ) -> None:
-        self._own_runtime = runtime is None and pool is None
-        self._settings = settings
-        self.runtime = pool.runtime if pool is not None else runtime or Runtime(settings)
-        self.warm = dict(pools or {})
-        self._pool = pool
-        self._held: dict[str, LocalSandbox] = {}
-
-    def check(self, spec: SandboxSpec) -> None:
-        """Refuse what this host cannot give before anything starts (no daemon, no VM):
-        hardware it lacks, a network it cannot make, an image never built."""
-        if self._pool is not None:
-            return
-        self.runtime.spec(profile=spec.profile, network=spec.network)
-        if spec.image is not None and spec.image != self.runtime.settings.image:
-            self.runtime.images.require(spec.image)
-
-    async def acquire(self, spec: SandboxSpec, progress: Progress | None = None) -> LocalSandbox:
-        if self._own_runtime and self.runtime.closed:  # used again after close()
-            self.runtime = Runtime(self._settings)
-        pool = self._pool or self._matching(spec)
-        if pool is not None:
-            vm = await pool.acquire(spec.acquire_timeout)
-            release = self._to_pool(pool)
-        else:
-            machine = self.runtime.spec(profile=spec.profile, network=spec.network)
-            vm = await self.runtime.vm(
-                image=spec.image, spec=machine, policy=spec.policy, cold=spec.cold,
-                **({"progress": progress} if progress is not None else {}),
-            )  # fmt: skip
-            release = _destroy
-        try:
-            if pool is not None and spec.policy is not None:
-                await vm.set_policy(spec.policy)
-            if spec.workspace is not None:
-                await vm.attach_workspace(spec.workspace)
-        except BaseException:
-            await release(vm)
-            raise
-        handle = LocalSandbox(vm, spec, release, pooled=pool is not None)
-        self._held[handle.id] = handle
-        return handle
-
-    def _matching(self, spec: SandboxSpec) -> VMPool | None:
-        if spec.cold or not isinstance(spec.profile, str):
-            return None
-        return self.warm.get(PoolKey(spec.image, spec.profile, spec.network))
-
-    def _to_pool(self, pool: VMPool) -> Callable[[RunningVM], Awaitable[None]]:
-        async def release(vm: RunningVM) -> None:
-            try:
-                await vm.detach_workspace()  # the user's directory goes before the VM does
-            finally:
-                await pool.release(vm)
-
-        return release
-
-    async def get(self, sandbox_id: str) -> LocalSandbox:
-        found = self._held.get(sandbox_id)
-        if found is None or found.state is SandboxState.CLOSED:
-            raise NotFoundError(f"no sandbox {sandbox_id!r}")
-        return found
-
-    async def list(self) -> builtins.list[SandboxHandle]:
-        return [h for h in self._held.values() if h.state is not SandboxState.CLOSED]
-
-    async def release(self, handle: SandboxHandle) -> None:
-        try:
-            await handle.close()
-        finally:
-            self._held.pop(handle.id, None)
-
-    def pool_stats(self) -> dict[str, PoolStats]:
-        """The warm pools' own figures (start times too), for the metrics."""
-        return {
-            f"{key.image or ''}:{key.profile}:{key.network}": pool.stats()
-            for key, pool in self.warm.items()
-        }
-
-    async def pools(self) -> builtins.list[PoolInfo]:
-        found = []
-        for key, pool in self.warm.items():
-            stats = pool.stats()
-            found.append(PoolInfo(
-                key.image, key.profile, key.network, pool.min_size, pool.max_size,
-                stats.idle, stats.in_use, stats.starting, stats.standby, stats.started,
-                stats.replaced_dead,
-            ))  # fmt: skip
-        return found
-
-    async def close(self) -> None:
-        for handle in list(self._held.values()):
-            with contextlib.suppress(Exception):
-                await self.release(handle)
-        if self._own_runtime:
-            await self.runtime.close()
+            self._vm = None
 
 
 async def _destroy(vm: RunningVM) -> None:
     await vm.close()
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

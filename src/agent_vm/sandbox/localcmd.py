@@ -27,7 +27,10 @@ class Owner(Protocol):
     """The sandbox a command runs in (``LocalSandbox``)."""
 
     id: str
-    vm: RunningVM
+
+    @property
+    def vm(self) -> RunningVM: ...
+
     state: SandboxState
 
     def ended(self, command: LocalCommand) -> None: ...

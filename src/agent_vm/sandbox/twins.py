@@ -31,6 +31,9 @@ def core_of(value: Any) -> Any:
 
 
 def wrap(value: Any) -> Any:
-    """A returned async object as its sync twin (anything else as it is)."""
+    """A returned async object as its sync twin (a list of them as a list of twins;
+    anything else as it is)."""
+    if isinstance(value, list):
+        return [wrap(item) for item in value]
     twin = _twins.get(type(value).__name__)
     return twin._from_core(value) if twin is not None else value

@@ -25,6 +25,7 @@ from agent_vm.sandbox.base import (
     PoolInfo,
     SandboxInfo,
     SandboxState,
+    SnapshotInfo,
 )
 
 
@@ -168,3 +169,11 @@ def figures_json(figures: GuestFigures) -> dict[str, Any]:
 
 def figures_from(data: Mapping[str, Any]) -> GuestFigures:
     return GuestFigures(**data)
+
+
+def snapshot_json(info: SnapshotInfo) -> dict[str, Any]:
+    return {**vars(info), "created_at": info.created_at.isoformat()}
+
+
+def snapshot_from(data: Mapping[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(**{**data, "created_at": _time(data["created_at"])})

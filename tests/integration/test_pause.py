@@ -1,0 +1,204 @@
+"""Pause to disk, resume, snapshots and fork, on real VMs (issue 20).
+
+Every check looks at the guest itself: a counter process that kept counting, a command
+whose output went on, files, hostnames, machine-ids, addresses, the kernel's random
+stream; and at the host: no QEMU while paused, nothing left after delete."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent_vm.errors import DiskFullError, SandboxStateError, SnapshotError
+from agent_vm.execution.runtime import Runtime
+from agent_vm.image.store import Image
+from agent_vm.sandbox import AsyncSandbox
+from agent_vm.sandbox.base import SandboxState
+from tests.integration.testnet import TestHost
+
+COUNTER = (
+    "nohup bash -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.1; done'"
+    " >/dev/null 2>&1 & until [ -s /root/count ]; do sleep 0.05; done"
+)
+IDENTITY = (
+    "hostname; cat /etc/machine-id; hostname -I 2>/dev/null || true;"
+    " head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
+)
+
+
+@pytest.fixture
+async def sandbox(runtime: Runtime, image: Image) -> AsyncIterator[AsyncSandbox]:
+    async with AsyncSandbox(runtime=runtime) as sb:
+        yield sb
+
+
+async def out(sb: AsyncSandbox, cmd: str) -> str:
+    result = await sb.commands.run(cmd, timeout=60)
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+def qemu_of(domain: str | None) -> bool:
+    if domain is None:
+        return False
+    return subprocess.run(["pgrep", "-f", f"guest={domain},"], capture_output=True).returncode == 0
+
+
+async def test_pause_keeps_every_process_and_frees_the_vm(
+    sandbox: AsyncSandbox, runtime: Runtime, test_host: TestHost
+) -> None:
+    await out(sandbox, "echo before > /root/file; " + COUNTER)
+    lines: list[str] = []
+    command = await sandbox.commands.run(
+        "for i in $(seq 1 30); do echo $i; sleep 0.2; done", background=True, timeout=None,
+        on_stdout=lines.append,
+    )  # fmt: skip
+    await asyncio.sleep(1.0)
+    policy = await sandbox.get_policy()
+    domain = sandbox.info().domain
+    counted = int(await out(sandbox, "cat /root/count"))
+
+    await sandbox.pause()
+    assert sandbox.state is SandboxState.PAUSED
+    saved = runtime.settings.paused_dir / sandbox.sandbox_id
+    assert (saved / "memory.ram").is_file() and (saved / "device.state").is_file()
+    assert not qemu_of(domain)  # no QEMU, no memory, no CPU while paused
+    assert sandbox.info().domain is None
+    with pytest.raises(SandboxStateError, match="paused"):
+        await sandbox.commands.run("true")
+    assert await sandbox.get_policy() == policy
+    await asyncio.sleep(2.0)
+
+    await sandbox.resume()
+    assert sandbox.info().state is SandboxState.RUNNING
+    assert not saved.exists()
+    assert await out(sandbox, "cat /root/file") == "before\n"
+    first = int(await out(sandbox, "cat /root/count"))
+    await asyncio.sleep(0.5)
+    second = int(await out(sandbox, "cat /root/count"))
+    assert counted <= first < second  # the same process, counting on from where it was
+    result = await command.wait(timeout=60)
+    assert result.exit_code == 0
+    assert "".join(lines).split() == [str(i) for i in range(1, 31)]  # nothing lost or doubled
+    assert await sandbox.get_policy() == policy
+    assert await out(sandbox, "hostname") == f"{domain}\n"  # the same machine
+
+
+async def test_fork_children_diverge_with_identities_of_their_own(
+    sandbox: AsyncSandbox, test_host: TestHost
+) -> None:
+    await out(sandbox, "echo parent > /root/shared; " + COUNTER)
+    children = await sandbox.fork(2)
+    try:
+        assert len(children) == 2 and all(c.state is SandboxState.RUNNING for c in children)
+        everyone = [sandbox, *children]
+        for index, sb in enumerate(everyone):
+            assert await out(sb, "cat /root/shared") == "parent\n"
+            await out(sb, f"echo {index} > /root/mine")
+        for index, sb in enumerate(everyone):
+            assert await out(sb, "cat /root/mine") == f"{index}\n"  # no write seen elsewhere
+        seen = [(await out(sb, IDENTITY)).split("\n") for sb in everyone]
+        for field in range(4):  # hostname, machine-id, address, random stream
+            values = [s[field] for s in seen]
+            assert len(set(values)) == 3, (field, values)
+        for child in children:  # the counter runs on in each
+            first = int(await out(child, "cat /root/count"))
+            await asyncio.sleep(0.5)
+            assert int(await out(child, "cat /root/count")) > first
+    finally:
+        for child in children:
+            await child.kill()
+
+
+async def test_three_sandboxes_from_a_snapshot_see_the_package(
+    sandbox: AsyncSandbox, runtime: Runtime
+) -> None:
+    await out(
+        sandbox,
+        "mkdir -p /tmp/p/DEBIAN /tmp/p/usr/local/bin && printf '%s\\n' 'Package: hello-avm'"
+        " 'Version: 1.0' 'Architecture: all' 'Maintainer: t <t@t>' 'Description: test'"
+        " > /tmp/p/DEBIAN/control && printf '#!/bin/sh\\necho hi from the package\\n'"
+        " > /tmp/p/usr/local/bin/hello-avm && chmod 755 /tmp/p/usr/local/bin/hello-avm"
+        " && dpkg-deb --build /tmp/p /tmp/hello.deb >/dev/null && dpkg -i /tmp/hello.deb",
+    )
+    name = f"test-pkg-{os.urandom(3).hex()}"
+    info = await sandbox.snapshot(name)
+    assert info.name == name and info.memory_bytes > 0 and info.pause_seconds > 0
+    assert sandbox.state is SandboxState.RUNNING
+    assert name in [s.name for s in await AsyncSandbox.list_snapshots(runtime=runtime)]
+    started = [await AsyncSandbox.create(runtime=runtime, snapshot=name) for _ in range(3)]
+    try:
+        for sb in started:
+            assert await out(sb, "dpkg -s hello-avm | grep Status") == (
+                "Status: install ok installed\n"
+            )
+            assert await out(sb, "hello-avm") == "hi from the package\n"
+        with pytest.raises(SnapshotError, match="in use"):
+            await AsyncSandbox.remove_snapshot(name, runtime=runtime)
+    finally:
+        for sb in started:
+            await sb.kill()
+    await AsyncSandbox.remove_snapshot(name, runtime=runtime)
+    assert not (runtime.settings.state_dir / "snapshots" / name).exists()
+
+
+async def test_a_workspace_is_detached_around_pause_snapshot_and_fork(
+    runtime: Runtime, image: Image, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("from the host\n")
+    async with AsyncSandbox(runtime=runtime, workspace=tmp_path) as sb:
+        await out(sb, "echo from the guest > /workspace/out.txt")
+        await sb.pause()
+        await sb.resume()
+        assert await out(sb, "cat /workspace/notes.txt") == "from the host\n"
+        name = f"test-ws-{os.urandom(3).hex()}"
+        await sb.snapshot(name)
+        assert await out(sb, "cat /workspace/out.txt") == "from the guest\n"
+        children = await sb.fork(1)
+        try:
+            child = children[0]
+            # a child never reaches the parent's directory: it has no workspace
+            assert await out(child, "mountpoint -q /workspace && echo mounted || echo no") == "no\n"
+            await out(child, "mkdir -p /workspace && echo child > /workspace/out.txt")
+        finally:
+            await children[0].kill()
+        assert (tmp_path / "out.txt").read_text() == "from the guest\n"
+        await AsyncSandbox.remove_snapshot(name, runtime=runtime)
+
+
+async def test_a_pause_without_room_leaves_the_sandbox_running(
+    sandbox: AsyncSandbox, runtime: Runtime
+) -> None:
+    paused_dir = runtime.settings.paused_dir
+    paused_dir.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(paused_dir)]
+    await asyncio.to_thread(subprocess.run, mount, check=True)
+    try:
+        await out(sandbox, COUNTER)
+        with pytest.raises(DiskFullError, match="not enough disk"):
+            await sandbox.pause()
+        assert sandbox.state is SandboxState.RUNNING
+        first = int(await out(sandbox, "cat /root/count"))
+        await asyncio.sleep(0.3)
+        assert int(await out(sandbox, "cat /root/count")) > first
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", str(paused_dir)], check=True)
+
+
+async def test_a_paused_sandbox_deleted_leaves_nothing(
+    sandbox: AsyncSandbox, runtime: Runtime
+) -> None:
+    await sandbox.pause()
+    saved = runtime.settings.paused_dir / sandbox.sandbox_id
+    assert saved.is_dir()
+    await sandbox.kill()
+    assert not saved.exists()
+    leftovers = [p for p in (runtime.settings.state_dir / "snapshots").glob(".fork-*")]
+    assert all(runtime.snapshots.users(p.name) for p in leftovers), leftovers
+    shutil.rmtree(saved, ignore_errors=True)
