@@ -61,6 +61,7 @@ class Lifecycle:
     backend: Backend
     watch: Watch
     sandboxes: dict[str, Hosted]
+    _commands: dict[str, str]  # command id -> sandbox id
     _lock: asyncio.Lock
 
     def _owned(self, token: TokenRecord, sandbox_id: str) -> Hosted:
@@ -132,6 +133,9 @@ class Lifecycle:
                 on_expiry=str(notes.get("on_expiry", "kill")),
             )  # fmt: skip
             self.sandboxes[hosted.id] = hosted
+            for command_id in getattr(handle, "command_ids", list)():  # still running
+                hosted.commands.add(command_id)
+                self._commands[command_id] = hosted.id
             found.append(hosted)
             log.info("paused_sandbox_adopted", sandbox=hosted.id, owner=hosted.owner)
         return found

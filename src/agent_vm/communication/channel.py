@@ -128,6 +128,15 @@ class AgentChannel(ChannelSession):
             raise
         return rid, future
 
+    def follow_request(
+        self, rid: int, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+    ) -> asyncio.Future[Result]:
+        """Wait again for a command another process of this session started (a paused
+        sandbox continued after a restart): its output and RESULT from now on."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self.waiters.pending[rid] = Pending(rid, future, on_stdout, on_stderr, 0)
+        return future
+
     async def send_input(self, request_id: int, data: bytes, *, eof: bool = False) -> None:
         """Bytes for a running command's stdin (or its terminal), in order; ``eof``
         closes its stdin after them (a terminal has no end of input: send ``\\x04``)."""

@@ -21,14 +21,20 @@ ENDED_BUDGET = 64 * 2**20  # their output, all together
 
 
 class Journal:
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
+        """``start``: the first sequence number (a command continued after a restart of
+        the process that ran it continues its numbering)."""
         self._events: list[Event] = []  # seqs consecutive from _events[_head].seq
         self._head = 0  # events before it are dropped (compacted now and then)
-        self._next = 0  # seq of the next event
+        self._next = start  # seq of the next event
         self.size = 0  # bytes of output kept
         self.total = 0  # bytes of output ever seen
         self.exit: Exit | None = None
         self._changed = asyncio.Event()
+
+    @property
+    def next_seq(self) -> int:
+        return self._next
 
     @property
     def done(self) -> bool:

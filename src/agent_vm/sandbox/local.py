@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from agent_vm import timeutil
 from agent_vm.communication.channel import AgentChannel
 from agent_vm.communication.files import FileService
+from agent_vm.communication.transport import UnixTransport
 from agent_vm.communication.workspace import Workspace
 from agent_vm.errors import AgentVMError, NotFoundError
 from agent_vm.execution import lifecycle
@@ -133,6 +134,28 @@ class LocalSandbox(SandboxHandle):
         self._require("commands")
         return [command.info() for command in self._commands.values()]
 
+    def running_commands(self) -> list[dict[str, Any]]:
+        """Commands still running, as a restarted process needs them (``localsave``)."""
+        return [saved for c in self._commands.values() if (saved := c.saved()) is not None]
+
+    def command_ids(self) -> list[str]:
+        return list(self._commands)
+
+    def restore_commands(self, saved: list[dict[str, Any]]) -> None:
+        for data in saved:
+            command = LocalCommand.restored(self, data)
+            self._commands[command.id] = command
+
+    def _adopted_session(self, meta: PausedMeta) -> AgentChannel:
+        """The saved session, its commands waiting on it again (before any byte of the
+        resumed guest arrives: their output goes on where it was)."""
+        channel = AgentChannel(UnixTransport(self.paused_dir / "none"), name=meta.name)
+        channel.adopt(meta.session, meta.next_id)
+        for command in self._commands.values():
+            if not command.journal.done:
+                command.follow_on(channel)
+        return channel
+
     def ended(self, command: LocalCommand) -> None:
         """A command ended: forget the oldest ended ones past the budget."""
         held = list(self._commands.values())
@@ -199,6 +222,8 @@ class LocalSandbox(SandboxHandle):
         if self._paused is None:
             raise NotFoundError(f"sandbox {self.id} has no saved state to resume")
         runtime = self._backend.runtime
+        if self._session is None:  # paused by another process: its session, adopted
+            self._session = self._adopted_session(self._paused)
         vm = await lifecycle.resume(runtime, self.paused_dir, self._paused, self._session)
         self._vm, self._files = vm, FileService(vm.channel, vm.staging)
         self._paused = self._session = None

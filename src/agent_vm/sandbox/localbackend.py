@@ -206,4 +206,5 @@ def adopt(backend: LocalBackend, directory: Path) -> LocalSandbox | None:
     if isinstance(created, str):
         handle.created_at = datetime.fromisoformat(created)
     handle.pooled = bool(meta.owner.get("pooled"))
+    handle.restore_commands(list(meta.owner.get("commands") or []))
     return handle

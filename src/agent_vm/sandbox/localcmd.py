@@ -11,7 +11,8 @@ import secrets
 import signal as signals
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 from agent_vm import timeutil
 from agent_vm.communication.channel import RESULT_GRACE, AgentChannel
@@ -88,6 +89,42 @@ class LocalCommand:
         if spec.stdin is not None or (wants_stdin and not spec.stdin_open and spec.pty is None):
             await channel.send_input(rid, spec.stdin or b"", eof=not spec.stdin_open)
 
+    def saved(self) -> dict[str, Any] | None:
+        """What a restarted process needs to follow it on (None: nothing to follow)."""
+        if self.journal.done or self._rid is None:
+            return None
+        cmd = self.spec.cmd if isinstance(self.spec.cmd, str | None) else list(self.spec.cmd)
+        return {
+            "id": self.id, "rid": self._rid, "cmd": cmd, "pty": self.spec.pty is not None,
+            "started_at": self.started_at.isoformat(), "next_seq": self.journal.next_seq,
+        }  # fmt: skip
+
+    @classmethod
+    def restored(cls, sandbox: Owner, data: dict[str, Any]) -> LocalCommand:
+        """A command saved by ``saved``; ``follow_on`` connects it to the session."""
+        cmd = data.get("cmd")
+        spec = CommandSpec(
+            cmd if isinstance(cmd, str) else tuple(str(c) for c in cmd or ()),
+            pty=(80, 24) if data.get("pty") else None, timeout=None,
+        )  # fmt: skip
+        command = cls(sandbox, spec)
+        command.id = str(data["id"])
+        command.started_at = datetime.fromisoformat(str(data["started_at"]))
+        command.journal = Journal(int(data.get("next_seq", 0)))
+        command._rid = int(data["rid"])
+        return command
+
+    def follow_on(self, channel: AgentChannel) -> None:
+        """Wait for its output and result on ``channel`` (the session continued)."""
+        assert self._rid is not None
+        future = channel.follow_request(
+            self._rid,
+            lambda data: self.journal.output("stdout", data),
+            lambda data: self.journal.output("stderr", data),
+        )
+        self._channel = channel
+        self._task = asyncio.create_task(self._wait(future, None, time.monotonic()), name=self.id)
+
     async def _wait(
         self, future: asyncio.Future[Result], timeout: float | None, began: float
     ) -> None:
@@ -111,7 +148,10 @@ class LocalCommand:
             )
             raise
         except ChannelClosedError as exc:
-            failure = await self.sandbox.vm.explain_failure(exc)
+            try:
+                failure = await self.sandbox.vm.explain_failure(exc)
+            except AgentVMError:  # no VM to ask (a resume of it failed)
+                failure = exc
             if isinstance(failure, VMDiedError):
                 self.sandbox.state = SandboxState.FAILED
             self._fail(failure, began)

@@ -26,6 +26,8 @@ class Saved(Protocol):
     parent: str | None
     keep: dict[str, Any]
 
+    def running_commands(self) -> list[dict[str, Any]]: ...
+
 
 def record(handle: Saved) -> dict[str, Any]:
     spec = handle.spec
@@ -37,6 +39,7 @@ def record(handle: Saved) -> dict[str, Any]:
         "pooled": handle.pooled,
         "parent": handle.parent,
         "keep": handle.keep,
+        "commands": handle.running_commands(),
         "spec": {
             "image": spec.image,
             "profile": profile,
