@@ -136,7 +136,10 @@ async def test_codex_edits_a_workspace_file(
 
 @pytest.mark.parametrize("where", ["local", "server"])
 def test_the_agent_command_runs_claude_headless(
-    where: str, claude_image: Image, test_host: TestHost, tmp_path: Path,
+    where: str,
+    claude_image: Image,
+    test_host: TestHost,
+    tmp_path: Path,
     scripted_model: None,
 ) -> None:
     """``agent-vm agent claude`` as a user types it: image (built), workspace, key from

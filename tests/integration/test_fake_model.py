@@ -66,7 +66,10 @@ def control(path: str, body: Any | None = None) -> Any:
 
 
 async def test_a_sandbox_reaches_only_the_scripted_model_api(
-    runtime: Runtime, image: Image, guard: NetworkGuard, test_host: TestHost,
+    runtime: Runtime,
+    image: Image,
+    guard: NetworkGuard,
+    test_host: TestHost,
     scripted_model: None,
 ) -> None:
     edit = {"name": "Write", "input": {"file_path": "/workspace/a.txt", "content": "hi\n"}}

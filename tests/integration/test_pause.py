@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -146,6 +147,30 @@ async def test_three_sandboxes_from_a_snapshot_see_the_package(
             await sb.kill()
     await AsyncSandbox.remove_snapshot(name, runtime=runtime)
     assert not (runtime.settings.state_dir / "snapshots" / name).exists()
+
+
+async def test_the_cli_lists_starts_from_and_removes_snapshots(
+    sandbox: AsyncSandbox, runtime: Runtime
+) -> None:
+    await out(sandbox, "echo from-the-snapshot > /root/marker")
+    name = f"test-cli-{os.urandom(3).hex()}"
+    await sandbox.snapshot(name)
+    env = {**os.environ, "AGENT_VM_LOCAL": "1", "COLUMNS": "200"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent_vm", *args], capture_output=True,
+                              text=True, env=env, timeout=300, check=False)  # fmt: skip
+
+    listed = await asyncio.to_thread(cli, "snapshot", "list")
+    assert listed.returncode == 0 and name in listed.stdout, listed.stderr
+    ran = await asyncio.to_thread(cli, "run", "--snapshot", name, "--", "cat", "/root/marker")
+    assert ran.returncode == 0 and ran.stdout == "from-the-snapshot\n", ran.stderr
+    top = await asyncio.to_thread(cli, "top", "--once")
+    assert top.returncode == 0 and "snapshots: " in top.stdout, top.stderr
+    removed = await asyncio.to_thread(cli, "snapshot", "rm", name)
+    assert removed.returncode == 0, removed.stderr
+    missing = await asyncio.to_thread(cli, "snapshot", "rm", name)
+    assert missing.returncode != 0 and "no snapshot" in missing.stderr
 
 
 async def test_a_workspace_is_detached_around_pause_snapshot_and_fork(

@@ -77,6 +77,12 @@ def test_a_paused_sandbox_outlives_a_server_restart(
             before = time.monotonic()
             refused = client.post(f"/v1/sandboxes/{sid}/executions", json={"cmd": "true"})
             assert refused.status_code == 409 and "paused" in refused.text
+        with server.client(server.local_token()) as admin:
+            scraped = admin.get("/metrics").text
+            assert "agentvm_sandboxes_paused 1.0" in scraped, scraped[:2000]
+            held = next(line for line in scraped.splitlines()
+                        if line.startswith("agentvm_paused_disk_bytes "))  # fmt: skip
+            assert float(held.split()[1]) > 50 * 2**20  # its memory, on disk
         with server.client(token["bob"]) as other:
             assert other.get(f"/v1/sandboxes/{sid}").status_code == 404
             assert other.post(f"/v1/sandboxes/{sid}/resume").status_code == 404

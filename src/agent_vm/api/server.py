@@ -91,6 +91,7 @@ def build_app(
             watch = Watch(
                 settings, audit=log_file, connection=lambda: runtime.connection.connection,
                 pools=backend.pool_stats,
+                held=backend.held_figures,
             )  # fmt: skip
             service = SandboxService(backend, watch, workspace_root)
             service.start()

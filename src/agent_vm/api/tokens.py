@@ -86,8 +86,9 @@ class TokenStore:
         tmp.replace(self.path)
 
     def create(
-        self, name: str, *, max_sandboxes: int = 8, max_executions: int = 16, metrics: bool = False
-    ) -> tuple[TokenRecord, str]:
+        self, name: str, *, max_sandboxes: int = 8, max_executions: int = 16,
+        metrics: bool = False, max_snapshot_gib: float = 20.0,
+    ) -> tuple[TokenRecord, str]:  # fmt: skip
         """A new token: its record and the token itself (shown to the caller only)."""
         records = self._load()
         if any(r.name == name and not r.revoked for r in records):
@@ -101,6 +102,7 @@ class TokenStore:
             created_at=timeutil.now(),
             max_sandboxes=max_sandboxes,
             max_executions=max_executions,
+            max_snapshot_gib=max_snapshot_gib,
             metrics=metrics,
         )
         self._save([*records, record])

@@ -66,6 +66,7 @@ class Watch:
         audit: AuditLogger | None = None,
         connection: Callable[[], Any] | None = None,
         pools: Callable[[], Mapping[str, PoolStats]] = dict,
+        held: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.settings = settings
         self.audit = audit
@@ -85,6 +86,7 @@ class Watch:
             pools=pools,
             blocked=lambda domain: self._blocked_total.get(domain, 0),
             guest=self.guest,
+            held=held,
         )
 
     def record(self, event: str, **fields: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from agent_vm import logs
-from agent_vm.cli import images, server, watching
+from agent_vm.cli import images, server, snapshots, watching
 from agent_vm.cli.agent import agent
 from agent_vm.cli.common import fail
 from agent_vm.cli.run import run, shell
@@ -41,6 +41,7 @@ for command in (images.version, images.doctor, images.gc, server.serve):
     app.command()(command)
 app.add_typer(images.image_app, name="image")
 app.add_typer(images.golden_app, name="golden")
+app.add_typer(snapshots.snapshot_app, name="snapshot")
 app.add_typer(server.token_app, name="token")
 app.add_typer(server.service_app, name="service")
 app.add_typer(watching.audit_app, name="audit")

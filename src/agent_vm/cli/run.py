@@ -67,6 +67,7 @@ class Place:
     workspace: Workspace | None
     cold: bool = False
     secrets: dict[str, str] = field(default_factory=dict)
+    snapshot: str | None = None
 
 
 def server_for(server: str | None, token: str | None) -> str | None:
@@ -154,7 +155,7 @@ def sandbox_for(place: Place, shown: Progress) -> AsyncSandbox:
     common = {
         "image": place.image, "profile": place.profile, "network": place.network,
         "policy": place.policy, "workspace": place.workspace, "cold": place.cold,
-        "secrets": place.secrets, "on_progress": shown,
+        "secrets": place.secrets, "on_progress": shown, "snapshot": place.snapshot,
     }  # fmt: skip
     if place.server is not None:
         return AsyncSandbox(server=place.server, token=place.token, **common)  # type: ignore[arg-type]
@@ -273,6 +274,9 @@ def run(
     cold: Annotated[
         bool, typer.Option("--cold", help="boot the kernel instead of starting from golden state")
     ] = False,
+    snapshot: Annotated[
+        str | None, typer.Option(help="start from this snapshot (agent-vm snapshot list)")
+    ] = None,
     network: Annotated[
         str, typer.Option(help="nat (filtered internet), isolated (no NIC) or bridge:NAME")
     ] = "nat",
@@ -351,7 +355,7 @@ def run(
         copies = copies_of(upload or [], download or [])
         place = Place(
             server_for(server, token), token, image, profile_of(profile, cpus, memory, disk),
-            network, policy, share, cold, hidden,
+            network, policy, share, cold, hidden, snapshot,
         )  # fmt: skip
         stdin = sys.stdin.buffer.read() if interactive else None
         job = Job(argv, timeout, variables, cwd, user, stdin, tty, copies)

@@ -113,6 +113,9 @@ def token_create(
     name: str,
     max_sandboxes: Annotated[int, typer.Option(help="sandboxes at once")] = 8,
     max_executions: Annotated[int, typer.Option(help="executions running at once")] = 16,
+    max_snapshot_gib: Annotated[
+        float, typer.Option(help="GiB of disk its snapshots may hold")
+    ] = 20.0,
     metrics: Annotated[
         bool, typer.Option("--metrics", help="may read /metrics (every tenant's figures)")
     ] = False,
@@ -120,8 +123,9 @@ def token_create(
     """Create a token; it is printed once and stored only as a hash."""
     try:
         _, token = _tokens().create(
-            name, max_sandboxes=max_sandboxes, max_executions=max_executions, metrics=metrics
-        )
+            name, max_sandboxes=max_sandboxes, max_executions=max_executions, metrics=metrics,
+            max_snapshot_gib=max_snapshot_gib,
+        )  # fmt: skip
     except AgentVMError as exc:
         raise fail(exc) from exc
     typer.echo(token)

@@ -174,10 +174,29 @@ def _server_blocked() -> dict[str, tuple[str, float]]:
     return found
 
 
+def _saved() -> str:
+    """Paused sandboxes (no VM: not in the table) and snapshots, with the disk they hold."""
+    from agent_vm.config import load_settings
+    from agent_vm.execution.snapshots import SnapshotStore
+    from agent_vm.execution.suspend import disk_bytes
+
+    settings = load_settings()
+    root = settings.paused_dir
+    paused = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    held = sum(disk_bytes(p) for p in paused)
+    snapshots = SnapshotStore(settings.state_dir, settings.vms_dir, root).all(hidden=True)
+    kept = sum(s.disk_bytes for s in snapshots)
+    return (
+        f"paused to disk: {len(paused)} ({held / 2**20:.0f} MiB) · "
+        f"snapshots: {len(snapshots)} ({kept / 2**20:.0f} MiB)"
+    )
+
+
 def _table(previous: dict[str, DomainFigures], now: dict[str, DomainFigures], seconds: float,
            names: dict[str, tuple[str, float]]) -> Table:  # fmt: skip
     table = Table("VM", "sandbox", "state", "CPU %", "RSS MiB", "net rx KiB/s", "net tx KiB/s",
-                  "disk MiB", "blocked", title="agent-vm top (Ctrl-C quits)")  # fmt: skip
+                  "disk MiB", "blocked", title="agent-vm top (Ctrl-C quits)",
+                  caption=_saved())  # fmt: skip
     for name in sorted(now):
         figures, before = now[name], previous.get(name)
 

@@ -112,6 +112,9 @@ class Sources:
     pools: Callable[[], Mapping[str, PoolStats]] = lambda: {}
     blocked: Callable[[str], int] = lambda vm: 0
     guest: Mapping[str, GuestFigures] = field(default_factory=dict)
+    # paused sandboxes and snapshots: counts and the disk they hold (keys: paused,
+    # paused_bytes, snapshots, snapshot_bytes)
+    held: Callable[[], Mapping[str, int]] = lambda: {}
 
 
 class MetricsCollector:
@@ -185,6 +188,15 @@ class _Live(Collector):
             for state in ("idle", "in_use", "starting", "standby"):
                 pool.add_metric([name, state], getattr(stats, state))
         yield pool
+        held = sources.held()
+        for item, metric, text in (
+            ("paused", "agentvm_sandboxes_paused", "Sandboxes paused to disk."),
+            ("paused_bytes", "agentvm_paused_disk_bytes", "Disk held by paused sandboxes."),
+            ("snapshots", "agentvm_snapshots", "Snapshots (fork's included)."),
+            ("snapshot_bytes", "agentvm_snapshot_disk_bytes", "Disk held by snapshots."),
+        ):
+            if item in held:
+                yield GaugeMetricFamily(metric, text, value=held[item])
         targets = sources.targets()
         figures: dict[str, DomainFigures] = {}
         if sources.connection is not None and targets:

@@ -18,7 +18,7 @@ from agent_vm.execution.pool import VMPool
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.shells import PoolStats
-from agent_vm.execution.suspend import read_meta
+from agent_vm.execution.suspend import disk_bytes, read_meta
 from agent_vm.sandbox.base import (
     PoolInfo,
     Progress,
@@ -157,6 +157,17 @@ class LocalBackend:
         return {
             f"{key.image or ''}:{key.profile}:{key.network}": pool.stats()
             for key, pool in self.warm.items()
+        }
+
+    def held_figures(self) -> dict[str, int]:
+        """Paused sandboxes and snapshots, and the disk they hold (blocking: for a scrape)."""
+        paused = [h for h in self._held.values() if h.state is SandboxState.PAUSED]
+        snapshots = self.runtime.snapshots.all(hidden=True)
+        return {
+            "paused": len(paused),
+            "paused_bytes": sum(disk_bytes(h.paused_dir) for h in paused),
+            "snapshots": len(snapshots),
+            "snapshot_bytes": sum(s.disk_bytes for s in snapshots),
         }
 
     async def pools(self) -> builtins.list[PoolInfo]:
