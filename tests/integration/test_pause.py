@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_vm.errors import DiskFullError, SandboxStateError, SnapshotError
+from agent_vm.errors import DiskFullError, SandboxStateError, SnapshotError, WorkspaceError
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox
@@ -177,11 +177,33 @@ async def test_a_workspace_is_detached_around_pause_snapshot_and_fork(
     runtime: Runtime, image: Image, tmp_path: Path
 ) -> None:
     (tmp_path / "notes.txt").write_text("from the host\n")
+    (tmp_path / "sub").mkdir()
     async with AsyncSandbox(runtime=runtime, workspace=tmp_path) as sb:
         await out(sb, "echo from the guest > /workspace/out.txt")
+        # a command working in the workspace (its cwd) keeps running across the pause
+        worker = await sb.commands.run(
+            "cd sub && while :; do pwd > /tmp/where; sleep 0.2; done", background=True,
+            timeout=None,
+        )  # fmt: skip
+        await asyncio.sleep(0.5)
         await sb.pause()
         await sb.resume()
         assert await out(sb, "cat /workspace/notes.txt") == "from the host\n"
+        pid = (await out(sb, "pgrep -f 'pwd > /tmp/where' | head -1")).strip()
+        assert await out(sb, f"readlink /proc/{pid}/cwd") == "/workspace/sub\n"  # back
+        await asyncio.sleep(0.5)
+        assert await out(sb, "cat /tmp/where") == "/workspace/sub\n"
+        await worker.kill()
+        # one that holds a file of the workspace open: refused, named, nothing changes
+        holder = await sb.commands.run("exec 3</workspace/notes.txt; sleep 600",
+                                       background=True, timeout=None)  # fmt: skip
+        await asyncio.sleep(0.5)
+        with pytest.raises(WorkspaceError, match=r"sleep.*notes\.txt"):
+            await sb.pause()
+        assert sb.state is SandboxState.RUNNING
+        assert await out(sb, "cat /workspace/notes.txt") == "from the host\n"
+        await holder.kill()
+        await asyncio.sleep(0.3)
         name = f"test-ws-{os.urandom(3).hex()}"
         await sb.snapshot(name)
         assert await out(sb, "cat /workspace/out.txt") == "from the guest\n"

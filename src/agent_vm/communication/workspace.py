@@ -304,8 +304,10 @@ class AttachedWorkspace:
         if not self.workspace.readonly:
             self._task = asyncio.create_task(self._monitor(), name=f"quota {self.source}")
 
-    async def detach(self, channel: AgentChannel | None) -> None:
-        """Unmount in the guest (if it still answers), then on the host."""
+    async def detach(self, channel: AgentChannel | None, strict: bool = False) -> None:
+        """Unmount in the guest (if it still answers), then on the host. ``strict``: a
+        guest that refuses (a process holds a file of the workspace) leaves it attached
+        and raises ``WorkspaceError`` with the guest's reason."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -313,8 +315,13 @@ class AttachedWorkspace:
             self._task = None
         if channel is not None and not channel.closed:
             try:
-                await channel.workspace(WorkspaceRequest(None), timeout=10)
+                await channel.workspace(WorkspaceRequest(None), timeout=30)
             except AgentVMError as exc:  # a dead or hostile guest: the host side still goes
+                if strict:
+                    self.start_monitor()
+                    raise WorkspaceError(
+                        f"the workspace cannot be detached: {exc.message}", hint=exc.hint
+                    ) from exc
                 log.warning("workspace_guest_unmount_failed", error=str(exc))
         stuck = await asyncio.to_thread(unmount_under, self.target)
         await asyncio.to_thread(self._thaw)

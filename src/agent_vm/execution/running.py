@@ -18,7 +18,7 @@ from agent_vm.communication.workspace import (
 )
 from agent_vm.core.template import channel_socket_path, vsock_cid
 from agent_vm.core.vm import VM, VMState
-from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError
+from agent_vm.errors import AgentVMError, ConfigError, VMDiedError, VMError, WorkspaceError
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.teardown import teardown
 from agent_vm.host.identities import Identity
@@ -194,12 +194,18 @@ class RunningVM:
                     self._staging = await asyncio.to_thread(mount_staging, self.workdir, pid)
             return self._staging
 
-    async def detach_workspace(self) -> None:
-        """Unmount the workspace in the guest and on the host; a no-op without one."""
+    async def detach_workspace(self, strict: bool = False) -> None:
+        """Unmount the workspace in the guest and on the host; a no-op without one.
+        ``strict``: if the guest refuses, it stays attached (``WorkspaceError``)."""
         attached, self.workspace = self.workspace, None
         if attached is not None:
             channel = None if self._channel.closed else self._channel
-            await attached.detach(channel)
+            try:
+                await attached.detach(channel, strict)
+            except WorkspaceError:
+                if strict:
+                    self.workspace = attached
+                raise
 
     async def vacate(self) -> None:
         """Remove the VM (domain, work directory, identity, network) but not its session:

@@ -83,6 +83,8 @@ def ensure_share() -> None:
 
 def apply(req: WorkspaceRequest) -> None:
     _libc()  # loaded now: a golden capture warms it up with an unmount (ctypes: ~70 ms)
+    if req.mount is None:
+        _release_holders()
     while _mounted:
         _umount(_mounted.pop())
     if req.mount is None:
@@ -100,6 +102,70 @@ def apply(req: WorkspaceRequest) -> None:
         _mount(inner, inner, None, MS_BIND)
         _mounted.append(inner)
         _mount(None, inner, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    _return_holders()
+
+
+# Processes moved out of the share by the last unmount: pid -> (start time, directory).
+_moved: dict[int, tuple[str, str]] = {}
+
+
+def _release_holders() -> None:
+    """Before the share goes: processes working in it move to / (back on the next
+    mount); one that holds a file of it refuses the unmount (a mounted share blocks
+    pause, snapshot and fork), naming it."""
+    from agent_vm.guest import unpin
+
+    with _lock:
+        if not _is_mount(SHARE_MOUNT):
+            return
+        device = os.stat(SHARE_MOUNT).st_dev
+    for _round in range(10):  # a process may start in it while others are moved
+        in_it, others = unpin.holders(device)
+        if others:
+            pid, what = others[0]
+            raise OSError(
+                errno.EBUSY,
+                f"{unpin.describe(pid)} holds {what}: close it or stop the process, then retry",
+            )
+        if not in_it:
+            return
+        for pid, path in in_it:
+            _moved.setdefault(pid, (unpin.start_time(pid), path))
+        _run_unpin([(pid, "/") for pid, _ in in_it])
+
+
+def _return_holders() -> None:
+    from agent_vm.guest import unpin
+
+    back = [(pid, path) for pid, (start, path) in _moved.items() if unpin.start_time(pid) == start]
+    _moved.clear()
+    if back:
+        _run_unpin(back)
+
+
+def _run_unpin(moves: list[tuple[int, str]]) -> None:
+    """The moves, made by a helper process (see ``unpin``); a failure is an OSError."""
+    if not moves:
+        return
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-m", "agent_vm.guest.unpin", json.dumps(moves)],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    try:
+        failures = json.loads(done.stdout or "null")
+    except ValueError:
+        failures = None
+    if done.returncode != 0 or failures is None:
+        raise OSError(errno.EIO, f"moving processes out of the workspace failed: {done.stderr}")
+    if failures:
+        pid, why = next(iter(failures.items()))
+        raise OSError(errno.EBUSY, f"could not move process {pid} out of the workspace: {why}")
 
 
 def unmount() -> None:

@@ -45,6 +45,7 @@ GUEST_SOURCES = [
     "guest/defaults.py",
     "guest/files.py",
     "guest/filebits.py",
+    "guest/unpin.py",
     "guest/fileserver.py",
     "guest/inotify.py",
     "guest/workspace.py",

@@ -263,7 +263,7 @@ class LocalSandbox(SandboxHandle):
         """The workspace detached for the operation and attached again after it (also
         when it fails; not once the VM is gone: a resume attaches it)."""
         workspace: Workspace | None = self.spec.workspace if vm.workspace is not None else None
-        await vm.detach_workspace()
+        await vm.detach_workspace(strict=True)
         try:
             yield
         finally:
