@@ -170,8 +170,9 @@ async def inside(vm: RunningVM, l2_image: Image, tcg: bool, progress: Progress) 
 
     images = "/var/lib/agent-vm/images/default"
     wheel = "/workspace/wheel/*.whl"
-    await step("install agent-vm from the wheel", f"{VENV}/bin/pip install -q --no-deps {wheel}",
-               must=True)
+    await step(
+        "install agent-vm from the wheel", f"{VENV}/bin/pip install -q --no-deps {wheel}", must=True
+    )
     await step("copy this host's image in",
                f"mkdir -p {images} && cp -r /workspace/image/{l2_image.key} {images}/ && "
                f"ln -sfn {l2_image.key} {images}/current", must=True)  # fmt: skip

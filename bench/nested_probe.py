@@ -128,9 +128,9 @@ async def egress(runtime: Runtime, repo: Path, out: dict[str, Any]) -> None:
         policy = EgressPolicy(allow_domains=("web.allowed.test",))
         vm = await runtime.vm(image=image, spec=runtime.spec(network="nat"), policy=policy)
         try:
-            out["egress"] = {
-                name: await run(vm, CURL.replace("{}", name)) for name in ZONE
-            } | {"198.51.100.11": await run(vm, CURL.replace("{}", "198.51.100.11"))}
+            out["egress"] = {name: await run(vm, CURL.replace("{}", name)) for name in ZONE} | {
+                "198.51.100.11": await run(vm, CURL.replace("{}", "198.51.100.11"))
+            }
         finally:
             await vm.close()
     finally:
@@ -139,8 +139,9 @@ async def egress(runtime: Runtime, repo: Path, out: dict[str, Any]) -> None:
 
 async def limits(runtime: Runtime, out: dict[str, Any]) -> None:
     profile = ResourceProfile(vcpu=1, memory_mib=512, pids_max=64, cpu_cores=0.5)
-    vm = await runtime.vm(image=await runtime.image(), spec=runtime.spec(profile=profile,
-                                                                          network="isolated"))
+    vm = await runtime.vm(
+        image=await runtime.image(), spec=runtime.spec(profile=profile, network="isolated")
+    )
     try:
         assert vm.qemu_pid is not None
         memory = memory_limit_file(vm.qemu_pid)

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         description="Sandbox QEMUs run as users agvm-N with uid = gid = uid_base + N; group "
         "agentvm gets uid_base - 1.",
     )
+    ksm: bool = Field(
+        default=False,
+        description="Merge identical pages of running VMs (KSM): denser, at the price of a "
+        "timing side channel between sandboxes (docs/security.md).",
+    )
     shm_dir: Path | None = Field(
         default=None,
         description="Golden-state RAM files (tmpfs); default: one directory per state_dir.",

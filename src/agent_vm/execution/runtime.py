@@ -39,6 +39,7 @@ from agent_vm.execution.running import RunningVM
 from agent_vm.execution.snapshots import SnapshotStore
 from agent_vm.execution.spec import MachineSpec, NetworkChoice, parse_network
 from agent_vm.execution.teardown import retry_pending
+from agent_vm.host import ksm
 from agent_vm.host.accel import AccelChoice, HostPaths, detect_accel
 from agent_vm.host.daemons import ensure_daemons
 from agent_vm.host.identities import Identities
@@ -207,6 +208,8 @@ class Runtime:
         ensure_daemons()
         self.connection.open()
         self.confine()
+        if self.settings.ksm:
+            ksm.enable()
         self._reaped = reap(
             self.connection,
             self.settings.vms_dir,
