@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.lifecycle [--runs 3] [--density 100,300] [--ksm both]
 
 What it measures (light profile, 512 MiB guests, NAT unless said):
-* pause time against memory touched (a tmpfs file of N MiB written in the guest), as
+* pause time against memory touched (a file of N MiB written in the guest: its page cache), as
   seconds per GiB of memory saved, and the disk a paused sandbox holds;
 * resume time, as a ratio of a start from a golden state measured in the same run;
 * fork of 1 and of 8 against 1 and 8 fresh starts (8 at once), and the host memory of a
@@ -73,7 +73,7 @@ async def pause_resume(runtime: Runtime, touched: list[int], runs: int) -> dict[
         for _ in range(runs):
             async with AsyncSandbox(runtime=runtime) as sb:
                 if mib:
-                    await run_ok(sb, f"head -c {mib}M /dev/urandom > /dev/shm/touched")
+                    await run_ok(sb, f"head -c {mib}M /dev/urandom > /root/touched")  # page cache
                 started = time.perf_counter()
                 await sb.pause()
                 paused = time.perf_counter() - started
@@ -106,7 +106,7 @@ async def forks(runtime: Runtime, runs: int) -> dict[str, Any]:
     spec = runtime.spec()
     for _ in range(runs):
         async with AsyncSandbox(runtime=runtime) as parent:
-            await run_ok(parent, "head -c 64M /dev/urandom > /dev/shm/state")
+            await run_ok(parent, "head -c 64M /dev/urandom > /root/state")
             for count in (1, 8):
                 started = time.perf_counter()
                 children = await parent.fork(count)
@@ -135,18 +135,18 @@ async def forks(runtime: Runtime, runs: int) -> dict[str, Any]:
     return {"timings": out, "memory": memory, "snapshot": snapshot}
 
 
-async def density(runtime: Runtime, count: int, use_ksm: bool) -> dict[str, Any]:
+async def density(runtime: Runtime, count: int, use_ksm: bool, per_vm_mib: float) -> dict[str, Any]:
+    """``count`` held, or as many as fit above the floor at ``per_vm_mib`` each (the
+    figure measured at the smaller count, plus a tenth): a pool waits for all it was
+    asked for, and a host out of memory would kill what it should measure."""
     before = available_mib()
+    fits = int((before - FLOOR_MIB) / (per_vm_mib * 1.1)) if per_vm_mib else count
+    held = min(count, fits)
     started = time.perf_counter()
     if use_ksm:
         ksm.enable()
-    held = 0
     try:
-        async with VMPool(min_size=count, max_size=count, runtime=runtime, network="nat") as pool:
-            while pool.stats().idle < count:
-                if available_mib() < FLOOR_MIB:
-                    break
-                await asyncio.sleep(1)
+        async with VMPool(min_size=held, max_size=held, runtime=runtime, network="nat") as pool:
             held = pool.stats().idle
             fill = time.perf_counter() - started
             await asyncio.sleep(60 if use_ksm else 20)  # idle; KSM gets a few full scans
@@ -176,6 +176,9 @@ def main() -> None:
         "peers_published": PEERS,
     }
 
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path(f"bench/results/lifecycle-{stamp}.json")
+
     async def measure() -> None:
         async with runtime:
             results["golden_start"] = await golden_starts(runtime, max(5, args.runs * 2))
@@ -183,17 +186,20 @@ def main() -> None:
                 runtime, [int(x) for x in args.touched.split(",")], args.runs
             )
             results["fork"] = await forks(runtime, args.runs)
+            write_json(out, results)
             modes = {"off": [False], "on": [True], "both": [False, True]}[args.ksm]
-            results["density"] = [
-                await density(runtime, int(n), k)
-                for n in filter(None, args.density.split(","))
-                for k in modes
-            ]
+            results["density"] = []
+            measured: dict[bool, float] = {}
+            for n in filter(None, args.density.split(",")):
+                for k in modes:
+                    row = await density(runtime, int(n), k, measured.get(k, 0.0))
+                    measured.setdefault(k, row["host_mib_per_sandbox"])
+                    results["density"].append(row)
+                    write_json(out, results)
 
     asyncio.run(measure())
     report(results)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_json(args.out or Path(f"bench/results/lifecycle-{stamp}.json"), results)
+    write_json(out, results)
 
 
 def report(results: dict[str, Any]) -> None:
@@ -226,7 +232,11 @@ def report(results: dict[str, Any]) -> None:
             f"density: {row['held']}/{row['asked']} NAT sandboxes held, KSM "
             f"{'on' if row['ksm'] else 'off'}: {row['host_mib_per_sandbox']} MiB of host "
             f"memory each, filled in {row['fill_s']} s"
-            + (" (stopped early: MemAvailable under 2 GiB)" if row["stopped_early"] else "")
+            + (
+                " (fewer than asked: more would take MemAvailable under 2 GiB)"
+                if row["stopped_early"]
+                else ""
+            )
         )
     for name, figure in PEERS.items():
         print(f"peer (published): {name}: {figure}")

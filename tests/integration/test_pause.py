@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from agent_vm.errors import DiskFullError, SandboxStateError, SnapshotError, WorkspaceError
+from agent_vm.errors import (
+    AgentVMError,
+    DiskFullError,
+    SandboxStateError,
+    SnapshotError,
+    WorkspaceError,
+)
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.store import Image
 from agent_vm.sandbox import AsyncSandbox
@@ -249,3 +255,42 @@ async def test_a_paused_sandbox_deleted_leaves_nothing(
     leftovers = [p for p in (runtime.settings.state_dir / "snapshots").glob(".fork-*")]
     assert all(runtime.snapshots.users(p.name) for p in leftovers), leftovers
     shutil.rmtree(saved, ignore_errors=True)
+
+
+async def test_auto_resume_and_gc_leave_paused_data_alone(runtime: Runtime, image: Image) -> None:
+    async with AsyncSandbox(runtime=runtime, auto_resume=True) as sb:
+        await out(sb, "echo kept > /root/kept")
+        name = f"test-gc-{os.urandom(3).hex()}"
+        await sb.snapshot(name)
+        await sb.pause()
+        removed = await runtime.collect_garbage()
+        assert not any(sb.sandbox_id in r or name in r for r in removed), removed
+        assert (runtime.settings.paused_dir / sb.sandbox_id / "memory.ram").is_file()
+        assert await sb.files.read("/root/kept") == "kept\n"  # resumed by the call
+        assert sb.state is SandboxState.RUNNING
+        await sb.pause()
+        assert await out(sb, "cat /root/kept") == "kept\n"  # and by a command
+        await AsyncSandbox.remove_snapshot(name, runtime=runtime)
+
+
+async def test_a_resume_that_fails_keeps_the_paused_state_to_try_again(
+    sandbox: AsyncSandbox, runtime: Runtime
+) -> None:
+    await out(sandbox, COUNTER)
+    await sandbox.pause()
+    saved = runtime.settings.paused_dir / sandbox.sandbox_id
+    state = saved / "device.state"
+    good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])  # QEMU fails to load it half way
+    with pytest.raises(AgentVMError):
+        await sandbox.resume()
+    assert sandbox.state is SandboxState.PAUSED
+    assert (saved / "memory.ram").is_file() and (saved / "disk.qcow2").is_file()
+    state.unlink()
+    with pytest.raises(AgentVMError, match="incomplete"):
+        await sandbox.resume()
+    state.write_bytes(good)
+    await sandbox.resume()
+    first = int(await out(sandbox, "cat /root/count"))
+    await asyncio.sleep(0.3)
+    assert int(await out(sandbox, "cat /root/count")) > first

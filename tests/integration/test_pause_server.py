@@ -151,3 +151,27 @@ def test_snapshots_and_forks_through_the_server(
             bad = tiny.post(f"/v1/sandboxes/{only}/snapshot", json={"name": "../x"})
             assert bad.status_code == 422 and "name" in bad.text  # the API's validation answer
             assert tiny.delete(f"/v1/sandboxes/{only}").status_code == 204
+
+
+def test_a_lifetime_that_runs_out_pauses_when_asked(
+    image: Image, tokens: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path, token = tokens
+    root = tmp_path_factory.mktemp("expiry-server")
+    with running_server(root, tokens=path) as server, server.client(token["alice"]) as client:
+        sid = create(client, lifetime_seconds=8, on_expiry="pause")["id"]
+        killed = create(client, lifetime_seconds=8)["id"]
+        run(client, sid, "echo before > /root/file")
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/sandboxes/{sid}").json()["state"] != "paused":
+            assert time.monotonic() < deadline, "it did not pause when its lifetime ran out"
+            time.sleep(0.5)
+        view = client.get(f"/v1/sandboxes/{sid}").json()
+        assert view["paused_because"] == "expired" and view["expires_at"] is None
+        while client.get(f"/v1/sandboxes/{killed}").status_code != 404:
+            assert time.monotonic() < deadline, "the other one was not removed"
+            time.sleep(0.5)
+        assert client.post(f"/v1/sandboxes/{sid}/resume").json()["state"] == "running"
+        got = client.get(f"/v1/sandboxes/{sid}/files/content", params={"path": "/root/file"})
+        assert got.content == b"before\n"
+        assert client.delete(f"/v1/sandboxes/{sid}").status_code == 204

@@ -182,9 +182,7 @@ async def test_file_errors_name_the_path(sb: AsyncSandbox) -> None:
 
 
 async def test_quotas_and_tenancy(served: Served) -> None:
-    boxes = [
-        await AsyncSandbox.create(server=served.socket, token=served.token) for _ in range(4)
-    ]
+    boxes = [await AsyncSandbox.create(server=served.socket, token=served.token) for _ in range(4)]
     with pytest.raises(QuotaError, match="its limit") as over:
         await AsyncSandbox.create(server=served.socket, token=served.token)
     assert over.value.hint and "delete one" in over.value.hint

@@ -41,8 +41,8 @@ class Hosted:
         return self.handle.id
 
     def info(self) -> SandboxInfo:
-        if self.handle.state is SandboxState.PAUSED:
-            return replace(self.handle.info(), expires_at=None)
+        if self.handle.state is SandboxState.PAUSED or math.isinf(self.deadline):
+            return replace(self.handle.info(), expires_at=None)  # (being) paused: no end
         remaining = max(0.0, self.deadline - time.monotonic())
         expires = timeutil.now() + timedelta(seconds=remaining)
         return replace(self.handle.info(), expires_at=expires)

@@ -40,6 +40,7 @@ MAX_PARALLEL_STARTS = 2
 SHUTDOWN_GRACE = 60.0
 FAILURE_BACKOFF: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
 START_UP_TIMEOUT = 300.0
+START_UP_PER_VM = 3.0  # a pool of 300 fills in ~7 min under TCG here; more time per VM asked
 
 
 @dataclass(eq=False)
@@ -120,7 +121,10 @@ class ShellPool(Generic[S, V]):
             async with self._cond:
                 self._refill()
                 self._top_up_shells()
-            await self._wait_until(lambda: len(self._idle) >= self.min_size, "pool start-up")
+            await self._wait_until(
+                lambda: len(self._idle) >= self.min_size, "pool start-up",
+                START_UP_TIMEOUT + START_UP_PER_VM * self.min_size,
+            )  # fmt: skip
         except BaseException:
             await asyncio.shield(self.shutdown())  # nothing half-started stays behind
             raise

@@ -183,6 +183,12 @@ async def restore(
     """The paused VM running again; ``dest`` is removed once it runs. ``channel``: the
     session as this process held it (else one adopts the saved session)."""
     started = time.monotonic()
+    missing = [n for n in (RAM_FILE, STATE_FILE, DISK_FILE) if not (dest / n).is_file()]
+    if missing:
+        raise NotFoundError(
+            f"the saved state of {meta.name} is incomplete: {', '.join(missing)} missing",
+            hint=f"it cannot be resumed; remove it ({dest})",
+        )
     policy = EgressPolicy.model_validate(meta.policy) if meta.policy is not None else None
     read_only = confinement is not None and confinement.ram_read_only
     async with creating(vms_dir, meta.name, guard, confinement) as held:
