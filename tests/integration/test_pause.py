@@ -294,3 +294,33 @@ async def test_a_resume_that_fails_keeps_the_paused_state_to_try_again(
     first = int(await out(sandbox, "cat /root/count"))
     await asyncio.sleep(0.3)
     assert int(await out(sandbox, "cat /root/count")) > first
+
+
+async def test_paused_sandboxes_and_snapshots_outlive_a_new_golden_state(
+    sandbox: AsyncSandbox, runtime: Runtime, image: Image
+) -> None:
+    """A reboot empties /dev/shm and the golden state is captured again, a new disk at
+    the old path: what was saved keeps the disk it was made on (``pins.py``)."""
+    await out(sandbox, "echo on-the-old-disk > /root/mark; " + COUNTER)
+    name = f"test-pin-{os.urandom(3).hex()}"
+    await sandbox.snapshot(name)
+    await sandbox.pause()
+    saved = runtime.settings.paused_dir / sandbox.sandbox_id
+    assert (saved / "base.qcow2").is_file()
+    assert [h for h in runtime.images.holders(image) if sandbox.sandbox_id in h]
+    golden = runtime.golden_store.locate_for(image, runtime.spec())
+    golden.ram.unlink()  # as a reboot would
+    fresh = await runtime.vm(spec=runtime.spec())  # captures the golden state again
+    await fresh.close()
+    await sandbox.resume()
+    assert await out(sandbox, "cat /root/mark") == "on-the-old-disk\n"
+    first = int(await out(sandbox, "cat /root/count"))
+    await asyncio.sleep(0.3)
+    assert int(await out(sandbox, "cat /root/count")) > first
+    async with AsyncSandbox(runtime=runtime, snapshot=name) as child:
+        assert await out(child, "cat /root/mark") == "on-the-old-disk\n"
+    await sandbox.pause()  # again, from the resumed VM (its base travelled with it)
+    await sandbox.resume()
+    assert await out(sandbox, "cat /root/mark") == "on-the-old-disk\n"
+    await AsyncSandbox.remove_snapshot(name, runtime=runtime)
+    assert not [h for h in runtime.images.holders(image) if name in h]

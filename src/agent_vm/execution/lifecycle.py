@@ -15,7 +15,7 @@ from agent_vm.execution.clones import start_clone
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.snapshots import HIDDEN_PREFIX, SnapshotMeta
-from agent_vm.execution.suspend import PausedMeta, find_image, restore, suspend
+from agent_vm.execution.suspend import PausedMeta, find_image, forget, restore, suspend
 from agent_vm.network.policy import EgressPolicy
 
 MAX_FORK = 64
@@ -27,9 +27,14 @@ async def pause(
     """``running`` saved into ``dest`` and removed (its session kept for ``resume``)."""
     await runtime.start()
     return await suspend(
-        runtime.connection, running, dest, confinement=runtime.confinement, reason=reason,
-        owner=owner,
+        runtime.connection, running, dest, confinement=runtime.confinement,
+        golden_root=runtime.golden_store.root, reason=reason, owner=owner,
     )  # fmt: skip
+
+
+def discard_paused(runtime: Runtime, dest: Path, meta: PausedMeta) -> None:
+    """A paused sandbox removed: its files, and its hold on its image (blocking)."""
+    forget(dest, runtime.settings.images_dir / meta.image_name / meta.image_key)
 
 
 async def resume(

@@ -30,6 +30,7 @@ from agent_vm.errors import ConfigError, NotFoundError, SnapshotError
 from agent_vm.execution.capture import RAM_FILE, capture_memory, check_room
 from agent_vm.execution.confine import Confinement, harden
 from agent_vm.execution.golden import GoldenKey, GoldenMeta, GoldenState
+from agent_vm.execution.pins import backing_of, carry_base, hold, pin_base, release
 from agent_vm.execution.running import RunningVM
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.execution.suspend import unmount_share
@@ -78,6 +79,8 @@ def check_name(name: str) -> None:
 class SnapshotStore:
     def __init__(self, state_dir: Path, vms_dir: Path, paused_dir: Path) -> None:
         self.root = state_dir / "snapshots"
+        self.golden_root = state_dir / "golden"
+        self.images_root = state_dir / "images"
         self.vms_dir = vms_dir
         self.paused_dir = paused_dir
 
@@ -175,6 +178,9 @@ class SnapshotStore:
         running: RunningVM,
         confinement: Confinement | None,
     ) -> None:
+        carry_base(running.workdir, directory)  # the source was resumed from a pause
+        pin_base(directory / "disk.qcow2", self.golden_root)
+        hold(running.image, f"snapshot-{meta.name}")
         ram = directory / RAM_FILE
         if confinement is not None:
             harden(ram, confinement.ram_mode, confinement.identities.shared_gid)
@@ -201,13 +207,13 @@ class SnapshotStore:
             if not base.is_dir():
                 continue
             for workdir in base.iterdir():
-                if _backing(workdir / "disk.qcow2") == disk:
+                if backing_of(workdir / "disk.qcow2") == disk:
                     found.append(f"{label} {workdir.name}")
         return found
 
     def remove(self, name: str) -> None:
         """Refused while anything runs from it (its disk backs theirs)."""
-        self.get(name)
+        meta = self.get(name)
         using = self.users(name)
         if using:
             raise SnapshotError(
@@ -215,13 +221,14 @@ class SnapshotStore:
                 hint="remove those sandboxes first",
             )
         shutil.rmtree(self.directory(name), ignore_errors=True)
+        release(self.images_root / meta.image_name / meta.image_key, f"snapshot-{name}")
 
     def prune(self) -> list[str]:
         """Hidden (fork) snapshots nothing uses any more."""
         removed = []
         for meta in self.all(hidden=True):
             if meta.hidden and not self.users(meta.name):
-                shutil.rmtree(self.directory(meta.name), ignore_errors=True)
+                self.remove(meta.name)
                 removed.append(meta.name)
         return removed
 
@@ -235,20 +242,3 @@ def _copy_disk(overlay: Path, target: Path) -> None:
         ["cp", "--sparse=always", "--reflink=auto", str(overlay), str(target)], check=True
     )
     target.chmod(0o444)
-
-
-def _backing(disk: Path) -> str | None:
-    """The backing file named in a qcow2 overlay's header (None: none, or not qcow2)."""
-    try:
-        with open(disk, "rb") as handle:
-            header = handle.read(32)
-            if len(header) < 20 or header[:4] != b"QFI\xfb":
-                return None
-            offset = int.from_bytes(header[8:16], "big")
-            size = int.from_bytes(header[16:20], "big")
-            if not offset or not 0 < size <= 4096:
-                return None
-            handle.seek(offset)
-            return handle.read(size).decode(errors="replace")
-    except OSError:
-        return None

@@ -31,10 +31,11 @@ from agent_vm.communication.channel import AgentChannel
 from agent_vm.core.connection import LibvirtConnection
 from agent_vm.core.qmp import load_device_state
 from agent_vm.core.template import MemoryFile
-from agent_vm.errors import ConfigError, NotFoundError
+from agent_vm.errors import AgentVMError, ConfigError, NotFoundError
 from agent_vm.execution.capture import RAM_FILE, STATE_FILE, capture_memory, check_room
 from agent_vm.execution.confine import Confinement, harden
 from agent_vm.execution.launch import creating, define_vm, start_limited
+from agent_vm.execution.pins import carry_base, hold, pin_base, release
 from agent_vm.execution.running import RunningVM, transport_for
 from agent_vm.execution.spec import MachineSpec
 from agent_vm.image.store import Image, ImageStore
@@ -97,6 +98,7 @@ async def suspend(
     dest: Path,
     *,
     confinement: Confinement | None,
+    golden_root: Path,
     reason: str = "requested",
     owner: dict[str, Any] | None = None,
 ) -> PausedMeta:
@@ -136,8 +138,14 @@ async def suspend(
         owner=owner or {},
     )
     await asyncio.to_thread(_finish, dest, meta, confinement, running.workdir)
+    await asyncio.to_thread(carry_base, running.workdir, dest)  # pinned by a pause before
     await running.vacate()
     await channel.drop_transport()
+    try:  # its QEMU gone: the overlay's header may change
+        await asyncio.to_thread(pin_base, dest / DISK_FILE, golden_root)
+        await asyncio.to_thread(hold, running.image, f"paused-{dest.name}")
+    except (OSError, AgentVMError) as exc:  # paused all the same; a recapture may break it
+        log.error("paused_state_not_pinned", vm=running.name, error=str(exc))
     log.info("vm_paused", vm=running.name, seconds=meta.capture_seconds, ram=captured.ram_bytes)
     return meta
 
@@ -156,6 +164,12 @@ def _finish(dest: Path, meta: PausedMeta, confinement: Confinement | None, workd
     if confinement is not None:  # any identity of a later resume reads it (group agentvm)
         harden(dest / RAM_FILE, confinement.ram_mode, confinement.identities.shared_gid)
     (dest / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
+
+
+def forget(dest: Path, image_path: Path) -> None:
+    """A paused state no longer needed (resumed, or the sandbox removed)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    release(image_path, f"paused-{dest.name}")
 
 
 def find_image(images: ImageStore, meta: PausedMeta) -> Image:
@@ -197,6 +211,7 @@ async def restore(
             memory_file=MemoryFile(path=dest / RAM_FILE, shared=False, read_only=read_only),
             incoming=True, disk=dest / DISK_FILE,
         )  # fmt: skip
+        await asyncio.to_thread(carry_base, dest, held.workdir)
         await start_limited(vm, meta.spec)
         pid = await asyncio.to_thread(vm.qemu_pid)
         await asyncio.to_thread(load_device_state, vm, dest / STATE_FILE, timeout)
@@ -221,6 +236,6 @@ async def restore(
             vm, held.workdir, image, channel, time.monotonic() - started, held.nic, guard,
             pid, held.identity, meta.spec,
         )  # fmt: skip
-    await asyncio.to_thread(shutil.rmtree, dest, True)  # QEMU maps the RAM it had opened
+    await asyncio.to_thread(forget, dest, image.path)  # QEMU maps the RAM it had opened
     log.info("vm_resumed", vm=meta.name, seconds=round(running.boot_seconds, 3))
     return running

@@ -19,6 +19,16 @@ INITRD_FILE = "initramfs.cpio"
 MANIFEST_FILE = "manifest.json"
 
 
+HELD_DIR = "held"  # <image>/held/<holder>: a paused sandbox or snapshot stands on it
+
+
+def held(path: Path) -> bool:
+    try:
+        return any((path / HELD_DIR).iterdir())
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class Image:
     """A built image ready to boot."""
@@ -154,10 +164,15 @@ class ImageStore:
             ),
             key=lambda p: p.stat().st_mtime,
         )
-        versions = [p for p in versions if p not in backing]  # a layer still stands on it
+        versions = [p for p in versions if p not in backing and not held(p)]  # in use
         for old in versions[: max(0, len(versions) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return image
+
+    def holders(self, image: Image) -> list[str]:
+        """Paused sandboxes and snapshots that stand on this build (``held/``)."""
+        held_dir = image.path / HELD_DIR
+        return sorted(p.name for p in held_dir.iterdir()) if held_dir.is_dir() else []
 
     def backing_dirs(self) -> set[Path]:
         """Image directories whose disk some layer uses as its backing file."""
@@ -187,6 +202,16 @@ class ImageStore:
             raise ImageError(
                 f"image {name!r} is the base of {', '.join(layers)}",
                 hint="remove those first: agent-vm image rm NAME",
+            )
+        holding = sorted(
+            f"{p.name}: {h.name}"
+            for p in ([going] if key is not None else list(going.glob("*/")))
+            for h in (p / HELD_DIR).glob("*")
+        )
+        if holding:
+            raise ImageError(
+                f"image {name!r} holds paused sandboxes or snapshots ({', '.join(holding)})",
+                hint="remove those first (agent-vm snapshot rm, or kill the sandbox)",
             )
         if key is None:
             shutil.rmtree(base)

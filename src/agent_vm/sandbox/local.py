@@ -281,6 +281,11 @@ class LocalSandbox(SandboxHandle):
             if paused:  # its saved state is all there is of it
                 if self._session is not None:
                     await self._session.close()
+                if self._paused is not None:
+                    await asyncio.to_thread(
+                        lifecycle.discard_paused, self._backend.runtime, self.paused_dir,
+                        self._paused,
+                    )  # fmt: skip
                 await asyncio.to_thread(_remove_tree, self.paused_dir)
             else:
                 await self._release(self.vm)
