@@ -73,7 +73,8 @@ def spec_from(meta: PausedMeta) -> SandboxSpec:
 
 
 def snapshot_info(meta: SnapshotMeta) -> SnapshotInfo:
-    network = meta.spec.network_mode.value
+    mode = meta.spec.network_mode.value
+    network = {"nat_filtered": "nat", "bridge": f"bridge:{meta.spec.bridge}"}.get(mode, mode)
     profile = next(
         (name for name, (cpus, memory) in ResourceProfile.PRESETS.items()
          if (cpus, memory) == (meta.spec.profile.vcpu, meta.spec.profile.memory_mib)),
