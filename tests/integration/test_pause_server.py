@@ -38,6 +38,10 @@ def count(client: httpx.Client, sid: str) -> int:
     return int(output(seen).decode())
 
 
+def audited(server_audit: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in server_audit.read_text().splitlines() if line]
+
+
 def events(client: httpx.Client, execution: str, after: int = -1, limit: int = 0) -> list[Any]:
     seen: list[dict[str, Any]] = []
     with connect_sse(client, "GET", f"/v1/executions/{execution}/events",
@@ -104,6 +108,11 @@ def test_a_paused_sandbox_outlives_a_server_restart(
         numbers = [int(n) for n in (output(first) + output(rest)).split()]
         assert numbers[-1] == 40 and numbers == sorted(numbers)  # went on to its end
         assert client.delete(f"/v1/sandboxes/{sid}").status_code == 204
+    back = [e for e in audited(root / "two" / "audit.log") if e["event"] == "sandbox_resumed"]
+    assert back and back[0]["sandbox"] == sid
+    why = [e["reason"] for e in audited(root / "one" / "audit.log")
+           if e["event"] == "sandbox_paused" and e["sandbox"] == sid]  # fmt: skip
+    assert why == ["requested"]
     assert not (settings.paused_dir / sid).exists()
 
 
@@ -144,6 +153,15 @@ def test_snapshots_and_forks_through_the_server(
                 assert time.monotonic() < deadline, "the snapshot stayed in use"
                 time.sleep(0.5)  # the deleted sandboxes are released in the background
             assert alice.get("/v1/snapshots").json() == []
+            lines = audited(server.audit)
+            snap_lines = [e for e in lines if e["event"] == "snapshot_taken"]
+            assert (
+                snap_lines and snap_lines[0]["sandbox"] == sid and snap_lines[0]["snapshot"] == name
+            )
+            made = [e for e in lines if e["event"] == "sandbox_forked"]
+            assert sorted(e["sandbox"] for e in made) == sorted(kids)
+            assert {e["parent"] for e in made} == {sid}
+            assert any(e["event"] == "snapshot_removed" for e in lines)
         with server.client(token["tiny"]) as tiny:
             only = create(tiny)["id"]
             over = tiny.post(f"/v1/sandboxes/{only}/fork", json={"count": 1})
