@@ -232,7 +232,7 @@ class FakeSandbox(SandboxHandle):
         self._require("stats")
         return GuestFigures(1.0, len(self.commands_run), 0.5, 100_000)
 
-    async def pause(self, reason: str = "requested") -> None:
+    async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:
         self._require("pause")
         self.state = SandboxState.PAUSED
 

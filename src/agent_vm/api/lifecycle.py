@@ -80,15 +80,17 @@ class Lifecycle:
         await self._pause(hosted, reason)
         return hosted
 
-    async def _pause(self, hosted: Hosted, reason: str) -> None:
+    async def _pause(self, hosted: Hosted, reason: str, to_disk: bool = True) -> None:
+        """To disk (a user's pause, an expiry), or frozen (an anomaly: at once, whatever
+        the guest does; it does not outlive the server)."""
         if hosted.handle.state is SandboxState.PAUSED:
             return
         hosted.handle.keep = hosted.notes()
         started = time.monotonic()
-        await hosted.handle.pause(reason)
+        await hosted.handle.pause(reason, to_disk)
         self.watch.record(
             "sandbox_paused", sandbox=hosted.id, owner=hosted.owner, reason=reason,
-            seconds=round(time.monotonic() - started, 3),
+            to_disk=to_disk, seconds=round(time.monotonic() - started, 3),
         )  # fmt: skip
 
     async def resume(self, token: TokenRecord, sandbox_id: str) -> Hosted:
@@ -202,5 +204,5 @@ class Lifecycle:
     async def close_paused(self) -> None:
         """At shutdown paused sandboxes stay on disk: forgotten here, found by the next."""
         for sandbox_id, hosted in list(self.sandboxes.items()):
-            if hosted.handle.state is SandboxState.PAUSED:
+            if hosted.handle.state is SandboxState.PAUSED and hosted.handle.on_disk:
                 self.sandboxes.pop(sandbox_id, None)

@@ -200,7 +200,7 @@ class SandboxService(Lifecycle):
             return
         for action, rule in self.watch.actions(alerts, hosted.anomaly_action, hosted.owner):
             if action == "pause":
-                await self._pause(hosted, f"anomaly: {rule}")
+                await self._pause(hosted, f"anomaly: {rule}", to_disk=False)
             elif action == "kill":
                 self._release_later(hosted.id, f"anomaly: {rule}")
                 return

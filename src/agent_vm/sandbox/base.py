@@ -259,6 +259,7 @@ class SandboxHandle(ABC):
     state: SandboxState
     # a front door's notes about the sandbox (a server's: its owner), kept with a pause
     keep: dict[str, Any]
+    on_disk: bool = False  # paused to disk (it outlives the process that holds it)
 
     def _require(self, call: str) -> None:
         check(self.id, self.state, call)
@@ -303,7 +304,9 @@ class SandboxHandle(ABC):
     async def stats(self) -> GuestFigures: ...
 
     @abstractmethod
-    async def pause(self, reason: str = "requested") -> None: ...
+    async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:
+        """To disk (its VM freed), or with ``to_disk=False`` frozen where it is (at
+        once, no help from the guest needed: what an anomaly action does)."""
 
     @abstractmethod
     async def resume(self) -> None: ...

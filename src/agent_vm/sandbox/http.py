@@ -149,7 +149,7 @@ class HttpSandbox(SandboxHandle):
         self._require("stats")
         return wire.figures_from(await self.client.json("GET", f"{self.prefix}/stats"))
 
-    async def pause(self, reason: str = "requested") -> None:
+    async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:
         self._require("pause")
         self._update(await self.client.json("POST", f"{self.prefix}/pause"))
 

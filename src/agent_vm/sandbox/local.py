@@ -85,6 +85,7 @@ class LocalSandbox(SandboxHandle):
         self.pooled = pooled
         self._commands: dict[str, LocalCommand] = {}
         self._paused = paused
+        self.on_disk = paused is not None
         self._session: AgentChannel | None = None  # kept across a pause in this process
         self._vm = vm
         self._files = FileService(vm.channel, vm.staging) if vm is not None else None
@@ -199,18 +200,24 @@ class LocalSandbox(SandboxHandle):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def pause(self, reason: str = "requested") -> None:
-        """Save the sandbox to disk and free its VM: no memory, no CPU while paused."""
+    async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:
+        """Save the sandbox to disk and free its VM: no memory, no CPU while paused. Or
+        freeze it (``to_disk=False``): stopped at once, whatever its guest does."""
         self._require("pause")
         if self.state is SandboxState.PAUSED:
             return
         vm = self.vm
+        if not to_disk:
+            await asyncio.to_thread(vm.vm.pause)
+            self.state, self.paused_because = SandboxState.PAUSED, reason
+            return
         async with self._workspace_off(vm):
             meta = await lifecycle.pause(
                 self._backend.runtime, vm, self.paused_dir, reason=reason, owner=record(self)
             )
         self._session = vm.session
         self._vm, self._files, self._paused = None, None, meta
+        self.on_disk = True
         self.state, self.paused_because = SandboxState.PAUSED, reason
         await self._release(vm)  # a pool frees its place (the VM itself is gone)
         self._release = _destroy
@@ -218,6 +225,10 @@ class LocalSandbox(SandboxHandle):
     async def resume(self) -> None:
         self._require("resume")
         if self.state is SandboxState.RUNNING:
+            return
+        if self._vm is not None:  # frozen, not saved
+            await asyncio.to_thread(self._vm.vm.resume)
+            self.state, self.paused_because = SandboxState.RUNNING, None
             return
         if self._paused is None:
             raise NotFoundError(f"sandbox {self.id} has no saved state to resume")
@@ -227,6 +238,7 @@ class LocalSandbox(SandboxHandle):
         vm = await lifecycle.resume(runtime, self.paused_dir, self._paused, self._session)
         self._vm, self._files = vm, FileService(vm.channel, vm.staging)
         self._paused = self._session = None
+        self.on_disk = False
         self.state, self.paused_because = SandboxState.RUNNING, None
         if self.spec.workspace is not None:
             try:
@@ -278,6 +290,10 @@ class LocalSandbox(SandboxHandle):
         try:
             for command in list(self._commands.values()):
                 await command.cancel()
+            if paused and self._vm is not None:  # frozen: a pool takes it back running
+                with contextlib.suppress(AgentVMError):
+                    await asyncio.to_thread(self._vm.vm.resume)
+                paused = False
             if paused:  # its saved state is all there is of it
                 if self._session is not None:
                     await self._session.close()

@@ -161,7 +161,7 @@ class LocalBackend:
 
     def held_figures(self) -> dict[str, int]:
         """Paused sandboxes and snapshots, and the disk they hold (blocking: for a scrape)."""
-        paused = [h for h in self._held.values() if h.state is SandboxState.PAUSED]
+        paused = [h for h in self._held.values() if h.on_disk]
         snapshots = self.runtime.snapshots.all(hidden=True)
         return {
             "paused": len(paused),
@@ -195,7 +195,7 @@ class LocalBackend:
     async def close(self) -> None:
         """Release what it holds; paused sandboxes stay on disk (they are data)."""
         for handle in list(self._held.values()):
-            if handle.state is SandboxState.PAUSED:
+            if handle.on_disk:
                 self._held.pop(handle.id, None)
                 continue
             with contextlib.suppress(Exception):
