@@ -33,6 +33,9 @@ def start_booted_run() -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a session started in the background (nohup ... &) passes
+        # SIGINT ignored to its children, and a Ctrl-C would then reach nothing
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None and proc.stdout.readline() == "booted\n"
     return proc
