@@ -72,7 +72,7 @@ class FileService(Files):
     async def _request(self, request: FileRequest) -> AsyncIterator[FileStream]:
         channel = await self._channel()
         staging = None
-        if request.op in BULK_OPS and self._staging is not None:
+        if request.op in BULK_OPS and self._staging is not None and not _pseudo(request.path):
             staging = await self._staging()
             request.staged = staging is not None
         stream = await channel.file_request(request, staging)
@@ -178,6 +178,12 @@ class FileService(Files):
             finally:
                 with contextlib.suppress(Exception):
                     await stream.cancel()
+
+
+def _pseudo(path: str) -> bool:
+    """A kernel's file (/proc, /sys): small, and a staged read asks it for a segment at
+    once, which /proc/sys refuses (ENOMEM for reads of 4 MiB): through the channel."""
+    return path.startswith(("/proc/", "/sys/"))
 
 
 def _mapped(exc: AgentRefusedError, path: str) -> SandboxFileError:

@@ -84,6 +84,7 @@ class LocalSandbox(SandboxHandle):
         self._backend = backend
         self.pooled = pooled
         self._commands: dict[str, LocalCommand] = {}
+        self._moving = asyncio.Lock()  # pause and resume, one at a time
         self._paused = paused
         self.on_disk = paused is not None
         self._session: AgentChannel | None = None  # kept across a pause in this process
@@ -204,6 +205,10 @@ class LocalSandbox(SandboxHandle):
         """Save the sandbox to disk and free its VM: no memory, no CPU while paused. Or
         freeze it (``to_disk=False``): stopped at once, whatever its guest does."""
         self._require("pause")
+        async with self._moving:  # one pause or resume at a time (a user's and an expiry's)
+            await self._pause(reason, to_disk)
+
+    async def _pause(self, reason: str, to_disk: bool) -> None:
         if self.state is SandboxState.PAUSED:
             return
         vm = self.vm
@@ -224,7 +229,11 @@ class LocalSandbox(SandboxHandle):
 
     async def resume(self) -> None:
         self._require("resume")
-        if self.state is SandboxState.RUNNING:
+        async with self._moving:
+            await self._resume()
+
+    async def _resume(self) -> None:
+        if self.state is not SandboxState.PAUSED:
             return
         if self._vm is not None:  # frozen, not saved
             await asyncio.to_thread(self._vm.vm.resume)
