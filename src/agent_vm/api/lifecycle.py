@@ -35,6 +35,9 @@ class Hosted:
     anomaly_action: str | None = None  # None: the server's
     commands: set[str] = field(default_factory=set)
     on_expiry: str = "kill"  # or pause
+    pausing: bool = False  # a pause is under way (E2B's door counts it as paused)
+    # a front door's own state for it (the E2B door's env vars, pids), this process only
+    door: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -87,7 +90,11 @@ class Lifecycle:
             return
         hosted.handle.keep = hosted.notes()
         started = time.monotonic()
-        await hosted.handle.pause(reason, to_disk)
+        hosted.pausing = True
+        try:
+            await hosted.handle.pause(reason, to_disk)
+        finally:
+            hosted.pausing = False
         self.watch.record(
             "sandbox_paused", sandbox=hosted.id, owner=hosted.owner, reason=reason,
             to_disk=to_disk, seconds=round(time.monotonic() - started, 3),
@@ -99,7 +106,7 @@ class Lifecycle:
         return hosted
 
     async def _resume(self, hosted: Hosted) -> None:
-        if hosted.handle.state is SandboxState.PAUSED:
+        if hosted.handle.state is SandboxState.PAUSED or hosted.pausing:  # (waits for it)
             started = time.monotonic()
             await hosted.handle.resume()
             hosted.deadline = time.monotonic() + hosted.lifetime

@@ -17,6 +17,7 @@ import contextlib
 import os
 import socket as socket_module
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -24,6 +25,7 @@ from fastapi import FastAPI
 
 from agent_vm.api.admission import PoolSpec
 from agent_vm.api.app import create_app
+from agent_vm.api.e2b.app import E2BApp, E2BListener, bind
 from agent_vm.api.local import default_socket, local_token_path, write_local_token
 from agent_vm.api.service import SandboxService
 from agent_vm.api.tokens import TokenStore
@@ -50,6 +52,25 @@ def _listening(path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class E2BDoor:
+    """``serve --e2b-port``: the door's socket, bound early, and its TLS files."""
+
+    listener: socket_module.socket
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def open(cls, host: str, port: int, cert: Path | None, key: Path | None) -> E2BDoor:
+        try:
+            return cls(bind(host, port), cert, key)
+        except OSError as exc:
+            raise ConfigError(
+                f"the E2B door cannot listen on {host}:{port}: {exc.strerror}",
+                hint="pick another --e2b-port",
+            ) from None
+
+
 def token_store(settings: Settings) -> TokenStore:
     return TokenStore(settings.tokens_path)
 
@@ -61,20 +82,24 @@ def build_app(
     tokens: TokenStore | None = None,
     audit: AuditLogger | None = None,
     leftovers: tuple[Path, ...] = (),
+    e2b: E2BDoor | None = None,
 ) -> FastAPI:
     """The app over a local backend. ``audit``: the log, already locked (else opened
-    here); ``leftovers``: files the lifespan's end removes (socket, local token)."""
+    here); ``leftovers``: files the lifespan's end removes (socket, local token);
+    ``e2b``: the E2B door's bound socket (and TLS files), served beside the app."""
     holder: dict[str, SandboxService] = {}
 
     def current() -> SandboxService:
         return holder["service"]
 
-    app = create_app(current, tokens or token_store(settings))
+    tokens = tokens or token_store(settings)
+    app = create_app(current, tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings)
         pools: dict[PoolKey, VMPool] = {}
+        listener: E2BListener | None = None
         log_file = audit or AuditLogger(
             settings.audit_path, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep
         )
@@ -96,11 +121,19 @@ def build_app(
             service = SandboxService(backend, watch, workspace_root)
             service.start()
             holder["service"] = service
+            if e2b is not None:
+                door = E2BApp(current, tokens, app.state.on_auth_failure)
+                listener = E2BListener(door, e2b.listener, e2b.tls_cert, e2b.tls_key)
+                await listener.start()
             log.info("server_ready", pools=len(pools))
             yield
+            if listener is not None:
+                await listener.stop()
             await service.close()
             await backend.close()
         finally:
+            if listener is not None:
+                await listener.stop()
             log_file.close()
             for pool in pools.values():
                 with contextlib.suppress(Exception):
@@ -124,9 +157,11 @@ def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     workspace_root: Path | None = None,
+    e2b_port: int | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. TCP when ``host`` or ``port`` is given (``port`` alone:
-    127.0.0.1; TLS with cert and key), else the Unix socket."""
+    127.0.0.1; TLS with cert and key), else the Unix socket. ``e2b_port``: the E2B door
+    too, on ``host`` (default 127.0.0.1) with the same TLS."""
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     if workspace_root is not None and not workspace_root.is_dir():
@@ -137,8 +172,15 @@ def serve(
         settings.audit_path, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep
     )  # locked here: a second server on this log stops now, before it touches anything
     tokens = token_store(settings)
+    e2b = None
+    if e2b_port is not None:
+        try:
+            e2b = E2BDoor.open(host or "127.0.0.1", e2b_port, tls_cert, tls_key)
+        except ConfigError:
+            audit.close()
+            raise
     if host is not None or port is not None:
-        app = build_app(settings, pool_specs, workspace_root, tokens, audit)
+        app = build_app(settings, pool_specs, workspace_root, tokens, audit, e2b=e2b)
         config = uvicorn.Config(
             app, host=host or "127.0.0.1", port=port or 8177, log_level="warning",
             ssl_certfile=tls_cert, ssl_keyfile=tls_key,
@@ -164,7 +206,13 @@ def serve(
     # Root on this host may use the server without a token of its own (see issue_local).
     token_file = write_local_token(path, tokens.issue_local())
     app = build_app(
-        settings, pool_specs, workspace_root, tokens, audit, leftovers=(path, token_file)
+        settings,
+        pool_specs,
+        workspace_root,
+        tokens,
+        audit,
+        leftovers=(path, token_file),
+        e2b=e2b,
     )
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])

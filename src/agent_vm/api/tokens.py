@@ -4,6 +4,10 @@ A token reads ``avm_<id>_<secret>``. The file (``<state>/tokens.json``, root's, 
 keeps the id, a name, quotas and the SHA-256 of the secret, never the secret: a copy of
 the file lets nobody in. The secret has 256 bits, so a plain hash (no key stretching) is
 enough; comparison is constant-time.
+
+The same token also reads in E2B's key form, ``e2b_<hex>`` (``e2b_key``): the E2B SDK
+refuses keys of any other shape before it sends them, so a user sets a token of ours as
+``E2B_API_KEY`` in that form. Either form is accepted wherever a token is.
 """
 
 from __future__ import annotations
@@ -37,6 +41,23 @@ class TokenRecord(BaseModel):
 
     def public(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude={"digest"})
+
+
+E2B_PREFIX = "e2b_"
+
+
+def e2b_key(token: str) -> str:
+    """The token in E2B's key form (``e2b_`` and hex digits): the same secret, spelled
+    so the E2B SDK's format check lets it through."""
+    return E2B_PREFIX + token.encode().hex()
+
+
+def from_e2b_key(key: str) -> str | None:
+    """The token an ``e2b_key`` spells (None if it spells none)."""
+    try:
+        return bytes.fromhex(key[len(E2B_PREFIX) :]).decode()
+    except ValueError:  # not hex, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        return None
 
 
 def _digest(secret: str) -> str:
@@ -111,6 +132,13 @@ class TokenStore:
     def all(self) -> list[TokenRecord]:
         return self._load()
 
+    def record(self, token_id: str) -> TokenRecord | None:
+        """A live token's record by its id (the E2B door finds a sandbox's owner so)."""
+        for record in [*self._ephemeral, *self._load()]:
+            if record.id == token_id and not record.revoked:
+                return record
+        return None
+
     def revoke(self, name_or_id: str) -> TokenRecord:
         records = self._load()
         for record in records:
@@ -122,6 +150,8 @@ class TokenStore:
 
     def verify(self, token: str) -> TokenRecord | None:
         """The token's record, or None for anything that is not a live token."""
+        if token.startswith(E2B_PREFIX):
+            token = from_e2b_key(token) or ""
         if not token.startswith(PREFIX):
             return None
         token_id, sep, secret = token[len(PREFIX) :].partition("_")

@@ -37,7 +37,7 @@ def _global(
 app.command(context_settings={"allow_interspersed_args": False})(run)
 app.command()(shell)
 app.command()(agent)
-for command in (images.version, images.doctor, images.gc, server.serve):
+for command in (images.version, images.doctor, images.gc, server.serve, server.mcp):
     app.command()(command)
 app.add_typer(images.image_app, name="image")
 app.add_typer(images.golden_app, name="golden")

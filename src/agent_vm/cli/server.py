@@ -43,6 +43,10 @@ def serve(
         Path | None,
         typer.Option(help="clients may share directories below this one (else none)"),
     ] = None,
+    e2b_port: Annotated[
+        int | None,
+        typer.Option(help="also speak E2B's API on this port (on --host, default 127.0.0.1)"),
+    ] = None,
 ) -> None:
     """Serve the HTTP API in the foreground (Ctrl-C or SIGTERM stops it and its sandboxes).
 
@@ -56,8 +60,30 @@ def serve(
         specs = [PoolSpec.parse(item) for item in pool or []]
         run_server(
             load_settings(), specs, socket=socket, host=host, port=port, tls_cert=tls_cert,
-            tls_key=tls_key, workspace_root=workspace_root,
+            tls_key=tls_key, workspace_root=workspace_root, e2b_port=e2b_port,
         )  # fmt: skip
+    except AgentVMError as exc:
+        raise fail(exc) from exc
+
+
+def mcp(
+    server: Annotated[
+        str | None, typer.Option(help="an agent-vm server (default: the local one, else VMs here)")
+    ] = None,
+    token: Annotated[str | None, typer.Option(help="its token (default $AGENT_VM_TOKEN)")] = None,
+    image: Annotated[str | None, typer.Option(help="the image sandboxes start from")] = None,
+) -> None:
+    """Serve sandboxes as MCP tools on stdin/stdout (e.g. `claude mcp add agent-vm --
+    agent-vm mcp`): create, run, read, write, list, remove."""
+    import asyncio
+    import os
+
+    from agent_vm.api.mcptools import run_stdio
+    from agent_vm.cli.run import server_for
+
+    token = token or os.environ.get("AGENT_VM_TOKEN")
+    try:
+        asyncio.run(run_stdio(server_for(server, token), token, image))
     except AgentVMError as exc:
         raise fail(exc) from exc
 
@@ -119,6 +145,9 @@ def token_create(
     metrics: Annotated[
         bool, typer.Option("--metrics", help="may read /metrics (every tenant's figures)")
     ] = False,
+    e2b: Annotated[
+        bool, typer.Option("--e2b", help="print it in E2B's key form too (for E2B_API_KEY)")
+    ] = False,
 ) -> None:
     """Create a token; it is printed once and stored only as a hash."""
     try:
@@ -128,6 +157,11 @@ def token_create(
         )  # fmt: skip
     except AgentVMError as exc:
         raise fail(exc) from exc
+    if e2b:
+        from agent_vm.api.tokens import e2b_key
+
+        typer.echo(f"export AGENT_VM_TOKEN={token}\nexport E2B_API_KEY={e2b_key(token)}")
+        return
     typer.echo(token)
 
 
