@@ -101,8 +101,12 @@ class Execution:
             self._stdin.put(None)
 
     def resize(self, cols: int, rows: int) -> None:
-        if self.master is None:
+        if self.req.pty is None:
             raise ProtocolError("this execution has no terminal")
+        with self._stdin_lock:  # a resize before the terminal exists is its first size
+            if self.master is None:
+                self.req.pty = [cols, rows]
+                return
         _set_size(self.master, cols, rows)
 
     def signal(self, signum: int) -> None:
@@ -253,8 +257,9 @@ class Execution:
         if self.req.pty is not None:
             # setsid -c: a session of its own with the terminal as controlling tty (so ^C
             # reaches the foreground group), without a preexec_fn (no vfork then)
-            self.master, slave = os.openpty()
-            _set_size(self.master, *self.req.pty)
+            with self._stdin_lock:
+                self.master, slave = os.openpty()
+                _set_size(self.master, *self.req.pty)
             env.setdefault("TERM", "xterm-256color")
             argv = ["setsid", "-c", *argv]
         streams: dict[str, Any] = (

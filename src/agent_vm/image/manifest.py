@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "5"  # 5: E2B's user `user`, sudo, python-is-python3; /etc/profile
 
 
 class BuildInputs(BaseModel):

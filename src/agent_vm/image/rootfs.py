@@ -27,8 +27,11 @@ GUEST_PACKAGES = [
     "procps",
     "netbase",
     "e2fsprogs",  # resize2fs grows the root file system (no longer in trixie's minbase)
+    "sudo",  # E2B's convention: its user `user` may become root (the VM is the boundary)
+    "python-is-python3",  # `python`, as E2B's templates and much code expect
 ]
 AGENT_UID = 1000
+E2B_USER, E2B_UID = "user", 1001  # the user E2B's SDK acts as by default (api/e2b)
 GUEST_LIB = Path("opt/agent-vm")
 
 # Files of the host package that the guest runs (all standard library only).
@@ -153,24 +156,22 @@ def trim(tree: Path) -> None:
 
 
 def configure(tree: Path) -> None:
-    """Settings that belong to the tree itself rather than to one boot."""
+    """Settings that belong to the tree itself rather than to one boot: agent-vm's user
+    ``agent``, and E2B's ``user`` (with passwordless sudo, as E2B's base template)."""
     passwd = (tree / "etc/passwd").read_text()
-    if "\nagent:" not in passwd:
-        subprocess.run(
-            [
-                "chroot",
-                str(tree),
-                "useradd",
-                "-m",
-                "-u",
-                str(AGENT_UID),
-                "-s",
-                "/bin/bash",
-                "agent",
-            ],
-            check=True,
-            capture_output=True,
-        )
+    for name, uid in (("agent", AGENT_UID), (E2B_USER, E2B_UID)):
+        if f"\n{name}:" not in passwd:
+            subprocess.run(
+                ["chroot", str(tree), "useradd", "-m", "-u", str(uid), "-s", "/bin/bash", name],
+                check=True, capture_output=True,
+            )  # fmt: skip
+    profile = tree / "etc/profile"  # a login shell (E2B runs every command in one) asks
+    if profile.exists():  # `id -u` for the uid: bash knows it ($EUID), one exec less
+        text = profile.read_text()
+        profile.write_text(text.replace('"$(id -u)"', '"${EUID:-$(id -u)}"'))
+    sudoers = tree / "etc/sudoers.d/e2b-user"
+    sudoers.write_text(f"{E2B_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
     (tree / "etc/resolv.conf").write_text("")  # set per network mode at boot
     (tree / "etc/fstab").write_text("# root is mounted by agent-vm's initramfs\n")
     (tree / "etc/hostname").write_text("agent-vm\n")

@@ -30,7 +30,7 @@ from agent_vm.api.tokens import TokenRecord, TokenStore
 from agent_vm.sandbox.base import CommandSpec, Exit, SandboxState
 
 ENVD_VERSION = "0.6.4"  # what the SDK gates features on (see the README's E2B section)
-DEFAULT_USER = "user"  # E2B's base template's user, made on first use (``ready``)
+DEFAULT_USER = "user"  # E2B's base template's user: in agent-vm's images (else made once)
 _MAKE_USER = (
     f"id -u {DEFAULT_USER} >/dev/null 2>&1 || useradd -m -s /bin/bash {DEFAULT_USER}"
     f" && mkdir -p /home/{DEFAULT_USER} && chown {DEFAULT_USER}: /home/{DEFAULT_USER}"
@@ -144,8 +144,8 @@ def signed(
 
 
 async def ready(target: Target) -> None:
-    """Resume a paused sandbox that asked for it, else refuse; and make E2B's default
-    user once per sandbox (a pool's VM is reset, so each sandbox does it once)."""
+    """Resume a paused sandbox that asked for it, else refuse; and see that E2B's default
+    user is there (agent-vm's images have it; one made before them gets it made)."""
     hosted = target.hosted
     if hosted.handle.state is SandboxState.PAUSED:
         if not hosted.door.get("auto_resume"):
@@ -156,6 +156,9 @@ async def ready(target: Target) -> None:
     lock: asyncio.Lock = hosted.door.setdefault("lock", asyncio.Lock())
     async with lock:
         if hosted.door.get("user_made"):
+            return
+        if await hosted.handle.files.exists(f"/home/{DEFAULT_USER}"):
+            hosted.door["user_made"] = True
             return
         exit = await run_to_end(target, CommandSpec(cmd=_MAKE_USER, user="root", timeout=60))
         if exit is None or exit.exit_code != 0:
