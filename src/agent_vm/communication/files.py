@@ -9,6 +9,7 @@ is also a ``FileNotFoundError``, and so on).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -56,6 +57,9 @@ MAX_LINE = 64 * 1024
 Channel = Callable[[], Awaitable[AgentChannel]]
 Staging = Callable[[], Awaitable[Path | None]]
 BULK_OPS = frozenset({"read", "write", "tar", "untar"})
+
+
+WATCH_READY_WAIT = 2.0  # a guest that does not say when its watch is in place
 
 
 class FileService(Files):
@@ -168,11 +172,19 @@ class FileService(Files):
 
     # ------------------------------------------------------------------ events
 
-    async def watch(self, path: str, recursive: bool = False) -> AsyncIterator[WatchEvent]:
+    async def watch(
+        self, path: str, recursive: bool = False, ready: asyncio.Event | None = None
+    ) -> AsyncIterator[WatchEvent]:
         """Events under ``path`` as the guest's inotify reports them, until the caller
-        stops iterating. ``overflow`` means some were lost."""
+        stops iterating. ``overflow`` means some were lost. ``ready`` is set once the
+        guest's watch is in place (what happens after it is seen; a guest too old to say
+        so is given ``WATCH_READY_WAIT``)."""
         async with self._request(FileRequest("watch", path, recursive=recursive)) as stream:
             try:
+                if ready is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stream.watching.wait(), WATCH_READY_WAIT)
+                    ready.set()
                 async for kind, where, is_dir in stream.events():
                     yield WatchEvent(kind, where, is_dir)
             finally:

@@ -59,6 +59,7 @@ class FileStream:
         self._in_flight = 0
         self._acked = asyncio.Event()
         self._events: deque[Event] = deque()
+        self.watching = asyncio.Event()  # a watch request: its guest side is in place
         self.events_dropped = 0
 
     # ------------------------------------------------------------ from the reader
@@ -89,7 +90,10 @@ class FileStream:
         self._acked.set()
 
     def on_events(self, payload: bytes) -> None:
-        for event in check_events(payload):
+        events = check_events(payload)
+        if not events:  # a watch's first frame: the guest's watch is in place
+            self.watching.set()
+        for event in events:
             if len(self._events) >= MAX_EVENTS:
                 self.events_dropped += 1
                 continue

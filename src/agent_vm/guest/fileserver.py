@@ -328,6 +328,9 @@ class Operation:
         from agent_vm.guest.inotify import Watcher
 
         with Watcher(self.req.path, self.req.recursive) as watcher:
+            ready = json.dumps({"events": []}).encode()  # the watch is in place: say so
+            if not self.agent.send(MessageType.EVENTS, self.request_id, ready, self.session):
+                return
             while not self.cancelled.is_set():
                 events = watcher.read(timeout=0.2)
                 for start in range(0, len(events), MAX_EVENTS_PER_FRAME):

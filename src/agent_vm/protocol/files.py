@@ -229,7 +229,8 @@ def check_entry(data: object) -> dict[str, Any]:
 
 
 def check_events(payload: bytes) -> list[tuple[str, str, bool]]:
-    """EVENTS frame: [{"type", "path", "is_dir"}...] (at most MAX_EVENTS_PER_FRAME)."""
+    """EVENTS frame: [{"type", "path", "is_dir"}...] (at most MAX_EVENTS_PER_FRAME). A
+    watch's first frame is empty: the guest's watch is in place from then on."""
     data = _loads(payload)
     _check_only(data, {"events"})
     events = _field(data, "events", (list,))

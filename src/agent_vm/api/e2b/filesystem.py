@@ -29,6 +29,7 @@ from protobuf.wkt import Timestamp
 from agent_vm.api.e2b import door
 from agent_vm.api.e2b.errors import rpc_errors, translated
 from agent_vm.communication.fileapi import FileEntry, WatchEvent
+from agent_vm.communication.files import FileService
 from agent_vm.errors import SandboxFileError, SandboxFileNotFoundError
 from agent_vm.sandbox.base import CommandSpec
 
@@ -125,10 +126,20 @@ async def _watch(target: door.Target, path: str, recursive: bool) -> AsyncIterat
     files = target.hosted.handle.files
     if (await files.stat(path)).type != "dir":
         raise ConnectError(Code.INVALID_ARGUMENT, f"path {path} not a directory")
-    stream = files.watch(path, recursive)
-    first = asyncio.ensure_future(anext(stream))
-    await files.exists(path)  # a round trip after the watch request: the guest has it
-    await asyncio.sleep(0.1)
+    ready = asyncio.Event()
+    if isinstance(files, FileService):  # it says when the guest's watch is in place
+        stream = files.watch(path, recursive, ready=ready)
+        first = asyncio.ensure_future(anext(stream))
+        waiting = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({first, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if first.done() and first.exception() is not None:
+            raise first.exception()  # type: ignore[misc]
+    else:
+        stream = files.watch(path, recursive)
+        first = asyncio.ensure_future(anext(stream))
+        await files.exists(path)  # a round trip after the watch request, and a while
+        await asyncio.sleep(0.1)
     return _following(stream, first)
 
 

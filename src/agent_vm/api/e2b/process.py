@@ -12,7 +12,9 @@ code, ``exited``, and a status line like Go's (``exit status 1``, ``signal: kill
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal as signals
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,11 +26,12 @@ from protobuf import Oneof
 
 from agent_vm.api.e2b import door
 from agent_vm.api.e2b.errors import rpc_errors, translated
+from agent_vm.errors import AgentVMError
 from agent_vm.sandbox.base import CommandSource, CommandSpec, Exit, Output, SandboxState
 
 KEEPALIVE_SECONDS = 50.0
-# the SDK's deadline ends the stream (its TimeoutException); the command goes this
-# much later, so the client, not the guest's kill, decides how a timeout reads
+# a Start's deadline kills the command here (``_events``); the guest's own timeout is
+# this much later, a backstop should the server not get to it
 TIMEOUT_GRACE = 2.0
 _ALIVE = frozenset({SandboxState.RUNNING, SandboxState.PAUSED})
 
@@ -62,17 +65,29 @@ def _data(output: Output, pty: bool) -> pb.ProcessEvent:
     return _event("data", data)
 
 
-async def _events(source: CommandSource, pid: int, pty: bool) -> AsyncIterator[pb.ProcessEvent]:
-    """Start, data and end events; a keepalive when nothing happened for a while."""
+async def _events(
+    source: CommandSource, pid: int, pty: bool, deadline: float | None = None
+) -> AsyncIterator[pb.ProcessEvent]:
+    """Start, data and end events; a keepalive when nothing happened for a while. At
+    ``deadline`` (monotonic: a Start's timeout) the command is killed and the stream
+    ends with deadline_exceeded, as envd's does (the SDK's TimeoutException)."""
     yield _event("start", pb.ProcessEvent.StartEvent(pid=pid))
     stream = aiter(source.follow())
     pending: asyncio.Task[Any] | None = None
     try:
         while True:
             pending = pending or asyncio.ensure_future(anext(stream))
-            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_SECONDS)
+            wait = KEEPALIVE_SECONDS
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    with contextlib.suppress(AgentVMError):
+                        await source.kill()
+                    raise ConnectError(Code.DEADLINE_EXCEEDED, "the command's timeout ran out")
+            done, _ = await asyncio.wait({pending}, timeout=wait)
             if not done:
-                yield _event("keepalive", pb.ProcessEvent.KeepAlive())
+                if deadline is None or time.monotonic() < deadline:
+                    yield _event("keepalive", pb.ProcessEvent.KeepAlive())
                 continue
             try:
                 event = pending.result()
@@ -163,7 +178,8 @@ class ProcessService:
             config = {"cmd": process.cmd, "args": list(process.args), "envs": dict(process.envs),
                       "cwd": process.cwd, "tag": request.tag}  # fmt: skip
             pid = door.new_pid(target.hosted, info.id, config)
-        async for event in _events(source, pid, size is not None):
+        ends = time.monotonic() + deadline / 1000 if deadline else None
+        async for event in _events(source, pid, size is not None, ends):
             yield pb.StartResponse(event=event)
 
     async def connect(
