@@ -133,3 +133,14 @@ def test_a_new_sandbox_becomes_a_spec() -> None:
     for refused in refusals:
         with pytest.raises(ConfigError, match="does not offer"):
             spec_of(NewSandbox.model_validate({"templateID": "base", **refused}), False)
+
+
+def test_an_envd_request_names_its_sandbox_by_header_or_host() -> None:
+    from starlette.datastructures import Headers
+
+    from agent_vm.api.e2b.envd import sandbox_of
+
+    assert sandbox_of(Headers({"e2b-sandbox-id": "sb-1", "host": "x"})) == "sb-1"
+    assert sandbox_of(Headers({"host": "49983-sb-2ab.box.example:443"})) == "sb-2ab"
+    assert sandbox_of(Headers({"host": "8080-sb-2ab.box.example"})) is None  # a port: not envd
+    assert sandbox_of(Headers({"host": "api.box.example"})) is None

@@ -15,7 +15,7 @@ import math
 import time
 import urllib.parse
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
@@ -186,6 +186,8 @@ async def list_v2(
     order: str = "desc", startedAfter: datetime | None = None, template: str | None = None,
 ) -> list[Any]:  # fmt: skip
     wanted = set((state or "running,paused").split(","))
+    if startedAfter is not None and startedAfter.tzinfo is None:
+        startedAfter = startedAfter.replace(tzinfo=UTC)  # E2B's times are UTC
     found = [
         h for h in service.list(owner, _metadata_filter(metadata))
         if _detail(h, owner)["state"] in wanted

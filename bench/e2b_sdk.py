@@ -1,6 +1,6 @@
 """The E2B door against agent-vm's own SDK: ``create`` + ``run("echo hi")`` + ``kill``.
 
-    .venv/bin/python -m bench.e2b [--runs 20] [--pause 4]
+    .venv/bin/python -m bench.e2b_sdk [--runs 20] [--pause 4]
 
 Starts ``agent-vm serve`` on a socket of its own with ``--e2b-port`` and one warm pool
 (``light`` ISOLATED, 2..4), and a token. Then, one after the other (``--pause`` seconds
@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from e2b import Sandbox as E2BSandbox
 
 from agent_vm import timeutil
 from agent_vm.api.tokens import TokenStore, e2b_key
 from agent_vm.sandbox import Sandbox
 from bench import peers
 from bench.stats import host_info, print_table, summary, write_json
-from e2b import Sandbox as E2BSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "agent_vm"]
