@@ -5,13 +5,14 @@
 
 The suite is E2B's (e2b-dev/E2B, ``packages/python-sdk/tests``): fetch it yourself, it
 is not part of this repository. This starts ``agent-vm serve --e2b-port`` with a warm
-pool (``light`` NAT, 2..4) and a token of its own (24 sandboxes), points the suite at it
+pool (``light`` ISOLATED, 2..4) and a token of its own (24 sandboxes), points the suite at it
 with the SDK's environment variables only (``E2B_API_URL``, ``E2B_SANDBOX_URL``,
 ``E2B_API_KEY``), runs each folder with pytest (junit XML), and prints passed / failed /
 skipped per folder, with each failure's first line.
 
 E2B's tests that reach the internet or E2B's hosted domains (``NOT_HERE``) are never
-run: a test here sends traffic only to this machine.
+run, and every sandbox is on an isolated network whatever it asks for
+(``--e2b-network isolated``): nothing a test of theirs runs can leave this machine.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def main() -> None:
     log = (work / "server.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "agent_vm", "serve", "--socket", str(work / "api.sock"),
-         "--e2b-port", str(port), "--pool", ":light:nat:2:4"],
+         "--e2b-port", str(port), "--e2b-network", "isolated", "--pool", ":light:isolated:2:4"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -69,7 +69,7 @@ def door(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doo
     store = TokenStore(root / "tokens.json")
     keys = {name: e2b_key(store.create(name, max_sandboxes=6)[1]) for name in ("alice", "bob")}
     port = _free_port()
-    args = ("--e2b-port", str(port), "--pool", ":light:isolated:1:3")
+    args = ("--e2b-port", str(port), "--e2b-network", "isolated", "--pool", ":light:isolated:1:3")
     with running_server(root, *args, tokens=root / "tokens.json") as server:
         yield Door(server, port, keys)
 
@@ -87,10 +87,11 @@ def test_the_sdk_needs_only_its_environment_variables(
     monkeypatch.setenv("E2B_API_URL", door.url)
     monkeypatch.setenv("E2B_SANDBOX_URL", door.url)
     monkeypatch.setenv("E2B_API_KEY", door.keys["alice"])
-    sandbox = Sandbox.create(allow_internet_access=False)
+    sandbox = Sandbox.create()  # wants the internet: this server's --e2b-network gives none
     try:
         result = sandbox.commands.run("echo hi; whoami; pwd")
         assert result.stdout == "hi\nuser\n/home/user\n"
+        assert sandbox.commands.run("ls /sys/class/net").stdout.split() == ["lo"]
         assert sandbox.is_running()
     finally:
         sandbox.kill()

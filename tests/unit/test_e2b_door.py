@@ -126,6 +126,8 @@ def test_a_new_sandbox_becomes_a_spec() -> None:
         None, "isolated", 90.0, "pause", True,
     )  # fmt: skip
     assert spec_of(NewSandbox(templateID="mine"), snapshot=True).snapshot == "mine"
+    assert spec_of(NewSandbox(templateID="base"), False).network == "nat"
+    assert spec_of(NewSandbox(templateID="base"), False, internet="isolated").network == "isolated"
     refusals: list[dict[str, Any]] = [
         {"network": {"denyOut": ["0.0.0.0/0"]}}, {"volumeMounts": [{"x": 1}]},
         {"mcp": {"server": {}}},

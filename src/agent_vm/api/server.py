@@ -59,11 +59,16 @@ class E2BDoor:
     listener: socket_module.socket
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    internet: str = "nat"  # the network of an E2B sandbox that wants the internet
 
     @classmethod
-    def open(cls, host: str, port: int, cert: Path | None, key: Path | None) -> E2BDoor:
+    def open(
+        cls, host: str, port: int, cert: Path | None, key: Path | None, internet: str = "nat"
+    ) -> E2BDoor:
+        if internet not in ("nat", "isolated"):
+            raise ConfigError(f"--e2b-network {internet!r}: nat or isolated")
         try:
-            return cls(bind(host, port), cert, key)
+            return cls(bind(host, port), cert, key, internet)
         except OSError as exc:
             raise ConfigError(
                 f"the E2B door cannot listen on {host}:{port}: {exc.strerror}",
@@ -122,7 +127,7 @@ def build_app(
             service.start()
             holder["service"] = service
             if e2b is not None:
-                door = E2BApp(current, tokens, app.state.on_auth_failure)
+                door = E2BApp(current, tokens, app.state.on_auth_failure, e2b.internet)
                 listener = E2BListener(door, e2b.listener, e2b.tls_cert, e2b.tls_key)
                 await listener.start()
             log.info("server_ready", pools=len(pools))
@@ -158,6 +163,7 @@ def serve(
     tls_key: Path | None = None,
     workspace_root: Path | None = None,
     e2b_port: int | None = None,
+    e2b_network: str = "nat",
 ) -> None:
     """Run until SIGTERM/SIGINT. TCP when ``host`` or ``port`` is given (``port`` alone:
     127.0.0.1; TLS with cert and key), else the Unix socket. ``e2b_port``: the E2B door
@@ -175,7 +181,7 @@ def serve(
     e2b = None
     if e2b_port is not None:
         try:
-            e2b = E2BDoor.open(host or "127.0.0.1", e2b_port, tls_cert, tls_key)
+            e2b = E2BDoor.open(host or "127.0.0.1", e2b_port, tls_cert, tls_key, e2b_network)
         except ConfigError:
             audit.close()
             raise

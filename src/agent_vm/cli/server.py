@@ -47,6 +47,9 @@ def serve(
         int | None,
         typer.Option(help="also speak E2B's API on this port (on --host, default 127.0.0.1)"),
     ] = None,
+    e2b_network: Annotated[
+        str, typer.Option(help="E2B sandboxes that want the internet get: nat, or isolated")
+    ] = "nat",
 ) -> None:
     """Serve the HTTP API in the foreground (Ctrl-C or SIGTERM stops it and its sandboxes).
 
@@ -61,6 +64,7 @@ def serve(
         run_server(
             load_settings(), specs, socket=socket, host=host, port=port, tls_cert=tls_cert,
             tls_key=tls_key, workspace_root=workspace_root, e2b_port=e2b_port,
+            e2b_network=e2b_network,
         )  # fmt: skip
     except AgentVMError as exc:
         raise fail(exc) from exc

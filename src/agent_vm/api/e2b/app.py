@@ -30,9 +30,11 @@ log = get_logger(__name__)
 class E2BApp:
     def __init__(
         self, service: Callable[[], SandboxService], tokens: TokenStore,
-        on_auth_failure: Callable[[str, str], None],
+        on_auth_failure: Callable[[str, str], None], internet: str = "nat",
     ) -> None:  # fmt: skip
-        self.control = create_control(service, tokens, on_auth_failure, (snapshots.router,))
+        self.control = create_control(
+            service, tokens, on_auth_failure, (snapshots.router,), internet
+        )
         self.envd = Envd(service, tokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -73,7 +73,9 @@ def _unsupported(what: str) -> ConfigError:
     return ConfigError(f"agent-vm does not offer {what}", hint="see the README's E2B section")
 
 
-def spec_of(new: NewSandbox, snapshot: bool) -> SandboxSpec:
+def spec_of(new: NewSandbox, snapshot: bool, internet: str = "nat") -> SandboxSpec:
+    """The sandbox ``new`` asks for; ``internet``: the network of one that wants the
+    internet (the server's ``--e2b-network``: nat, or isolated to give E2B clients none)."""
     if new.network and any(new.network.get(k) for k in ("allowOut", "denyOut", "rules")):
         raise _unsupported("per-sandbox network rules through the E2B API (use a policy)")
     if new.mcp:
@@ -83,7 +85,7 @@ def spec_of(new: NewSandbox, snapshot: bool) -> SandboxSpec:
     template = None if new.templateID == "base" else new.templateID
     return SandboxSpec(
         image=None if snapshot else template, snapshot=template if snapshot else None,
-        network="isolated" if new.allow_internet_access is False else "nat",
+        network="isolated" if new.allow_internet_access is False else internet,
         labels=dict(new.metadata or {}), lifetime=float(new.timeout or 15),
         on_expiry="pause" if new.autoPause else "kill",
         auto_resume=bool((new.autoResume or {}).get("enabled")),
@@ -165,8 +167,10 @@ router = APIRouter()
 
 
 @router.post("/sandboxes", status_code=201)
-async def create(new: NewSandbox, owner: Token, service: Service) -> dict[str, Any]:
-    spec = spec_of(new, service.owns_snapshot(owner, new.templateID))
+async def create(
+    new: NewSandbox, owner: Token, service: Service, request: Request
+) -> dict[str, Any]:
+    spec = spec_of(new, service.owns_snapshot(owner, new.templateID), request.app.state.internet)
     hosted = await service.create(owner, spec)
     hosted.door.update(template=new.templateID, envs=dict(new.envVars or {}),
                        auto_resume=spec.auto_resume)  # fmt: skip
@@ -263,12 +267,14 @@ async def connect(
 def create_control(
     service: Callable[[], SandboxService], tokens: TokenStore,
     on_auth_failure: Callable[[str, str], None], more: tuple[APIRouter, ...] = (),
+    internet: str = "nat",
 ) -> FastAPI:  # fmt: skip
     """The control plane's app; ``more``: routers of other modules (before the 501s)."""
     app = FastAPI(title="agent-vm (E2B API)", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.tokens = tokens
     app.state.service = service
     app.state.on_auth_failure = on_auth_failure
+    app.state.internet = internet
 
     @app.exception_handler(AgentVMError)
     async def _errors(_: Request, exc: AgentVMError) -> JSONResponse:
