@@ -30,7 +30,8 @@ from agent_vm.sandbox.base import SandboxState
 from tests.integration.testnet import TestHost
 
 COUNTER = (
-    "nohup bash -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.1; done'"
+    "nohup bash -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count.new;"
+    " mv /root/count.new /root/count; sleep 0.1; done'"
     " >/dev/null 2>&1 & until [ -s /root/count ]; do sleep 0.05; done"
 )
 IDENTITY = (

@@ -20,7 +20,8 @@ from tests.integration.servers import running_server
 from tests.integration.test_server import create, output
 
 COUNTER = (
-    "nohup bash -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.1; done'"
+    "nohup bash -c 'i=0; while :; do i=$((i+1)); echo $i > /root/count.new;"
+    " mv /root/count.new /root/count; sleep 0.1; done'"
     " >/dev/null 2>&1 & until [ -s /root/count ]; do sleep 0.05; done"
 )
 
