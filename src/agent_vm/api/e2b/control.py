@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent_vm import timeutil
 from agent_vm.api.app import validation_line
+from agent_vm.api.deps import Service
 from agent_vm.api.e2b import door
 from agent_vm.api.e2b.errors import body, http_status
 from agent_vm.api.lifecycle import Hosted
@@ -102,13 +103,7 @@ def _token(request: Request, x_api_key: Annotated[str | None, Header()] = None) 
     return record
 
 
-def _service(request: Request) -> SandboxService:
-    service: SandboxService = request.app.state.service()
-    return service
-
-
 Token = Annotated[TokenRecord, Depends(_token)]
-Service = Annotated[SandboxService, Depends(_service)]
 
 
 class _Denied(Exception):

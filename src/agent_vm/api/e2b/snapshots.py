@@ -13,7 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent_vm.api.e2b.control import Service, Timeout, Token, live_for, sandbox_view
+from agent_vm.api.deps import Service
+from agent_vm.api.e2b.control import Timeout, Token, live_for, sandbox_view
 from agent_vm.api.e2b.errors import body, http_status
 from agent_vm.errors import AgentVMError, SnapshotError
 from agent_vm.sandbox.base import SnapshotInfo
