@@ -27,6 +27,7 @@ __all__ = [
     "ResourceProfile",
     "Runtime",
     "Sandbox",
+    "Secret",
     "VMPool",
     "Workspace",
     "__version__",
@@ -42,6 +43,7 @@ _WHERE = {
     "ResourceProfile": "agent_vm.core.template",
     "Runtime": "agent_vm.execution.runtime",
     "Sandbox": "agent_vm.sandbox",
+    "Secret": "agent_vm.secrets",
     "VMPool": "agent_vm.execution.pool",
     "Workspace": "agent_vm.communication.workspace",
 }
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from agent_vm.execution.runtime import Runtime
     from agent_vm.network.policy import EgressPolicy
     from agent_vm.sandbox import AsyncSandbox, Sandbox
+    from agent_vm.secrets import Secret
 
 
 def __getattr__(name: str) -> object:

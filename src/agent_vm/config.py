@@ -65,6 +65,16 @@ class Settings(BaseSettings):
         description="Sandbox QEMUs run as users agvm-N with uid = gid = uid_base + N; group "
         "agentvm gets uid_base - 1.",
     )
+    egress_proxy: bool = Field(
+        default=True,
+        description="Send sandboxes' web traffic (TCP 80, 443) through the host's egress "
+        "proxy: names checked, secrets injected, refusals answered with a 403.",
+    )
+    egress_upstream_ca: Path | None = Field(
+        default=None,
+        description="More CA certificates (PEM) the proxy trusts upstream, besides the "
+        "host's bundle (a company's CA; the tests' CA).",
+    )
     ksm: bool = Field(
         default=False,
         description="Merge identical pages of running VMs (KSM): denser, at the price of a "

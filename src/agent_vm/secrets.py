@@ -10,11 +10,15 @@ through :func:`redact`, which puts ``[secret NAME]`` in its place.
 from __future__ import annotations
 
 import os
+import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_hex
 
 from agent_vm.errors import ConfigError
+from agent_vm.names import clean_pattern
 
 MIN_LENGTH = 4  # shorter values would redact ordinary text; refused as secrets
 _lock = threading.Lock()
@@ -84,3 +88,78 @@ def parse(items: list[str], environ: Mapping[str, str] | None = None) -> dict[st
                 hint=f"use --secret {name} (from the environment) or --secret {name}=@FILE",
             )
     return out
+
+
+# ---------------------------------------------------------------- secrets the proxy injects
+
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")  # an RFC 9110 field name
+# headers HTTP itself or the proxy controls: a secret there would be lost or break framing
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+    "te", "trailer", "proxy-connection", "proxy-authorization", "expect",
+})  # fmt: skip
+PLACEHOLDER_PREFIX = "agentvm-secret-"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret that never enters the VM: the guest gets ``placeholder`` in its
+    environment, and the host's egress proxy puts ``value`` in its place in the headers
+    of HTTPS requests to ``hosts`` (names or ``*.domain`` patterns; only ``header`` when
+    given). To any other host the placeholder goes out as it is."""
+
+    value: str = field(repr=False)
+    hosts: Sequence[str]  # kept as a tuple of cleaned patterns
+    header: str | None = None
+    placeholder: str = field(default_factory=lambda: PLACEHOLDER_PREFIX + token_hex(16))
+
+    def __post_init__(self) -> None:
+        hosts = (self.hosts,) if isinstance(self.hosts, str) else tuple(self.hosts)
+        if not hosts:
+            raise ConfigError("a proxied secret needs the hosts it is for", hint=HOSTS_HINT)
+        try:
+            cleaned = tuple(clean_pattern(host) for host in hosts)
+        except ValueError as exc:
+            raise ConfigError(f"proxied secret: {exc}", hint=HOSTS_HINT) from None
+        object.__setattr__(self, "hosts", cleaned)
+        if self.header is not None and (
+            not HEADER_NAME.match(self.header) or self.header.lower() in RESERVED_HEADERS
+        ):
+            raise ConfigError(
+                f"proxied secret: {self.header!r} is not a header a secret can go in",
+                hint="a request header name such as x-api-key or authorization",
+            )
+        if len(self.value) < MIN_LENGTH or any(c in self.value for c in "\r\n\0"):
+            raise ConfigError(
+                f"proxied secret: a value shorter than {MIN_LENGTH} characters or with a "
+                "line break cannot go in a header"
+            )
+        if not self.placeholder.startswith(PLACEHOLDER_PREFIX) or not self.placeholder.isascii():
+            raise ConfigError(f"proxied secret: a placeholder starts with {PLACEHOLDER_PREFIX}")
+
+
+HOSTS_HINT = "e.g. Secret(value, hosts=['api.anthropic.com'], header='x-api-key')"
+
+
+def parse_any(
+    items: list[str], environ: Mapping[str, str] | None = None
+) -> dict[str, str | Secret]:
+    """``--secret`` values of both kinds: ``NAME``/``NAME=@FILE`` (in the VM's
+    environment) and ``NAME:HOST[,HOST][:HEADER]`` (injected by the host's proxy)."""
+    out: dict[str, str | Secret] = {}
+    for item in items:
+        if ":" in item.partition("=")[0]:
+            name, secret = parse_proxied(item, environ)
+            out[name] = secret
+        else:
+            out.update(parse([item], environ))
+    return out
+
+
+def parse_proxied(item: str, environ: Mapping[str, str] | None = None) -> tuple[str, Secret]:
+    """``--secret NAME:HOST[,HOST...][:HEADER]``: the value from this process's
+    environment, injected by the proxy for HOST."""
+    name, _, rest = item.partition(":")
+    hosts, _, header = rest.partition(":")
+    value = parse([name], environ)[name]
+    return name, Secret(value, tuple(h for h in hosts.split(",") if h), header or None)

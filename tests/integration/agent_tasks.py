@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from agent_vm.communication.workspace import Workspace
 from agent_vm.execution.agents import agent_plan
 from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.recipe import find_recipe
 from agent_vm.image.store import Image
 from agent_vm.network.policy import EgressPolicy
+from agent_vm.secrets import Secret
 
 API = "api.allowed.test"
 TEST_HOST_IP = "198.51.100.10"
@@ -59,7 +62,9 @@ CLAUDE_SCRIPT = {
 async def run_agent(
     runtime: Runtime, image: Image, name: str, args: list[str], workspace: Path, key: str,
     base_url: str = f"http://{API}", extra_env: dict[str, str] | None = None,
+    inspect: Callable[[RunningVM], Awaitable[None]] | None = None,
 ) -> tuple[int, str, str, set[str]]:  # fmt: skip
+    """Run an agent in a fresh VM; ``inspect`` looks at the VM after it finished."""
     plan = agent_plan(find_recipe(name), args, base_url, {_key_env(name): key}, tty=False)
     assert plan.allowlist == (API,)
     vm = await runtime.vm(
@@ -68,10 +73,16 @@ async def run_agent(
         policy=EgressPolicy(allow_domains=plan.allowlist),
     )
     try:
+        proxied = {k: v for k, v in plan.secrets.items() if isinstance(v, Secret)}
+        if proxied:  # the host's proxy holds the key; the VM gets the placeholder
+            await vm.set_secrets(proxied)
+        hidden = {k: v.placeholder if isinstance(v, Secret) else v for k, v in plan.secrets.items()}
         await vm.attach_workspace(Workspace(path=workspace))
         result = await AgentExecutor().execute(
-            vm, plan.command, env={**plan.env, **(extra_env or {}), **plan.secrets}, timeout=900
+            vm, plan.command, env={**plan.env, **(extra_env or {}), **hidden}, timeout=900
         )
+        if inspect is not None:
+            await inspect(vm)
         refused = {b.destination for b in vm.guard.blocked(vm.name)} if vm.guard else set()
     finally:
         await vm.close()

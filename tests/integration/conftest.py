@@ -19,6 +19,10 @@ os.environ["AGENT_VM_DNS_UPSTREAM"] = '["198.51.100.10:53"]'  # TEST_HOST_IP
 # The test host's network is reached through a host route, which makes it "the host's LAN"
 # (refused by default); it stands for the internet here, so it is declared public.
 os.environ["AGENT_VM_NETWORK_PUBLIC_SUBNETS"] = '["198.51.100.0/24"]'
+# The test hosts serve HTTPS with a certificate of a test CA (made below, tls_files()):
+# the egress proxy, which checks upstream certificates, trusts it besides the host's
+# bundle; sandboxes never do.
+os.environ["AGENT_VM_EGRESS_UPSTREAM_CA"] = "/run/agent-vm-tests/tls/ca.pem"  # TEST_CA
 import re
 import shutil
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -43,7 +47,10 @@ from agent_vm.host.mounts import mounts_under
 from agent_vm.image.store import Image
 from agent_vm.network.guard import NetworkGuard
 from tests.integration.helpers import saved_dirs, vm_dirs
-from tests.integration.testnet import TestHost, exclusive
+from tests.integration.testnet import TEST_CA, TestHost, exclusive, tls_files
+
+tls_files()
+assert str(TEST_CA) == os.environ["AGENT_VM_EGRESS_UPSTREAM_CA"]
 
 TEST_HOST_IP = "198.51.100.10"
 # What the test host's DNS server answers (the sandbox resolver forwards to it).

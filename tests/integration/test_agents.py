@@ -17,10 +17,13 @@ import secrets as token
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from agent_vm.execution.executor import AgentExecutor
+from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.image.recipe import find_recipe
 from agent_vm.image.store import Image
@@ -40,6 +43,7 @@ from tests.integration.agent_tasks import (
     run_agent,
 )  # fmt: skip
 from tests.integration.servers import running_server
+from tests.integration.test_secrets import files_holding
 from tests.integration.testnet import TestHost
 
 CLI = [sys.executable, "-m", "agent_vm"]
@@ -64,15 +68,27 @@ async def test_claude_code_edits_a_workspace_file(
     runtime: Runtime, claude_image: Image, guard: NetworkGuard, test_host: TestHost,
     tmp_path: Path, scripted_model: None,
 ) -> None:  # fmt: skip
+    """Over HTTPS, with the key injected by the host's egress proxy: the guest holds a
+    placeholder, and neither its environment, its disk nor its memory (QEMU's, read
+    from the host) ever holds the key."""
     workspace = project(tmp_path)
     key = f"sk-ant-test-{token.token_hex(8)}"
     control("/_script", CLAUDE_SCRIPT)
     # the recipe's switches for telemetry, error reports and update checks turned off
     # here, so that the policy is what stops them
     traffic_on = {name: "" for name in NONESSENTIAL_SWITCHES}
+    traces: dict[str, Any] = {}
+
+    async def look(vm: RunningVM) -> None:
+        env = await AgentExecutor().execute(vm, "cat /proc/[0-9]*/environ | tr '\\0' '\\n'")
+        traces["env"] = env.stdout
+        assert vm.qemu_pid is not None
+        traces["memory"] = process_memory_holds(vm.qemu_pid, key.encode(), b"agentvm-secret-")
+        traces["disk"] = files_holding(key.encode(), [vm.workdir, workspace], 0)
+
     code, out, err, refused = await run_agent(
         runtime, claude_image, "claude", CLAUDE_ARGS, workspace, key,
-        extra_env=traffic_on,
+        base_url=f"https://{API}", extra_env=traffic_on, inspect=look,
     )  # fmt: skip
     asked = control("/_requests")
     assert code == 0, f"stdout: {out}\nstderr: {err}\nrequests: {[r['path'] for r in asked]}"
@@ -80,7 +96,11 @@ async def test_claude_code_edits_a_workspace_file(
     assert "hello, world" in out
     with_tools = [r for r in asked if r["body"].get("tools")]
     assert len(with_tools) == 3, [r["path"] for r in asked]
-    assert {r["key"] for r in asked} == {key}  # the key arrived, as a secret
+    assert {r["key"] for r in asked} == {key}  # the key arrived, put in by the proxy
+    assert "SHLVL" in traces["env"] and key not in traces["env"]  # every process's env
+    # the scan works (it finds the placeholder in the guest's RAM) and finds no key
+    assert traces["memory"] == {key.encode(): False, b"agentvm-secret-": True}
+    assert traces["disk"] == []
     # the tool results went back to the model: the Read saw the file's content
     assert "return 'hello'" in json.dumps(with_tools[1]["body"]["messages"])
     # its own traffic (metrics, feature flags, update checks) goes to the real API's
@@ -134,6 +154,32 @@ async def test_codex_edits_a_workspace_file(
     print(f"Codex's names refused by the policy: {sorted(refused)}")
 
 
+def process_memory_holds(pid: int, *needles: bytes) -> dict[bytes, bool]:
+    """Which of ``needles`` are anywhere in process ``pid``'s readable memory (for QEMU:
+    the guest's RAM and everything QEMU holds), read through /proc/PID/mem."""
+    found = dict.fromkeys(needles, False)
+    longest = max(map(len, needles))
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            tail = b""
+            while start < end:
+                try:
+                    mem.seek(start)
+                    chunk = mem.read(min(16 << 20, end - start))
+                except (OSError, OverflowError, ValueError):
+                    break
+                for needle in needles:
+                    found[needle] = found[needle] or needle in tail + chunk
+                tail, start = chunk[-longest:], start + len(chunk)
+                if not chunk:
+                    break
+    return found
+
+
 @pytest.mark.parametrize("where", ["local", "server"])
 def test_the_agent_command_runs_claude_headless(
     where: str,
@@ -156,7 +202,7 @@ def test_the_agent_command_runs_claude_headless(
             env["AGENT_VM_SOCKET"] = str(server.socket)
         proc = subprocess.run(
             [*CLI, "agent", "claude", "--workspace", str(workspace), "--base-url",
-             f"http://{API}", "--", "Make greet() say hello, world."],
+             f"https://{API}", "--", "Make greet() say hello, world."],
             env={**env, "ANTHROPIC_API_KEY": key}, capture_output=True, timeout=900,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -165,7 +211,7 @@ def test_the_agent_command_runs_claude_headless(
             assert "sandbox_created" in log and key not in log
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert (workspace / "greet.py").read_text() == EDITED
-    assert {r["key"] for r in control("/_requests")} == {key}
+    assert {r["key"] for r in control("/_requests")} == {key}  # injected by the proxy
     assert key.encode() not in proc.stderr
 
 

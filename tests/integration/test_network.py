@@ -99,6 +99,11 @@ def assert_blocked(outcome: str) -> None:
     assert outcome in ("timeout", "no reply") or outcome.startswith("error:"), outcome
 
 
+def assert_refused_by_name(outcome: str, name: str) -> None:
+    """Web traffic refused by the egress proxy: a 403 that says why (docs/security.md)."""
+    assert outcome == f"ok:agent-vm: {name} is not in this sandbox's allowlist", outcome
+
+
 async def test_default_policy_allows_only_dns_and_web_ports(
     sandbox: Callable[..., Any], executor: AgentExecutor, guard: NetworkGuard, settings: Settings
 ) -> None:
@@ -345,19 +350,25 @@ async def test_domain_allowlist_is_enforced_on_the_host(
             executor,
             vm,
             {
-                "allowed": ["http", TEST_HOST_IP, 80],  # the address web.allowed.test gave
+                "allowed": ["http", "web.allowed.test", 80],
+                "by_address": ["http", TEST_HOST_IP, 80],  # the address, without the name
                 "allowed_8080": ["http", TEST_HOST_IP, 8080],  # not an allowed port
                 "other_address": ["http", OTHER_IP, 80],  # same host, not resolved
+                "other_ssh": ["tcp", OTHER_IP, 22],  # not web: the address sets decide
             },
         )
         dns_blocked = {(b.kind, b.destination) for b in guard.blocked(vm.name)}
-    assert_blocked(before["direct"])
+    # web traffic is checked by name (Host here) by the egress proxy, and refused readably
+    assert_refused_by_name(before["direct"], TEST_HOST_IP)
     assert names["allowed"] == f"ok:{TEST_HOST_IP}", names
     assert names["other"].startswith("error:"), names
-    assert after["allowed"].startswith("ok:"), after
+    assert after["allowed"].startswith("ok:hello from port 80"), after
+    assert_refused_by_name(after["by_address"], TEST_HOST_IP)
     assert_blocked(after["allowed_8080"])
-    assert_blocked(after["other_address"])
+    assert_refused_by_name(after["other_address"], OTHER_IP)
+    assert_blocked(after["other_ssh"])
     assert ("dns", "evil.test") in dns_blocked
+    assert ("http", OTHER_IP) in dns_blocked
 
 
 async def test_policy_change_on_a_running_sandbox(
@@ -373,8 +384,8 @@ async def test_policy_change_on_a_running_sandbox(
     assert default["p80"].startswith("ok:"), default
     assert_blocked(default["p8080"])
     assert changed["p8080"].startswith("ok:"), changed
-    assert_blocked(changed["p80"])
-    assert_blocked(listed["direct"])
+    assert_blocked(changed["p80"])  # a port the policy no longer allows: not proxied either
+    assert_refused_by_name(listed["direct"], TEST_HOST_IP)
 
 
 async def test_policy_holds_across_a_libvirtd_restart_and_a_firewall_flush(

@@ -1,6 +1,7 @@
 """The services of a test host; run inside its network namespace by ``testnet.py``.
 
-HTTP on 80 and 8080 (``/`` names the port and the client, ``/bytes/N`` sends N bytes),
+HTTP on 80 and 8080, HTTPS on 443 with ``--tls CERT KEY`` (``/`` names the port and the
+client, ``/bytes/N`` sends N bytes, ``/_headers`` returns the request's headers),
 a TCP listener on 22 that sends an SSH-like banner, UDP echo on 443 and 5000, and a DNS
 server on 53 (UDP and TCP) answering the names of a zone given as JSON. Prints "ready"
 once everything listens. Only ever answers; it never opens a connection itself.
@@ -23,6 +24,7 @@ import json
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +34,7 @@ from dnslib import QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSRecord, DNSServer
 
 HTTP_PORTS = (80, 8080)
+HTTPS_PORT = 443
 BANNER_PORT = 22
 UDP_ECHO_PORTS = (443, 5000)
 CHUNK = b"x" * 65536
@@ -275,6 +278,9 @@ class _HTTP(BaseHTTPRequestHandler):
             self._stream([*chunks, b"data: [DONE]\n\n"])
 
     def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/_headers":  # what arrived, for the proxy's tests
+            self._json(200, {k.lower(): v for k, v in self.headers.items()})
+            return
         if self.path == "/_requests":
             with _Model.lock:
                 self._json(200, list(_Model.requests))
@@ -328,6 +334,20 @@ def _udp_echo(port: int) -> None:
         sock.sendto(data, peer)
 
 
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS: the handshake in the request's own thread (a slow client holds no other)."""
+
+    daemon_threads = True
+    context: ssl.SSLContext
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            wrapped = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        self.RequestHandlerClass(wrapped, client_address, self)  # type: ignore[arg-type]
+
+
 class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
@@ -342,6 +362,13 @@ def main() -> None:
         http.daemon_threads = True
         servers.append(http)
     servers.append(_TCPServer(("0.0.0.0", BANNER_PORT), _Banner))
+    if "--tls" in sys.argv:  # HTTPS on 443, with the test CA's certificate
+        cert, key = sys.argv[sys.argv.index("--tls") + 1 : sys.argv.index("--tls") + 3]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        https = _TLSServer(("0.0.0.0", HTTPS_PORT), _HTTP)
+        https.context = context
+        servers.append(https)
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     for port in UDP_ECHO_PORTS:

@@ -55,6 +55,37 @@ def _take(handle: IO[str], kind: int, what: str) -> None:
             time.sleep(1)
 
 
+TLS = STATE / "tls"  # the test CA and the test hosts' certificate (made once per boot)
+TEST_CA = TLS / "ca.pem"
+TLS_NAMES = ("*.allowed.test", "allowed.test", "evil.test", "*.evil.test")
+
+
+def tls_files(addresses: tuple[str, ...] = ("198.51.100.10", "198.51.100.11")) -> tuple[Path, Path]:
+    """The test hosts' certificate and key, signed by ``TEST_CA`` (which the egress proxy
+    is told to trust upstream; sandboxes never see it)."""
+    cert, key = TLS / "host.pem", TLS / "host.key"
+    handle = _lock_file("tls")
+    try:
+        _take(handle, fcntl.LOCK_EX, "the test CA")
+        if cert.exists() and key.exists() and TEST_CA.exists():
+            return cert, key
+        TLS.mkdir(parents=True, exist_ok=True)
+        ca_key = TLS / "ca.key"
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+            "-keyout", str(ca_key), "-out", str(TEST_CA), "-subj", "/CN=agent-vm test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+        sans = ",".join([*(f"DNS:{n}" for n in TLS_NAMES), *(f"IP:{a}" for a in addresses)])
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=allowed.test",
+            "-CA", str(TEST_CA), "-CAkey", str(ca_key),
+            "-addext", f"subjectAltName={sans}", "-addext", "extendedKeyUsage=serverAuth",
+            "-addext", "basicConstraints=CA:FALSE")  # fmt: skip
+        return cert, key
+    finally:
+        handle.close()
+
+
 @contextlib.contextmanager
 def exclusive(name: str) -> Iterator[None]:
     """Hold a test resource (a network, the scripted model API) alone for a while."""
@@ -117,7 +148,8 @@ class TestHost:
 
     def _spec(self) -> str:
         return json.dumps([self.host_side.with_prefixlen, [a.with_prefixlen for a in
-                           self.addresses], self.zone, self.bridge, self.dhcp_range])  # fmt: skip
+                           self.addresses], self.zone, self.bridge, self.dhcp_range,
+                           "https"])  # fmt: skip
 
     def _running(self) -> bool:
         """Is a healthy host of this very spec up (another session's)?"""
@@ -165,7 +197,7 @@ class TestHost:
                 [
                     "ip", "netns", "exec", self.name, sys.executable,
                     str(REPO / "tests" / "integration" / "testhost_server.py"),
-                    json.dumps(self.zone), "--detached",
+                    json.dumps(self.zone), "--detached", "--tls", *map(str, tls_files()),
                 ],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
                 env={**os.environ, "PYTHONPATH": str(REPO / "src")}, start_new_session=True,

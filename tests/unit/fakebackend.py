@@ -30,6 +30,7 @@ from agent_vm.sandbox.base import (
     CommandInfo,
     CommandSpec,
     Event,
+    ExposedPort,
     GuestFigures,
     PoolInfo,
     Progress,
@@ -231,6 +232,12 @@ class FakeSandbox(SandboxHandle):
     async def stats(self) -> GuestFigures:
         self._require("stats")
         return GuestFigures(1.0, len(self.commands_run), 0.5, 100_000)
+
+    async def expose(
+        self, port: int, *, token: str | None = None, host: str = "127.0.0.1"
+    ) -> ExposedPort:
+        self._require("expose")
+        return ExposedPort(port, f"{host}:1{port}", f"http://{host}:1{port}/", token)
 
     async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:
         self._require("pause")

@@ -20,6 +20,8 @@ LAYERS = {
     "version": 0,
     "exitcodes": 0,
     "protocol": 0,
+    "names": 0,
+    "proxyd": 0,  # run by the proxy's own interpreter: stdlib, mitmproxy and dnslib only
     "secrets": 1,
     "logs": 1,
     "config": 1,

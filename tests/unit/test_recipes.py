@@ -14,6 +14,7 @@ from agent_vm.execution.agents import agent_plan
 from agent_vm.guest.defaults import parse as parse_defaults
 from agent_vm.image.layer import _scan, defaults_json, steps
 from agent_vm.image.recipe import SHIPPED, find_recipe, load_recipe
+from agent_vm.secrets import Secret
 
 
 def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
@@ -120,23 +121,29 @@ def test_whiteouts_and_opaque_directories_become_deletions(tmp_path: Path) -> No
 
 def test_the_agent_plan_keeps_the_key_out_of_the_command() -> None:
     claude = find_recipe("claude")
-    plan = agent_plan(claude, ["fix it"], None, {"ANTHROPIC_API_KEY": "sk-1"}, tty=False)
+    plan = agent_plan(claude, ["fix it"], None, {"ANTHROPIC_API_KEY": "sk-1234"}, tty=False)
     assert plan.command[0] == "claude" and plan.command[-1] == "fix it"
-    assert "--print" in plan.command and "sk-1" not in " ".join(plan.command)
-    assert plan.secrets == {"ANTHROPIC_API_KEY": "sk-1"}
+    assert "--print" in plan.command and "sk-1234" not in " ".join(plan.command)
+    key = plan.secrets["ANTHROPIC_API_KEY"]
+    # the key stays on the host: the proxy injects it for the API's host only
+    assert isinstance(key, Secret) and key.value == "sk-1234"
+    assert key.hosts == ("api.anthropic.com",) and key.placeholder.startswith("agentvm-")
     assert plan.allowlist == ("api.anthropic.com",)
-    interactive = agent_plan(claude, [], None, {"ANTHROPIC_API_KEY": "k"}, tty=True)
+    interactive = agent_plan(claude, [], None, {"ANTHROPIC_API_KEY": "k" * 8}, tty=True)
     assert interactive.command == ["claude"]
     proxied = agent_plan(
-        claude, [], "http://proxy.corp.test:8080", {"ANTHROPIC_API_KEY": "k"}, tty=True
+        claude, [], "http://proxy.corp.test:8080", {"ANTHROPIC_API_KEY": "k" * 8}, tty=True
     )
     assert proxied.env == {"ANTHROPIC_BASE_URL": "http://proxy.corp.test:8080"}
     assert proxied.allowlist == ("proxy.corp.test",)  # only the proxy, not the real API
+    assert proxied.secrets == {"ANTHROPIC_API_KEY": "k" * 8}  # plain HTTP: never injected
     from_env = agent_plan(
         claude, [], None,
-        {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": "https://gw.corp.test"}, tty=True,
+        {"ANTHROPIC_API_KEY": "k" * 8, "ANTHROPIC_BASE_URL": "https://gw.corp.test"}, tty=True,
     )  # fmt: skip
     assert from_env.allowlist == ("api.anthropic.com", "gw.corp.test")
+    gateway_key = from_env.secrets["ANTHROPIC_API_KEY"]
+    assert isinstance(gateway_key, Secret) and gateway_key.hosts == ("gw.corp.test",)
 
 
 @pytest.mark.parametrize(

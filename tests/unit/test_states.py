@@ -59,6 +59,7 @@ CALLS: dict[str, Callable[[SandboxHandle], object]] = {
     "pause": lambda h: h.pause(),
     "resume": lambda h: h.resume(),
     "snapshot": lambda h: h.snapshot("s1"),
+    "expose": lambda h: h.expose(8000),
     "fork": lambda h: h.fork(2),
     "close": lambda h: h.close(),
 }

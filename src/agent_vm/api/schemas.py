@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agent_vm.core.template import ResourceProfile
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.protocol.messages import MAX_USER
+from agent_vm.secrets import Secret
 
 MAX_LIFETIME = 7 * 86400.0
 SIGNALS = Literal["HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "CONT", "STOP"]
@@ -26,6 +27,18 @@ class _Body(BaseModel):
 class WorkspaceRequest(_Body):
     path: str = Field(description="a directory below the server's --workspace-root")
     readonly: bool = False
+
+
+class ProxiedSecret(_Body):
+    """A secret the server's egress proxy injects (kept in its memory only)."""
+
+    value: str = Field(min_length=4, max_length=8192)
+    hosts: list[str] = Field(min_length=1, max_length=32)
+    header: str | None = None
+    placeholder: str = Field(max_length=128)
+
+    def secret(self) -> Secret:
+        return Secret(self.value, tuple(self.hosts), self.header, self.placeholder)
 
 
 class CreateSandbox(_Body):
@@ -52,6 +65,11 @@ class CreateSandbox(_Body):
     )
     auto_resume: bool = Field(
         default=False, description="a command or file call on it while paused resumes it"
+    )
+    proxied_secrets: dict[str, ProxiedSecret] = Field(
+        default={}, max_length=32,
+        description="secrets the egress proxy puts into requests to their hosts; the "
+        "guest holds only the placeholders",
     )
 
 

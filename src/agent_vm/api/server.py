@@ -88,6 +88,7 @@ def build_app(
     audit: AuditLogger | None = None,
     leftovers: tuple[Path, ...] = (),
     e2b: E2BDoor | None = None,
+    ports_host: str = "127.0.0.1",
 ) -> FastAPI:
     """The app over a local backend. ``audit``: the log, already locked (else opened
     here); ``leftovers``: files the lifespan's end removes (socket, local token);
@@ -123,9 +124,11 @@ def build_app(
                 pools=backend.pool_stats,
                 held=backend.held_figures,
             )  # fmt: skip
-            service = SandboxService(backend, watch, workspace_root)
+            service = SandboxService(backend, watch, workspace_root, ports_host)
             service.start()
             holder["service"] = service
+            guard = await runtime.guard()  # its proxy's reports: audit log and metrics
+            guard.proxy_listeners.append(service.egress_event)
             if e2b is not None:
                 door = E2BApp(current, tokens, app.state.on_auth_failure, e2b.internet)
                 listener = E2BListener(door, e2b.listener, e2b.tls_cert, e2b.tls_key)
@@ -186,7 +189,10 @@ def serve(
             audit.close()
             raise
     if host is not None or port is not None:
-        app = build_app(settings, pool_specs, workspace_root, tokens, audit, e2b=e2b)
+        app = build_app(
+            settings, pool_specs, workspace_root, tokens, audit, e2b=e2b,
+            ports_host=host or "127.0.0.1",
+        )  # fmt: skip
         config = uvicorn.Config(
             app, host=host or "127.0.0.1", port=port or 8177, log_level="warning",
             ssl_certfile=tls_cert, ssl_keyfile=tls_key,

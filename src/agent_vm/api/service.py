@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any
 
 from agent_vm.api.admission import resolve_workspace
@@ -28,6 +29,7 @@ from agent_vm.communication.workspace import Workspace
 from agent_vm.errors import NotFoundError, QuotaError
 from agent_vm.logs import get_logger
 from agent_vm.monitoring.anomaly import Alert
+from agent_vm.network.egress import ProxyEvent
 from agent_vm.network.policy import Blocked, EgressPolicy
 from agent_vm.sandbox.base import (
     Backend,
@@ -35,6 +37,7 @@ from agent_vm.sandbox.base import (
     CommandSource,
     CommandSpec,
     Exit,
+    ExposedPort,
     GuestFigures,
     Output,
     PoolInfo,
@@ -53,8 +56,10 @@ class SandboxService(Lifecycle):
         backend: Backend,
         watch: Watch,
         workspace_root: Path | None = None,
+        ports_host: str = "127.0.0.1",
     ) -> None:
         self.backend = backend
+        self.ports_host = ports_host  # exposed ports listen where the server does
         self.watch = watch
         self.workspace_root = workspace_root
         self.sandboxes: dict[str, Hosted] = {}
@@ -72,6 +77,13 @@ class SandboxService(Lifecycle):
         self.adopt()
         self._reaper = asyncio.create_task(self._reap_expired(), name="agent-vm-lifetimes")
         self.watch.attach(self._watched, self._act)
+
+    def egress_event(self, event: ProxyEvent) -> None:
+        """The egress proxy's report of one of our sandboxes (by its domain)."""
+        for hosted in self.sandboxes.values():
+            if hosted.handle.info().domain == event.vm:
+                self.watch.egress(hosted.id, hosted.owner, event.kind, event.data)
+                return
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -360,6 +372,14 @@ class SandboxService(Lifecycle):
 
     async def blocked(self, token: TokenRecord, sandbox_id: str) -> builtins.list[Blocked]:
         return await self._owned(token, sandbox_id).handle.blocked()
+
+    async def expose(self, token: TokenRecord, sandbox_id: str, port: int) -> ExposedPort:
+        """A sandbox port on this server's host, for whoever holds its own token."""
+        handle = self._owned(token, sandbox_id).handle
+        exposed = await handle.expose(port, token=token_urlsafe(24), host=self.ports_host)
+        self.watch.record("port_exposed", sandbox=sandbox_id, owner=token.id, port=port,
+                          host=exposed.host)  # fmt: skip
+        return exposed
 
     async def stats(self, token: TokenRecord, sandbox_id: str) -> GuestFigures:
         return await self._owned(token, sandbox_id).handle.stats()

@@ -164,6 +164,28 @@ class Watch:
                 todo.append((action, alert.rule))
         return todo
 
+    def egress(self, sandbox_id: str, owner: str, kind: str, data: Mapping[str, Any]) -> None:
+        """What the egress proxy reported of a sandbox: counted, and its requests and
+        spliced connections audited (refusals are in its blocked attempts too)."""
+        if kind == "request":
+            decision = "denied" if data.get("denied") else (
+                "injected" if data.get("injected") else "forwarded"
+            )  # fmt: skip
+            self.record("egress_request", sandbox=sandbox_id, owner=owner,
+                        method=data.get("method"), host=data.get("host"),
+                        path=data.get("path"), status=data.get("status"),
+                        bytes=data.get("bytes"), injected=data.get("injected") or [],
+                        denied=data.get("denied"))  # fmt: skip
+        elif kind == "splice":
+            decision = "spliced"
+            self.record("egress_connection", sandbox=sandbox_id, owner=owner,
+                        host=data.get("host"), port=data.get("port"), spliced=True)  # fmt: skip
+        elif kind == "denied" and data.get("kind") == "tls":
+            decision = "denied"  # its 403 (when the guest trusts the CA) is a request too
+        else:
+            return
+        self.metrics.egress.labels(decision).inc()
+
     # ------------------------------------------------------------------ the monitor
 
     async def _monitor(self, act: Act) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from agent_vm import logs
-from agent_vm.cli import images, server, snapshots, watching
+from agent_vm.cli import images, ports, server, snapshots, watching
 from agent_vm.cli.agent import agent
 from agent_vm.cli.common import fail
 from agent_vm.cli.run import run, shell
@@ -47,6 +47,7 @@ app.add_typer(server.service_app, name="service")
 app.add_typer(watching.audit_app, name="audit")
 app.command("metrics")(watching.metrics_command)
 app.command("top")(watching.top_command)
+app.command("port")(ports.port)
 
 
 def main() -> None:

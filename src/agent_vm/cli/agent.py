@@ -55,7 +55,7 @@ def agent(
         ),
     ] = None,
     secret: Annotated[
-        list[str] | None, typer.Option("--secret", help="more secrets: NAME or NAME=@FILE")
+        list[str] | None, typer.Option("--secret", help="more secrets, as for run")
     ] = None,
     allow_domain: Annotated[
         list[str] | None, typer.Option("--allow-domain", help="a name to allow besides the API's")
@@ -81,7 +81,7 @@ def agent(
         loaded = find_recipe(name)
         tty = sys.stdin.isatty() and sys.stdout.isatty()
         plan = agent_plan(loaded, list(args or []), base_url, os.environ, tty=tty)
-        hidden = secrets.parse(secret or []) | plan.secrets
+        hidden = secrets.parse_any(secret or []) | plan.secrets
         policy = EgressPolicy(allow_domains=(*plan.allowlist, *(allow_domain or ())))
         share = Workspace(path=existing_dir(workspace or Path.cwd()), readonly=readonly)
         target = server_for(server, token)

@@ -66,7 +66,7 @@ class Place:
     policy: EgressPolicy | None
     workspace: Workspace | None
     cold: bool = False
-    secrets: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str | secrets.Secret] = field(default_factory=dict)
     snapshot: str | None = None
 
 
@@ -334,7 +334,7 @@ def run(
             raise ConfigError("--ro needs --workspace DIR")
         argv = command or ["python3", "-c", code.read_text() if code is not None else ""]
         variables = parse_env(env or [])
-        hidden = secrets.parse(secret or [])
+        hidden = secrets.parse_any(secret or [])
         if clash := sorted(set(hidden) & set(variables)):
             raise ConfigError(f"{clash[0]} is given both as --env and as --secret")
         policy = (

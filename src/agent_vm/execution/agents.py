@@ -14,13 +14,14 @@ from urllib.parse import urlsplit
 
 from agent_vm.errors import ConfigError
 from agent_vm.image.recipe import LoadedRecipe
+from agent_vm.secrets import Secret
 
 
 @dataclass(frozen=True)
 class AgentPlan:
     command: list[str]
     env: dict[str, str]
-    secrets: dict[str, str]
+    secrets: dict[str, str | Secret]  # the key: injected by the host's proxy over HTTPS
     allowlist: tuple[str, ...]
 
 
@@ -53,15 +54,7 @@ def agent_plan(
             f"the recipe {loaded.path} has no [agent] table",
             hint="add one with command = [...] to run it with `agent-vm agent`",
         )
-    hidden: dict[str, str] = {}
-    if spec.api_key_env:
-        key = environ.get(spec.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"{spec.api_key_env} is not set",
-                hint=f"export {spec.api_key_env}=... (the agent gets it as a secret)",
-            )
-        hidden[spec.api_key_env] = key
+    hidden: dict[str, str | Secret] = {}
     env: dict[str, str] = {}
     extra_args: list[str] = []
     allow = list(recipe.allowlist)
@@ -75,5 +68,17 @@ def agent_plan(
         extra_args = [arg.replace("{url}", url) for arg in spec.base_url_args]
         if base_url:  # an explicit URL replaces the real API: only it is reachable
             allow = [_host_of(url)]
+    if spec.api_key_env:
+        key = environ.get(spec.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"{spec.api_key_env} is not set",
+                hint=f"export {spec.api_key_env}=... (the agent gets it as a secret)",
+            )
+        # the VM gets a placeholder and the host's proxy puts the key into HTTPS requests
+        # to the API's host; over plain HTTP (a local test API) it can only be given as is
+        proxied = url is None or url.startswith("https://")
+        hosts = (_host_of(url),) if url else tuple(recipe.allowlist)
+        hidden[spec.api_key_env] = Secret(key, hosts) if proxied and hosts else key
     command = [*spec.command, *extra_args, *([] if tty else spec.headless), *args]
     return AgentPlan(command, env, hidden, tuple(dict.fromkeys(allow)))

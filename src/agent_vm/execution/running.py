@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from agent_vm.image.store import Image
 from agent_vm.logs import get_logger
 from agent_vm.network.guard import NetworkGuard
 from agent_vm.network.policy import EgressPolicy
+from agent_vm.secrets import Secret
 
 if TYPE_CHECKING:
     from agent_vm.execution.nic import Nic
@@ -125,6 +127,12 @@ class RunningVM:
         if self.guard is None or self.nic is None or self.nic.vm_network is None:
             raise ConfigError(f"{self.name} has no filtered network (mode is not NAT_FILTERED)")
         await self.guard.set_policy(self.name, policy)
+
+    async def set_secrets(self, secrets: Mapping[str, Secret]) -> None:
+        """The secrets the host's egress proxy injects for this VM."""
+        if self.guard is None or self.nic is None or self.nic.vm_network is None:
+            raise ConfigError(f"{self.name} has no egress proxy (mode is not NAT_FILTERED)")
+        await self.guard.set_secrets(self.name, secrets)
 
     @property
     def session(self) -> AgentChannel:

@@ -38,6 +38,13 @@ CHUNK = 64 * 1024
 DRAIN_GRACE = 1.0
 MAX_STDIN_QUEUED = 16 * 1024 * 1024
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EGRESS_CA = "/usr/local/share/ca-certificates/agent-vm-egress.crt"
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+CA_ENV = {
+    "NODE_EXTRA_CA_CERTS": EGRESS_CA,
+    "REQUESTS_CA_BUNDLE": SYSTEM_BUNDLE,
+    "SSL_CERT_FILE": SYSTEM_BUNDLE,
+}
 
 
 class NoSuchUser(LookupError):
@@ -147,6 +154,8 @@ class Execution:
             "SHELL": entry.pw_shell,
             "LANG": "C.UTF-8",
         }
+        if os.path.exists(EGRESS_CA):  # the host proxy's CA, for clients with their own
+            env.update(CA_ENV)  # roots (Node, requests); OpenSSL's store already has it
         env.update(defaults.env)
         env.update(self.req.env)
         if entry.pw_uid == os.getuid():

@@ -18,6 +18,7 @@ from pathlib import Path
 from agent_vm import timeutil
 from agent_vm.config import Settings
 from agent_vm.errors import ImageError
+from agent_vm.host import egress
 from agent_vm.image import disk, kernel, rootfs
 from agent_vm.image.initramfs import build_initramfs
 from agent_vm.image.manifest import BuildInputs, ImageManifest
@@ -72,6 +73,7 @@ class ImageBuilder:
             late_modules=kernel.LATE_MODULES,
             guest_code=rootfs.guest_code_hash(),
             cmdline=BASE_CMDLINE,
+            egress_ca=egress.ca_fingerprint(self.settings.state_dir),
         )
 
     def ensure(self, name: str | None = None, progress: Progress = _quiet) -> Image:
@@ -86,6 +88,7 @@ class ImageBuilder:
             current is not None
             and current.manifest.inputs.guest_code == rootfs.guest_code_hash()
             and current.manifest.inputs.cmdline == BASE_CMDLINE
+            and current.manifest.inputs.egress_ca == egress.ca_fingerprint(self.settings.state_dir)
         ):
             return current
         if current is not None and current.manifest.layer is not None:
@@ -138,6 +141,7 @@ class ImageBuilder:
             if n not in boot_names
         ]
         rootfs.install_guest_code(tree, [(n, kernel.decompressed_module(p)) for n, p in late])
+        rootfs.install_egress_ca(tree, egress.ensure_ca(self.settings.state_dir).read_bytes())
 
         base = self.settings.images_dir / name
         staged = base / f".tmp-{inputs.key()}"

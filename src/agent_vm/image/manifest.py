@@ -30,6 +30,7 @@ class BuildInputs(BaseModel):
     late_modules: list[str]
     guest_code: str
     cmdline: str
+    egress_ca: str = ""  # the egress proxy CA the image trusts (host/egress.py)
 
     def key(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from agent_vm.errors import ImageError
+from agent_vm.guest.process import EGRESS_CA
 from agent_vm.version import __version__
 
 GUEST_PACKAGES = [
@@ -185,6 +186,19 @@ def installed_packages(tree: Path) -> list[str]:
         check=True,
     ).stdout
     return sorted(out.split())
+
+
+def install_egress_ca(tree: Path, cert: bytes) -> None:
+    """The host's egress proxy CA, trusted by the guest's system store (OpenSSL, curl,
+    Python's ssl); ``guest/process.py`` points Node and requests at it too. Only the
+    certificate: its key never leaves the host."""
+    target = tree / EGRESS_CA.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(cert)
+    subprocess.run(
+        ["chroot", str(tree), "update-ca-certificates", "--fresh"],
+        check=True, capture_output=True,
+    )  # fmt: skip
 
 
 def install_guest_code(tree: Path, late_modules: list[tuple[str, bytes]]) -> None:

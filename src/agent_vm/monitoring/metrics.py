@@ -142,6 +142,9 @@ class MetricsCollector:
                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.blocked = Counter("agentvm_blocked_connections", "Blocked attempts.",
                                ["kind", "reason"], registry=r)  # fmt: skip
+        self.egress = Counter("agentvm_egress_requests",
+                              "Web requests and connections through the egress proxy.",
+                              ["decision"], registry=r)  # fmt: skip
         self.alerts = Counter("agentvm_anomaly_alerts", "Anomaly alerts and the action taken.",
                               ["rule", "action"], registry=r)  # fmt: skip
         self.auth_failures = Counter("agentvm_api_auth_failures",

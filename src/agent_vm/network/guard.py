@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 from agent_vm.asyncutil import finish_in_thread, finish_then_undo
@@ -32,6 +33,7 @@ from agent_vm.host.netfilter import ensure_bridge_netfilter
 from agent_vm.logs import get_logger
 from agent_vm.network import ipsets, l2filter, l3filter
 from agent_vm.network.blocked import BlockedLog
+from agent_vm.network.egress import EgressProxy, ProxyEvent
 from agent_vm.network.hostnet import (
     host_addresses,
     host_addresses6,
@@ -47,6 +49,7 @@ from agent_vm.network.resolver import Resolver, upstreams_from_resolv_conf
 from agent_vm.network.sandboxes import sandbox_directory
 from agent_vm.network.taps import TAP_PREFIX, tap_name
 from agent_vm.network.vmnet import VMNetwork, fill_sets, remove_pieces, write_pieces, write_rules
+from agent_vm.secrets import Secret
 
 log = get_logger(__name__)
 
@@ -82,6 +85,9 @@ class NetworkGuard:
             lambda: self._shared,
         )
         self._resolver: Resolver | None = None
+        self.proxy: EgressProxy | None = None
+        self._secrets: dict[str, Mapping[str, Secret]] = {}  # memory only, never written
+        self.proxy_listeners: list[Callable[[ProxyEvent], None]] = []
         self._follower: KernelLogFollower | None = None
         self._watch: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
@@ -107,6 +113,11 @@ class NetworkGuard:
                 on_blocked=self.blocked_log.name_refused,
             )
             await self._resolver.start()
+            if self.settings.egress_proxy:
+                self.proxy = EgressProxy(
+                    self.settings, self.definition.gateway, upstreams, self._proxy_event
+                )
+                await self.proxy.start()
             self._follower = KernelLogFollower(self.blocked_log.observed)
             self._follower.start()
             self._watch = asyncio.create_task(self.reconciler.watch(), name="network-guard-watch")
@@ -121,6 +132,9 @@ class NetworkGuard:
         reap_network(self.connection, self.directory)
 
     async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
+            self.proxy = None
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -155,6 +169,12 @@ class NetworkGuard:
             await asyncio.shield(self.detach(vm_name))
             raise
         self.reconciler.release(vm_network.tap)
+        if self.proxy is not None:
+            try:
+                await self.proxy.configure(vm_network, {})
+            except BaseException:
+                await asyncio.shield(self.detach(vm_name))
+                raise
         return vm_network
 
     def _reserve(self, vm_name: str, policy: EgressPolicy) -> VMNetwork:
@@ -190,6 +210,10 @@ class NetworkGuard:
         if vm_network is None:
             return []
         self._by_tap.pop(vm_network.tap, None)
+        self._secrets.pop(vm_name, None)
+        if self.proxy is not None:
+            with contextlib.suppress(NetworkError):
+                await asyncio.shield(self.proxy.forget(vm_network))
         self.reconciler.release(vm_network.tap)
         self.blocked_log.drop(vm_name)
         return await asyncio.shield(asyncio.to_thread(remove_pieces, self.directory, vm_network))
@@ -203,7 +227,32 @@ class NetworkGuard:
         await asyncio.to_thread(self.directory.write, vm_network.record())
         await asyncio.to_thread(fill_sets, vm_network)
         await asyncio.to_thread(write_rules, vm_network)
+        if self.proxy is not None:
+            await self.proxy.configure(vm_network, self._secrets.get(vm_name, {}))
         log.info("egress_policy_changed", vm=vm_name, policy=policy.model_dump())
+
+    async def set_secrets(self, vm_name: str, secrets: Mapping[str, Secret]) -> None:
+        """The secrets the proxy injects for this VM (replacing any it had)."""
+        vm_network = self._vms.get(vm_name)
+        if vm_network is None or self.proxy is None:
+            raise NetworkError(
+                f"{vm_name} has no egress proxy to inject secrets",
+                hint="the proxy is off (AGENT_VM_EGRESS_PROXY=0) or the VM is not on NAT",
+            )
+        self._secrets[vm_name] = dict(secrets)
+        await self.proxy.configure(vm_network, secrets)
+
+    def _proxy_event(self, event: ProxyEvent) -> None:
+        """From the proxy's reader (on the event loop): refusals are blocked attempts."""
+        if event.kind == "denied":
+            data = event.data
+            port = int(data.get("port") or 0)
+            kind = "https" if data.get("kind") == "tls" or port == 443 else "http"
+            self.blocked_log.name_refused(
+                event.vm, kind, str(data.get("host")), port, str(data.get("reason"))
+            )
+        for listener in self.proxy_listeners:
+            listener(event)
 
     async def reconcile(self, vm_name: str) -> list[str]:
         return await self.reconciler.reconcile(vm_name)

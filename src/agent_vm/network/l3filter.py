@@ -14,8 +14,9 @@ are in ``l2filter.py``, so flushing either table leaves the other in force.
 * ``E-<tap>``: replies of allowed connections; drop to ``agentvm-local`` (host, subnet);
   the VM's ``allow_cidrs`` on its ports; drop to ``agentvm-nonpublic``; the VM's
   (address, port) pairs; drop the rest. In IPv6 only for VMs that allow it;
-* ``AGENTVM_HOST`` (mangle INPUT): DHCP, and DNS to a sandbox gateway, through; anything
-  else from a sandbox tap dropped.
+* ``AGENTVM_HOST`` (mangle INPUT): DHCP, DNS to a sandbox gateway, and the connections
+  the nat table redirected to the egress proxy, through; anything else from a sandbox
+  tap dropped.
 
 Host-wide and persistent like the network: every agent-vm process adds and removes its
 own VMs' chains, and orphans are removed with their other network pieces.
@@ -105,6 +106,8 @@ def shared_rules(tap_prefix: str) -> dict[str, dict[str, list[str]]]:
         f"-A {HOST} -p udp {physdev} -m udp --dport 67 -j RETURN",
         f"-A {HOST} -p udp {physdev} -m udp --dport 53 {gateways} -j RETURN",
         f"-A {HOST} -p tcp {physdev} -m tcp --dport 53 {gateways} -j RETURN",
+        # web traffic the nat table redirected to the egress proxy (``redirect.py``)
+        f"-A {HOST} -p tcp {physdev} -m conntrack --ctstate DNAT -j RETURN",
     ]
     return {
         "ipv4": {EGRESS: drop[EGRESS], HOST: [*host4, *drop[HOST]]},

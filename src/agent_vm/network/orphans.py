@@ -17,7 +17,7 @@ from agent_vm.core.connection import LibvirtConnection
 from agent_vm.errors import NetworkError
 from agent_vm.host.procs import is_alive
 from agent_vm.logs import get_logger
-from agent_vm.network import ipsets, l2filter, l3filter
+from agent_vm.network import ipsets, l2filter, l3filter, redirect
 from agent_vm.network.sandboxes import SandboxDirectory
 from agent_vm.network.taps import tap_name
 from agent_vm.network.vmnet import remove_rules_and_sets
@@ -64,6 +64,9 @@ def reap_network(
         for tap in l3filter.taps_in(l3filter.read_tables()) - kept_taps:
             l3filter.remove_vm(tap)
             removed.append(f"layer-3 chain of {tap}")
+        for tap in redirect.taps_in() - kept_taps:
+            redirect.remove_vm(tap)
+            removed.append(f"proxy redirection of {tap}")
     kept_sets = {f(vm) for vm in alive for f in (ipsets.set_name, ipsets.cidr_set_name)}
     kept_sets |= set(ipsets.SHARED_SETS)
     for name in ipsets.names():

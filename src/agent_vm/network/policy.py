@@ -7,7 +7,6 @@ observed connection attempts as blocked (``observer.py``), so the three cannot d
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -15,6 +14,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent_vm.models import Model
+from agent_vm.names import clean_pattern, matches
 
 DEFAULT_TCP_PORTS = (80, 443, 22, 9418)  # HTTP, HTTPS, SSH (git), git://
 # Destinations that are never "the internet" (RFC 6890 special-purpose ranges a sandbox
@@ -30,9 +30,6 @@ NONPUBLIC_V4 = tuple(
 )  # fmt: skip
 NONPUBLIC_V6 = tuple(
     IPv6Network(n) for n in ("::1/128", "::/128", "fe80::/10", "fc00::/7", "ff00::/8")
-)
-DOMAIN_PATTERN = re.compile(
-    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 )
 
 
@@ -68,13 +65,7 @@ class EgressPolicy(Model):
     def _domains(cls, domains: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if domains is None:
             return None
-        cleaned = []
-        for domain in domains:
-            name = domain.strip().lower().rstrip(".")
-            if not DOMAIN_PATTERN.match(name):
-                raise ValueError(f"not a domain name or *.domain pattern: {domain!r}")
-            cleaned.append(name)
-        return tuple(sorted(set(cleaned)))
+        return tuple(sorted({clean_pattern(domain) for domain in domains}))
 
     @field_validator("allow_cidrs", mode="before")
     @classmethod
@@ -106,16 +97,7 @@ class EgressPolicy(Model):
 
     def allows_name(self, name: str) -> bool:
         """May the sandbox resolve ``name``?"""
-        if self.allow_domains is None:
-            return True
-        name = name.lower().rstrip(".")
-        for pattern in self.allow_domains:
-            if pattern.startswith("*."):
-                if name.endswith(pattern[1:]):
-                    return True
-            elif name == pattern:
-                return True
-        return False
+        return self.allow_domains is None or matches(self.allow_domains, name)
 
 
 class Addressing(BaseModel):

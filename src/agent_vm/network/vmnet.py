@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from agent_vm.core.template import NetworkAttachment
 from agent_vm.errors import NetworkError
 from agent_vm.logs import get_logger
-from agent_vm.network import ipsets, l2filter, l3filter
+from agent_vm.network import ipsets, l2filter, l3filter, redirect
 from agent_vm.network.policy import Addressing, EgressPolicy
 from agent_vm.network.sandboxes import SandboxDirectory, SandboxRecord
 
@@ -139,6 +139,10 @@ def remove_rules_and_sets(tap: str, sets: tuple[str, ...]) -> list[str]:
         l3filter.remove_vm(tap)
     except NetworkError as exc:
         stayed.append(f"layer-3 chain of {tap}: {exc.message}")
+    try:
+        redirect.remove_vm(tap)
+    except NetworkError as exc:
+        stayed.append(f"proxy redirection of {tap}: {exc.message}")
     try:
         ipsets.destroy(*sets)
     except NetworkError as exc:

@@ -23,6 +23,7 @@ from agent_vm.sandbox._async_commands import AsyncCommands, AsyncPty
 from agent_vm.sandbox._async_files import AsyncFiles
 from agent_vm.sandbox.base import (
     Backend,
+    ExposedPort,
     Progress,
     SandboxHandle,
     SandboxInfo,
@@ -30,6 +31,7 @@ from agent_vm.sandbox.base import (
     SandboxState,
     SnapshotInfo,
 )
+from agent_vm.secrets import Secret
 
 if TYPE_CHECKING:
     from agent_vm.config import Settings
@@ -61,7 +63,7 @@ class AsyncSandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
-        secrets: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str | Secret] | None = None,
         server: str | None = None,
         token: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -87,15 +89,22 @@ class AsyncSandbox:
         if workspace is not None and not isinstance(workspace, Workspace):
             share = Workspace(path=Path(workspace), readonly=workspace_readonly)
         mode = str(network)
+        proxied = {k: v for k, v in (secrets or {}).items() if isinstance(v, Secret)}
         self._spec = SandboxSpec(
             image=image, profile=profile, network="nat" if mode == "nat_filtered" else mode,
             policy=policy, workspace=share if isinstance(share, Workspace) else None, cold=cold,
             labels=dict(labels or {}), lifetime=lifetime_seconds, acquire_timeout=timeout,
             snapshot=snapshot, on_expiry=_expiry(on_expiry), auto_resume=auto_resume,
+            proxied=proxied,
         )  # fmt: skip
         self._backend.check(self._spec)
-        self._secrets = dict(secrets or {})
-        secret_store.register(self._secrets)
+        # the guest's environment: plain values, and placeholders for proxied ones
+        self._secrets = {
+            k: v.placeholder if isinstance(v, Secret) else v for k, v in (secrets or {}).items()
+        }
+        secret_store.register(
+            {k: v.value if isinstance(v, Secret) else v for k, v in (secrets or {}).items()}
+        )
         self._progress = on_progress
         self._handle: SandboxHandle | None = None
         self._owns_backend = True  # a fork's children share their parent's
@@ -117,7 +126,7 @@ class AsyncSandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
-        secrets: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str | Secret] | None = None,
         server: str | None = None,
         token: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -221,6 +230,17 @@ class AsyncSandbox:
     def handle(self) -> SandboxHandle:
         """The backend's handle (``LocalSandbox`` has ``.vm``, the RunningVM)."""
         return self._live()
+
+    async def get_host(self, port: int) -> str:
+        """``address:port`` on the host that reaches TCP ``port`` inside the sandbox
+        (HTTP, WebSocket, anything over TCP) while it runs, in every network mode. Through
+        a server, connections must carry the port's token: see :meth:`expose`."""
+        return (await self.expose(port)).host
+
+    async def expose(self, port: int) -> ExposedPort:
+        """The sandbox's ``port`` on the host: address, URL and (through a server) the
+        token every connection's first request carries (``X-Agent-VM-Port-Token``)."""
+        return await self._live().expose(port)
 
     async def blocked_attempts(self) -> list[Blocked]:
         """Recent blocked network attempts: destination, port, why."""

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 from agent_vm.communication.workspace import Workspace
 from agent_vm.network.policy import Blocked, EgressPolicy
 from agent_vm.sandbox.base import (
+    ExposedPort,
     Progress,
     SandboxHandle,
     SandboxInfo,
     SandboxState,
     SnapshotInfo,
 )
+from agent_vm.secrets import Secret
 
 if TYPE_CHECKING:
     from agent_vm.config import Settings
@@ -61,7 +63,7 @@ class Sandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
-        secrets: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str | Secret] | None = None,
         server: str | None = None,
         token: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -122,7 +124,7 @@ class Sandbox:
         runtime: Runtime | None = None,
         workspace: str | os.PathLike[str] | Workspace | None = None,
         workspace_readonly: bool = False,
-        secrets: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str | Secret] | None = None,
         server: str | None = None,
         token: str | None = None,
         labels: Mapping[str, str] | None = None,
@@ -224,6 +226,17 @@ class Sandbox:
     def handle(self) -> SandboxHandle:
         """The backend's handle (``LocalSandbox`` has ``.vm``, the RunningVM)."""
         return self._core.handle
+
+    def get_host(self, port: int) -> str:
+        """``address:port`` on the host that reaches TCP ``port`` inside the sandbox
+        (HTTP, WebSocket, anything over TCP) while it runs, in every network mode. Through
+        a server, connections must carry the port's token: see :meth:`expose`."""
+        return shared_loop().run(self._core.get_host(port))
+
+    def expose(self, port: int) -> ExposedPort:
+        """The sandbox's ``port`` on the host: address, URL and (through a server) the
+        token every connection's first request carries (``X-Agent-VM-Port-Token``)."""
+        return shared_loop().run(self._core.expose(port))
 
     def blocked_attempts(self) -> list[Blocked]:
         """Recent blocked network attempts: destination, port, why."""

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent_vm.errors import SandboxStateError
+from agent_vm.secrets import Secret
 
 if TYPE_CHECKING:
     from agent_vm.communication.fileapi import Files
@@ -58,6 +59,7 @@ ALLOWED: dict[str, frozenset[SandboxState]] = {
     "blocked": _LIVE,
     "blocked_count": _LIVE,
     "stats": frozenset({SandboxState.RUNNING}),
+    "expose": frozenset({SandboxState.RUNNING}),
     "pause": _LIVE,  # idempotent
     "resume": _LIVE,  # idempotent
     "snapshot": frozenset({SandboxState.RUNNING}),
@@ -104,6 +106,20 @@ class SandboxSpec:
     snapshot: str | None = None  # start from this snapshot (its image, hardware, policy)
     on_expiry: str = "kill"  # a server's lifetime ran out: kill, or pause (to disk)
     auto_resume: bool = False  # a command or file call on a paused sandbox resumes it
+    # injected by the host's egress proxy (memory only: never saved with a pause)
+    proxied: Mapping[str, Secret] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExposedPort:
+    """A sandbox port on the host: ``host`` (``address:port``) and ``url``; with a
+    ``token`` (a server's), every connection's first request must carry it (header
+    ``X-Agent-VM-Port-Token``, or ``?agentvm_token=`` for a browser)."""
+
+    port: int
+    host: str
+    url: str
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +318,13 @@ class SandboxHandle(ABC):
 
     @abstractmethod
     async def stats(self) -> GuestFigures: ...
+
+    @abstractmethod
+    async def expose(
+        self, port: int, *, token: str | None = None, host: str = "127.0.0.1"
+    ) -> ExposedPort:
+        """A host address that reaches TCP ``port`` inside the sandbox while it runs
+        (``token``, ``host``: where a server lets it listen, and what it asks for)."""
 
     @abstractmethod
     async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:

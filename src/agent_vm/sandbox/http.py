@@ -23,6 +23,7 @@ from agent_vm.sandbox.base import (
     CommandSpec,
     Event,
     Exit,
+    ExposedPort,
     GuestFigures,
     PoolInfo,
     Progress,
@@ -145,6 +146,15 @@ class HttpSandbox(SandboxHandle):
     async def blocked_count(self) -> int:
         return len(await self.blocked())
 
+    async def expose(
+        self, port: int, *, token: str | None = None, host: str = "127.0.0.1"
+    ) -> ExposedPort:
+        """On the server's host: it picks the address and the token."""
+        self._require("expose")
+        del token, host
+        data = await self.client.json("POST", f"{self.prefix}/ports", json={"port": port})
+        return ExposedPort(int(data["port"]), str(data["host"]), str(data["url"]), data["token"])
+
     async def stats(self) -> GuestFigures:
         self._require("stats")
         return wire.figures_from(await self.client.json("GET", f"{self.prefix}/stats"))
@@ -210,6 +220,11 @@ class HttpBackend:
             "policy": spec.policy.model_dump(mode="json") if spec.policy is not None else None,
             "anomaly_action": spec.anomaly_action, "snapshot": spec.snapshot,
             "on_expiry": spec.on_expiry, "auto_resume": spec.auto_resume,
+            "proxied_secrets": {
+                name: {"value": s.value, "hosts": list(s.hosts), "header": s.header,
+                       "placeholder": s.placeholder}
+                for name, s in spec.proxied.items()
+            },
             "workspace": {"path": os.fspath(spec.workspace.path.absolute()),
                           "readonly": spec.workspace.readonly}
             if spec.workspace is not None else None,

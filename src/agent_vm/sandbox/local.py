@@ -36,6 +36,7 @@ from agent_vm.network.policy import Blocked, EgressPolicy
 from agent_vm.sandbox.base import (
     CommandInfo,
     CommandSpec,
+    ExposedPort,
     GuestFigures,
     SandboxHandle,
     SandboxInfo,
@@ -46,6 +47,7 @@ from agent_vm.sandbox.base import (
 from agent_vm.sandbox.journal import prune
 from agent_vm.sandbox.localcmd import LocalCommand, new_id
 from agent_vm.sandbox.localsave import record, snapshot_info
+from agent_vm.sandbox.ports import PortForwarder
 
 log = get_logger(__name__)
 Release = Callable[[RunningVM], Awaitable[None]]
@@ -84,6 +86,7 @@ class LocalSandbox(SandboxHandle):
         self._backend = backend
         self.pooled = pooled
         self._commands: dict[str, LocalCommand] = {}
+        self._ports: dict[int, tuple[PortForwarder, ExposedPort]] = {}
         self._moving = asyncio.Lock()  # pause and resume, one at a time
         self._paused = paused
         self.on_disk = paused is not None
@@ -201,6 +204,29 @@ class LocalSandbox(SandboxHandle):
 
     # ------------------------------------------------------------------ lifecycle
 
+    async def expose(
+        self, port: int, *, token: str | None = None, host: str = "127.0.0.1"
+    ) -> ExposedPort:
+        self._require("expose")
+        if port in self._ports:
+            return self._ports[port][1]
+
+        async def me() -> SandboxHandle:
+            self._require("run")
+            return self
+
+        forwarder = PortForwarder(me, port, token)
+        address, listening = await forwarder.start(host)
+        shown = f"[{address}]" if ":" in address else address
+        exposed = ExposedPort(port, f"{shown}:{listening}", f"http://{shown}:{listening}/", token)
+        self._ports[port] = (forwarder, exposed)
+        return exposed
+
+    async def _close_ports(self) -> None:
+        ports, self._ports = self._ports, {}
+        for forwarder, _ in ports.values():
+            await forwarder.close()
+
     async def pause(self, reason: str = "requested", to_disk: bool = True) -> None:
         """Save the sandbox to disk and free its VM: no memory, no CPU while paused. Or
         freeze it (``to_disk=False``): stopped at once, whatever its guest does."""
@@ -211,6 +237,7 @@ class LocalSandbox(SandboxHandle):
     async def _pause(self, reason: str, to_disk: bool) -> None:
         if self.state is SandboxState.PAUSED:
             return
+        await self._close_ports()  # only while it runs: expose() again after resume
         vm = self.vm
         if not to_disk:
             await asyncio.to_thread(vm.vm.pause)
@@ -249,6 +276,8 @@ class LocalSandbox(SandboxHandle):
         self._paused = self._session = None
         self.on_disk = False
         self.state, self.paused_because = SandboxState.RUNNING, None
+        if self.spec.proxied:  # the new lease's address: the proxy learns it again
+            await vm.set_secrets(self.spec.proxied)
         if self.spec.workspace is not None:
             try:
                 await vm.attach_workspace(self.spec.workspace)
@@ -274,6 +303,8 @@ class LocalSandbox(SandboxHandle):
         spec = replace(self.spec, workspace=None, policy=await self.policy())
         children: list[SandboxHandle] = []
         for child_vm in vms:
+            if spec.proxied:  # the children hold the same placeholders
+                await child_vm.set_secrets(spec.proxied)
             child = self._backend.hold(LocalSandbox(child_vm, spec, _destroy, self._backend))
             child.parent, child.keep = self.id, dict(self.keep)
             children.append(child)
@@ -296,6 +327,7 @@ class LocalSandbox(SandboxHandle):
             return
         paused = self.state is SandboxState.PAUSED
         self.state = SandboxState.CLOSING
+        await self._close_ports()
         try:
             for command in list(self._commands.values()):
                 await command.cancel()

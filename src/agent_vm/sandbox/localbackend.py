@@ -19,6 +19,7 @@ from agent_vm.execution.running import RunningVM
 from agent_vm.execution.runtime import Runtime
 from agent_vm.execution.shells import PoolStats
 from agent_vm.execution.suspend import disk_bytes, read_meta
+from agent_vm.network.egress import check_secrets
 from agent_vm.sandbox.base import (
     PoolInfo,
     Progress,
@@ -64,6 +65,7 @@ class LocalBackend:
         """Refuse what this host cannot give before anything starts (no daemon, no VM):
         hardware it lacks, a network it cannot make, an image never built, a snapshot
         that does not exist."""
+        check_secrets(spec.proxied, spec.policy, spec.network)
         if spec.snapshot is not None:
             self.runtime.snapshots.get(spec.snapshot)
             return
@@ -92,6 +94,8 @@ class LocalBackend:
         try:
             if pool is not None and spec.policy is not None:
                 await vm.set_policy(spec.policy)
+            if spec.proxied:
+                await vm.set_secrets(spec.proxied)
             if spec.workspace is not None:
                 await vm.attach_workspace(spec.workspace)
         except BaseException:

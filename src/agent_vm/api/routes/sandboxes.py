@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
+from agent_vm import secrets as secret_store
 from agent_vm.api.deps import Service, Token
 from agent_vm.api.lifecycle import Hosted
 from agent_vm.api.schemas import (
@@ -36,12 +37,14 @@ async def pools(_: Token, service: Service) -> list[dict[str, Any]]:
 
 @router.post("/sandboxes", status_code=201, response_model=SandboxView)
 async def create(body: CreateSandbox, owner: Token, service: Service) -> dict[str, Any]:
+    secret_store.register({name: given.value for name, given in body.proxied_secrets.items()})
     spec = SandboxSpec(
         image=body.image, profile=body.profile,
         network="nat" if body.network == "nat_filtered" else body.network, policy=body.policy,
         cold=body.cold, labels=body.labels, lifetime=body.lifetime_seconds,
         anomaly_action=body.anomaly_action, snapshot=body.snapshot, on_expiry=body.on_expiry,
         auto_resume=body.auto_resume,
+        proxied={name: given.secret() for name, given in body.proxied_secrets.items()},
     )  # fmt: skip
     workspace = (body.workspace.path, body.workspace.readonly) if body.workspace else None
     return _view(await service.create(owner, spec, workspace))

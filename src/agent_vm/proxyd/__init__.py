@@ -1,0 +1,1 @@
+"""The egress proxy program (``daemon.py``): run in its own environment, never imported."""
