@@ -37,7 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from dnslib import QTYPE, DNSRecord
-from mitmproxy import addons, http, master, options, tls  # type: ignore[import-not-found]
+from mitmproxy import http, master, options, tls  # type: ignore[import-not-found]
+from mitmproxy.addons import (  # type: ignore[import-not-found]
+    core,
+    disable_h2c,
+    next_layer,
+    proxyserver,
+    tlsconfig,
+)
 
 DNS_TTL = 60.0  # seconds an answer counts (answers seen within it are all accepted)
 DNS_TIMEOUT = 2.0
@@ -276,14 +283,17 @@ async def serve(args: argparse.Namespace) -> None:
     gate = Gate(Names(upstreams))
     opts = options.Options()
     proxy = master.Master(opts, event_loop=asyncio.get_running_loop(), with_termlog=False)
-    proxy.addons.add(*addons.default_addons(), gate, Ready(args.port))
+    # only what a transparent proxy needs: every addon is asked on every event
+    proxy.addons.add(
+        core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+        disable_h2c.DisableH2C(), gate, Ready(args.port),
+    )  # fmt: skip
     opts.update(
         mode=[f"transparent@{args.listen}:{args.port}"],
         confdir=args.confdir,
         connection_strategy="lazy",
         upstream_cert=False,
         ssl_verify_upstream_trusted_ca=args.upstream_ca,
-        onboarding=False,
         stream_large_bodies="1m",
     )
     threading.Thread(target=follow_owner, args=(gate, proxy.shutdown), daemon=True).start()
