@@ -5,8 +5,12 @@ which the proxy trusts upstream and the guest does not, unless a test hands it o
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import secrets as token
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,16 @@ async def test_a_secret_is_injected_for_its_host_only(
         # another allowed host (spliced: the guest's own TLS, the test CA's certificate)
         other = await headers(f"--cacert {GUEST_CA} https://web.allowed.test")
         assert other["authorization"] == f"Bearer {secret.placeholder}"
+        # a body past the proxy's buffer (streamed upstream): injected all the same
+        await sb.commands.run("head -c 3000000 /dev/zero > /tmp/big")
+        status, body, _ = await curl(
+            sb, "-H \"Authorization: Bearer $API_TOKEN\" --data-binary @/tmp/big "
+            "https://api.allowed.test/_headers",
+        )  # fmt: skip
+        assert status == 200, body
+        uploaded = json.loads(body)
+        assert uploaded["authorization"] == f"Bearer {value}"
+        assert uploaded["_body_bytes"] == "3000000"
         # its host over plain HTTP: never in clear text
         clear = await headers("http://api.allowed.test")
         assert clear["authorization"] == f"Bearer {secret.placeholder}"
@@ -169,3 +183,26 @@ def test_through_a_server_requests_are_audited_and_counted(
         assert 'agentvm_egress_requests_total{decision="denied"}' in metrics
         for kept in (server.audit, server.log_path):
             assert value not in kept.read_text()
+
+
+async def test_a_proxy_that_dies_is_back_with_what_it_knew(
+    settings: Settings, test_host: TestHost
+) -> None:
+    """A guest that crashes the proxy (here: SIGKILL) costs its neighbours seconds: it is
+    restarted, and told every sandbox and secret again."""
+    value = f"sk-real-{token.token_hex(16)}"
+    secret = Secret(value, hosts=["api.allowed.test"], header="x-api-key")
+    async with AsyncSandbox(policy=POLICY, settings=settings, secrets={"K": secret}) as sb:
+        guard = sb.handle.vm.guard  # type: ignore[attr-defined]
+        proxy = guard.proxy
+        before, restarts = proxy.pid, proxy.restarts
+        os.kill(before, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while proxy.restarts == restarts or not proxy.running:
+            assert time.monotonic() < deadline, "the proxy did not come back"
+            await asyncio.sleep(0.2)
+        assert proxy.pid != before
+        status, body, _ = await curl(sb, "-H \"x-api-key: $K\" https://api.allowed.test/_headers")
+        assert status == 200 and json.loads(body)["x-api-key"] == value
+        status, body, _ = await curl(sb, f"--resolve evil.test:443:{TEST_HOST_IP} https://evil.test/")
+        assert status == 403, body

@@ -236,6 +236,11 @@ class _HTTP(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
+        if self.path.split("?")[0] == "/_headers":  # headers, and how much body came
+            received = len(self.rfile.read(length))
+            self._json(200, {**{k.lower(): v for k, v in self.headers.items()},
+                             "_body_bytes": str(received)})  # fmt: skip
+            return
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -55,6 +56,10 @@ def _take(handle: IO[str], kind: int, what: str) -> None:
             time.sleep(1)
 
 
+# a shared test host another session started is used only if it runs this very code
+SERVER_VERSION = hashlib.sha256(
+    (REPO / "tests" / "integration" / "testhost_server.py").read_bytes()
+).hexdigest()[:12]
 TLS = STATE / "tls"  # the test CA and the test hosts' certificate (made once per boot)
 TEST_CA = TLS / "ca.pem"
 TLS_NAMES = ("*.allowed.test", "allowed.test", "evil.test", "*.evil.test")
@@ -149,7 +154,7 @@ class TestHost:
     def _spec(self) -> str:
         return json.dumps([self.host_side.with_prefixlen, [a.with_prefixlen for a in
                            self.addresses], self.zone, self.bridge, self.dhcp_range,
-                           "https"])  # fmt: skip
+                           SERVER_VERSION])  # fmt: skip
 
     def _running(self) -> bool:
         """Is a healthy host of this very spec up (another session's)?"""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from agent_vm.secrets import Secret
 log = get_logger(__name__)
 
 READY_TIMEOUT = 60.0
+RESTART_ATTEMPTS = 5
+RESTART_DELAY = 0.2  # seconds, times the attempt
 HOST_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 
 
@@ -88,8 +91,13 @@ class EgressProxy:
         self.upstreams = upstreams
         self.on_event = on_event
         self.port = 0
+        self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._restarting: asyncio.Task[None] | None = None
+        self._bundle: Path | None = None
+        # tap -> what the proxy was told of it: told again to a restarted proxy
+        self._known: dict[str, tuple[VMNetwork, dict[str, Secret]]] = {}
 
     @property
     def pid(self) -> int:
@@ -107,14 +115,17 @@ class EgressProxy:
         state = self.settings.state_dir
         python = env.ensure_venv(state)
         env.ensure_ca(state)
-        bundle = env.egress_dir(state) / "upstream-ca.pem"
+        bundle = env.egress_dir(state) / f"upstream-ca-{os.getpid()}.pem"  # this process's
         parts = [Path(p).read_text() for p in HOST_BUNDLES if Path(p).exists()]
         if self.settings.egress_upstream_ca is not None:
             parts.append(self.settings.egress_upstream_ca.read_text())
         if not parts:
             raise NetworkError("no CA bundle on this host to check upstream certificates with",
                                hint="apt-get install ca-certificates")  # fmt: skip
-        bundle.write_text("\n".join(parts))
+        staged = bundle.with_suffix(".tmp")
+        staged.write_text("\n".join(parts))
+        staged.replace(bundle)
+        self._bundle = bundle
         redirect.ensure_base()
         return python, bundle
 
@@ -142,7 +153,7 @@ class EgressProxy:
         except TimeoutError:
             line = b""
         if not line.startswith(b'{"ev": "ready"'):
-            await self.close()
+            await self._stop()
             raise NetworkError(
                 "the egress proxy did not start",
                 hint=f"run {' '.join(argv[:2])} --help to see why",
@@ -165,13 +176,29 @@ class EgressProxy:
                 log.exception("egress_event_listener_failed")
         if proc.returncode is None:
             await proc.wait()
-        if self._proc is None:
-            return  # closed by us
-        log.error(
-            "egress_proxy_exited",
-            code=proc.returncode,
-            remedy="web traffic of this process's sandboxes fails until it restarts",
-        )
+        if self._proc is not proc:
+            return  # closed (or replaced) by us
+        log.error("egress_proxy_exited", code=proc.returncode, sandboxes=len(self._known),
+                  remedy="restarted at once; their web traffic fails until it is back")  # fmt: skip
+        self._proc = None
+        self._restarting = asyncio.create_task(self._restart(), name="egress-proxy-restart")
+
+    async def _restart(self) -> None:
+        """A proxy that died (a guest found a bug in it, say) is started again and told
+        every sandbox it knew, so neighbours lose seconds of web traffic, not all of it."""
+        for attempt in range(1, RESTART_ATTEMPTS + 1):
+            await asyncio.sleep(RESTART_DELAY * attempt)
+            try:
+                await self.start()
+                for vm, secrets in list(self._known.values()):
+                    await self.configure(vm, secrets)
+            except (NetworkError, OSError) as exc:
+                log.error("egress_proxy_restart_failed", attempt=attempt, error=str(exc))
+                await self._stop()
+                continue
+            self.restarts += 1
+            log.info("egress_proxy_restarted", port=self.port, sandboxes=len(self._known))
+            return
 
     async def _send(self, message: dict[str, Any]) -> None:
         if not self.running:
@@ -183,6 +210,7 @@ class EgressProxy:
     async def configure(self, vm: VMNetwork, secrets: Mapping[str, Secret]) -> None:
         """Tell the proxy of ``vm`` (again, when its policy or secrets change), then
         redirect its web traffic there."""
+        self._known[vm.tap] = (vm, dict(secrets))
         addressing, policy = vm.addressing, vm.policy
         local = [f"{a}/32" for a in (addressing.gateway, *addressing.host_addresses)]
         await self._send({
@@ -200,11 +228,21 @@ class EgressProxy:
         await asyncio.to_thread(redirect.add_vm, vm.tap, self.port, policy.tcp_ports)
 
     async def forget(self, vm: VMNetwork) -> None:
+        self._known.pop(vm.tap, None)
         await asyncio.to_thread(redirect.remove_vm, vm.tap)
         with contextlib.suppress(NetworkError, ConnectionError):
             await self._send({"op": "drop", "address": str(vm.addressing.address)})
 
     async def close(self) -> None:
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarting
+        await self._stop()
+        if self._bundle is not None:
+            self._bundle.unlink(missing_ok=True)
+
+    async def _stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return

@@ -194,7 +194,9 @@ class Gate:
             data.ignore_connection = True  # spliced: the guest's TLS end to end
             emit({"ev": "splice", "vm": box.vm, "host": sni, "port": port})
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Checked and injected on the headers, before any of them goes upstream: a large
+        body is streamed (past ``stream_large_bodies``) and a late hook would be too late."""
         box = self.box(flow.client_conn.peername)
         address, port = flow.server_conn.address
         host = (flow.request.host_header or "").rsplit(":", 1)[0].strip("[]") or None
@@ -215,6 +217,7 @@ class Gate:
                 {"Content-Type": "text/plain; charset=utf-8", DENIED_HEADER: f"{rule}: {sentence}"},
             )  # fmt: skip
             flow.metadata["agentvm_denied"] = rule
+            flow.request.stream = False  # its body is read and dropped (killed past 1 MiB)
             if box is not None and not (flow.client_conn.tls and tls_refusal):
                 emit({"ev": "denied", "vm": box.vm, "kind": "http", "host": host or address,
                       "port": port, "rule": rule, "reason": sentence})  # fmt: skip
@@ -245,9 +248,25 @@ class Gate:
             "denied": flow.metadata.get("agentvm_denied"),
         })  # fmt: skip
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Every upstream response streamed to the guest as it comes (an agent's SSE
+        tokens), its bytes counted on the way."""
+        if flow.response is None or flow.metadata.get("agentvm_denied"):
+            return
+        counted = [0]
+
+        def count(data: bytes) -> bytes:
+            counted[0] += len(data)
+            return data
+
+        flow.response.stream = count
+        flow.metadata["agentvm_bytes"] = counted
+
     def response(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
-        self._record(flow, flow.response.status_code, len(flow.response.raw_content or b""))
+        counted = flow.metadata.get("agentvm_bytes")
+        size = counted[0] if counted else len(flow.response.raw_content or b"")
+        self._record(flow, flow.response.status_code, size)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._record(flow, 502, 0)
