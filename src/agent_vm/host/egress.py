@@ -7,9 +7,10 @@ versions of h11 and cryptography that agent-vm's HTTP stack cannot share.
 
 The CA is generated here, once per state directory, with openssl. Its private key stays
 in ``<state_dir>/egress/ca`` (root's, 0700); only its certificate goes into images, so a
-guest trusts the certificates the proxy makes but can never make one. It is an ECDSA
-P-256 key: mitmproxy signs its leaf certificates' handshakes with the CA's key, and
-ECDSA makes an intercepted handshake ~1 ms cheaper than RSA 2048 here.
+guest trusts the certificates the proxy makes but can never make one. It is RSA 2048:
+mitmproxy signs its leaf certificates' handshakes with the CA's key, and the guest
+verifies RSA signatures far faster than ECDSA ones (measured: an intercepted request
+cost ~5 ms with RSA, ~7.5 ms with ECDSA P-256, under TCG).
 """
 
 from __future__ import annotations
@@ -96,8 +97,7 @@ def ensure_ca(state_dir: Path) -> Path:
         key = directory / "ca.key.tmp"
         made = directory / "ca.crt.tmp"
         _run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-sha256",
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
              "-days", str(CA_DAYS), "-keyout", str(key), "-out", str(made),
              "-subj", "/O=agent-vm/CN=agent-vm egress proxy CA",
              "-addext", "basicConstraints=critical,CA:TRUE",
