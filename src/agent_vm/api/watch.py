@@ -166,22 +166,24 @@ class Watch:
 
     def egress(self, sandbox_id: str, owner: str, kind: str, data: Mapping[str, Any]) -> None:
         """What the egress proxy reported of a sandbox: counted, and its requests and
-        spliced connections audited (refusals are in its blocked attempts too)."""
+        spliced connections audited (refusals are in its blocked attempts too). The proxy
+        reports each refusal once as ``denied``: that is what counts it, not the 403's
+        request line (a refused TLS name the guest cannot be answered on has none)."""
         if kind == "request":
-            decision = "denied" if data.get("denied") else (
-                "injected" if data.get("injected") else "forwarded"
-            )  # fmt: skip
             self.record("egress_request", sandbox=sandbox_id, owner=owner,
                         method=data.get("method"), host=data.get("host"),
                         path=data.get("path"), status=data.get("status"),
                         bytes=data.get("bytes"), injected=data.get("injected") or [],
                         denied=data.get("denied"))  # fmt: skip
+            if data.get("denied"):
+                return
+            decision = "injected" if data.get("injected") else "forwarded"
         elif kind == "splice":
             decision = "spliced"
             self.record("egress_connection", sandbox=sandbox_id, owner=owner,
                         host=data.get("host"), port=data.get("port"), spliced=True)  # fmt: skip
-        elif kind == "denied" and data.get("kind") == "tls":
-            decision = "denied"  # its 403 (when the guest trusts the CA) is a request too
+        elif kind == "denied":
+            decision = "denied"
         else:
             return
         self.metrics.egress.labels(decision).inc()
