@@ -30,8 +30,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -47,11 +45,13 @@ from agent_vm.image.store import Image
 from agent_vm.network import redirect
 from agent_vm.network.policy import EgressPolicy
 from agent_vm.secrets import Secret
+from bench.network import in_vm, merge, on_host
 from bench.stats import host_info, print_table, summary, write_json
 
 TEST_HOST = "203.0.113.10"  # TEST-NET-3, only ever routed to the namespace below
 NAME = "dl.allowed.test"  # in the test certificate's names
 CLIENT = Path(__file__).with_name("tls_client.py")
+VAR = "TLSBENCH"  # where the client finds its job
 MODES = ("host, direct", "VM, before this change", "VM, proxy, spliced", "VM, proxy, intercepted")
 FAKE_SANDBOXES = 50
 
@@ -62,32 +62,6 @@ def job(args: argparse.Namespace, cafile: str | None) -> str:
         "downloads": max(1, args.downloads // args.rounds), "download_bytes": args.mib << 20,
         "requests": max(1, args.requests // args.rounds),
     })  # fmt: skip
-
-
-def merge(into: dict[str, list[float]], samples: dict[str, list[float]]) -> None:
-    for metric, values in samples.items():
-        into.setdefault(metric, []).extend(values)
-
-
-def on_host(work: str) -> dict[str, list[float]]:
-    proc = subprocess.run(
-        [sys.executable, str(CLIENT)], env={**os.environ, "TLSBENCH": work},
-        capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"host client failed: {proc.stderr.strip()[-500:]}")
-    samples: dict[str, list[float]] = json.loads(proc.stdout)
-    return samples
-
-
-async def in_vm(vm: RunningVM, work: str) -> dict[str, list[float]]:
-    result = await AgentExecutor().execute(
-        vm, code=CLIENT.read_text(), env={"TLSBENCH": work}, timeout=900
-    )
-    if result.exit_code != 0:
-        raise RuntimeError(f"guest client failed: {(result.stderr + result.stdout)[-500:]}")
-    samples: dict[str, list[float]] = json.loads(result.stdout)
-    return samples
 
 
 def rss_kib(pid: int) -> int:
@@ -141,13 +115,13 @@ async def measure(
             resolved = await AgentExecutor().execute(vm, f"getent hosts {NAME}")
             assert resolved.stdout.startswith(TEST_HOST), resolved.stdout  # the address set
             for _ in range(args.rounds):
-                merge(out[MODES[0]], on_host(job(args, str(TEST_CA))))
+                merge(out[MODES[0]], on_host(job(args, str(TEST_CA)), CLIENT, VAR))
                 await asyncio.to_thread(redirect.remove_vm, network.tap)
-                merge(out[MODES[1]], await in_vm(vm, job(args, ca)))
+                merge(out[MODES[1]], await in_vm(vm, job(args, ca), CLIENT, VAR))
                 await vm.set_secrets({})  # redirected again, nothing to inject: spliced
-                merge(out[MODES[2]], await in_vm(vm, job(args, ca)))
+                merge(out[MODES[2]], await in_vm(vm, job(args, ca), CLIENT, VAR))
                 await vm.set_secrets({"KEY": secret})  # intercepted: the guest's own store
-                merge(out[MODES[3]], await in_vm(vm, job(args, None)))
+                merge(out[MODES[3]], await in_vm(vm, job(args, None), CLIENT, VAR))
             memory = await proxy_memory(vm)
         finally:
             await vm.close()

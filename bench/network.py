@@ -67,13 +67,16 @@ def merge(into: dict[str, list[float]], samples: dict[str, list[float]]) -> None
         into.setdefault(metric, []).extend(values)
 
 
-def on_host(netbench: str) -> dict[str, list[float]]:
+def on_host(
+    netbench: str, client: Path = CLIENT, var: str = "NETBENCH"
+) -> dict[str, list[float]]:
+    """Samples of ``client`` (a stdlib script reading its job from ``var``) on the host."""
     proc = subprocess.run(
-        [sys.executable, str(CLIENT)],
-        env={**os.environ, "NETBENCH": netbench},
+        [sys.executable, str(client)],
+        env={**os.environ, var: netbench},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     if proc.returncode != 0:
@@ -82,12 +85,16 @@ def on_host(netbench: str) -> dict[str, list[float]]:
     return samples
 
 
-async def in_vm(vm: RunningVM, netbench: str) -> dict[str, list[float]]:
+async def in_vm(
+    vm: RunningVM, netbench: str, client: Path = CLIENT, var: str = "NETBENCH"
+) -> dict[str, list[float]]:
+    """The same client's samples inside ``vm``."""
     result = await AgentExecutor().execute(
-        vm, code=CLIENT.read_text(), env={"NETBENCH": netbench}, timeout=600
+        vm, code=await asyncio.to_thread(client.read_text), env={var: netbench}, timeout=900
     )
     if result.exit_code != 0:
-        raise RuntimeError(f"guest client in {vm.name} failed: {result.stderr.strip()[-500:]}")
+        failed = (result.stderr + result.stdout).strip()[-500:]
+        raise RuntimeError(f"guest client in {vm.name} failed: {failed}")
     samples: dict[str, list[float]] = json.loads(result.stdout)
     return samples
 
